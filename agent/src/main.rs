@@ -1,0 +1,346 @@
+//! `guardrail`: the agent (`guardrail agent`) and the admin CLI that talks to it.
+mod btf;
+mod daemon;
+mod events;
+mod ipc;
+mod policy_glue;
+mod probe;
+mod procinfo;
+mod selftest;
+mod sensor;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("GUARDRAIL_COMMIT"),
+    ")"
+);
+
+#[derive(Parser)]
+#[command(name = "guardrail", version = VERSION, about = "Stops mass deletions and remote shutdowns before they happen")]
+struct Cli {
+    /// Admin socket of the agent (default /run/guardrail/guardrail.sock, or $GUARDRAIL_SOCKET).
+    #[arg(long, global = true)]
+    socket: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent in the foreground (systemd runs this).
+    Agent(daemon::AgentArgs),
+    /// The tier in force, what it cannot see, the policy in force, and open holds.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Open holds.
+    Holds {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Let a held job continue.
+    Approve {
+        id: u64,
+        /// Deletions it may make before it is held again (default: one more budget).
+        #[arg(long, conflicts_with = "for_job")]
+        budget: Option<u64>,
+        /// No budget for the rest of this job.
+        #[arg(long)]
+        for_job: bool,
+    },
+    /// End a held job.
+    Deny { id: u64 },
+    /// Check the policy, explain a decision.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// Probe the kernel, prove the offsets, report the tier and its gaps.
+    Selftest {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Print diagnostics like a compiler; exit 1 on errors.
+    Check {
+        /// Policy file (default /etc/guardrail/policy.toml, or the embedded default).
+        file: Option<PathBuf>,
+        /// Drop-in directory (default /etc/guardrail/policy.d when checking /etc/guardrail/policy.toml).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the embedded default policy.
+    Default,
+    /// Which rule applies to a deletion of PATH by a job.
+    Explain {
+        path: PathBuf,
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        #[arg(long)]
+        unit: Option<String>,
+        #[arg(long)]
+        exe: Option<String>,
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("guardrail: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let socket = ipc::socket_path(cli.socket.as_deref());
+    match cli.command {
+        Command::Agent(args) => {
+            daemon::run(args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { json } => cli_status(&socket, json),
+        Command::Holds { json } => cli_holds(&socket, json),
+        Command::Approve {
+            id,
+            budget,
+            for_job,
+        } => cli_done(ipc::call(
+            &socket,
+            &ipc::Request::Approve {
+                id,
+                budget,
+                for_job,
+            },
+        )?),
+        Command::Deny { id } => cli_done(ipc::call(&socket, &ipc::Request::Deny { id })?),
+        Command::Policy { command } => cli_policy(command),
+        Command::Selftest { json } => selftest::run(json),
+    }
+}
+
+fn cli_done(resp: ipc::Response) -> Result<ExitCode> {
+    match resp {
+        ipc::Response::Done { message } => {
+            println!("{message}");
+            Ok(ExitCode::SUCCESS)
+        }
+        ipc::Response::Error { message } => {
+            eprintln!("guardrail: {message}");
+            Ok(ExitCode::FAILURE)
+        }
+        other => anyhow::bail!("unexpected answer from the agent: {other:?}"),
+    }
+}
+
+fn print_holds(holds: &[ipc::HoldInfo]) {
+    if holds.is_empty() {
+        println!("open holds: none");
+        return;
+    }
+    println!("open holds: {}", holds.len());
+    for h in holds {
+        println!(
+            "  {:>4}  {}  pgid {}  user {}  {}  [{}]  held {}s of {}s\n        {}\n        approve: guardrail approve {}   deny: guardrail deny {}",
+            h.id,
+            h.host,
+            h.pgid,
+            h.user,
+            h.command,
+            h.session,
+            h.age_secs,
+            h.timeout_secs,
+            h.reason,
+            h.id,
+            h.id
+        );
+    }
+}
+
+fn cli_status(socket: &std::path::Path, json: bool) -> Result<ExitCode> {
+    match ipc::call(socket, &ipc::Request::Status)? {
+        ipc::Response::Status(s) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                println!("host:    {}", s.host);
+                println!("version: {}", s.version);
+                println!("tier:    {} ({})", s.tier, s.why);
+                for g in &s.gaps {
+                    println!("  cannot: {g}");
+                }
+                println!("mode:    {}", s.mode);
+                println!(
+                    "policy:  {} (in force: {})",
+                    s.policy_source, s.policy_in_force
+                );
+                if s.policy_on_disk_differs {
+                    println!("WARNING: the policy on disk is not the one in force");
+                }
+                if let Some(e) = &s.last_reload_error {
+                    println!("last reload rejected:\n{e}");
+                }
+                println!("attached: {}", s.attached.join(", "));
+                print_holds(&s.holds);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        other => cli_done(other),
+    }
+}
+
+fn cli_holds(socket: &std::path::Path, json: bool) -> Result<ExitCode> {
+    match ipc::call(socket, &ipc::Request::Holds)? {
+        ipc::Response::Holds { holds } => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&holds)?);
+            } else {
+                print_holds(&holds);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        other => cli_done(other),
+    }
+}
+
+fn cli_policy(cmd: PolicyCommand) -> Result<ExitCode> {
+    use guardrail_policy as gp;
+    match cmd {
+        PolicyCommand::Default => {
+            print!("{}", gp::DEFAULT_POLICY);
+            Ok(ExitCode::SUCCESS)
+        }
+        PolicyCommand::Check { file, dir, json } => {
+            let source = policy_glue::PolicySource::from_args(file.as_deref(), dir.as_deref());
+            let resolver = gp::SystemResolver;
+            let checked = match &source {
+                policy_glue::PolicySource::Embedded => {
+                    gp::check_str("(embedded default)", gp::DEFAULT_POLICY, &resolver)
+                }
+                policy_glue::PolicySource::File { main, dropins } => {
+                    gp::check_files(main, dropins.as_deref(), &resolver)
+                }
+            };
+            let errors = checked.diagnostics.iter().filter(|d| d.is_error()).count();
+            let warnings = checked.diagnostics.len() - errors;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&checked.diagnostics)?);
+            } else {
+                for d in &checked.diagnostics {
+                    eprintln!("{d}\n");
+                }
+                eprintln!(
+                    "{}: {errors} error(s), {warnings} warning(s)",
+                    source.describe()
+                );
+            }
+            Ok(if errors > 0 || checked.policy.is_none() {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        PolicyCommand::Explain {
+            path,
+            policy,
+            unit,
+            exe,
+            user,
+            json,
+        } => {
+            let source = policy_glue::PolicySource::from_args(policy.as_deref(), None);
+            let loaded = source
+                .load()
+                .map_err(|r| anyhow::anyhow!("the policy has errors:\n{r}"))?;
+            let job = gp::JobSpec {
+                unit,
+                exe,
+                user,
+                cgroup: None,
+            };
+            let abs = std::path::absolute(&path)
+                .with_context(|| format!("resolving {}", path.display()))?;
+            let ex = gp::explain(&loaded.compiled, &abs, &job, &gp::SystemResolver);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&ex)?);
+            } else {
+                println!("{ex}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// The agent needs tracefs (tracepoint ids), securityfs (LSM list, for messages) and bpffs
+/// (pins); on a systemd host they are mounted already, in a bare VM or container maybe not.
+pub fn mount_kernel_filesystems() {
+    use nix::mount::{MsFlags, mount};
+    let want = [
+        ("tracefs", "/sys/kernel/tracing", "events"),
+        ("securityfs", "/sys/kernel/security", "lsm"),
+        ("bpf", "/sys/fs/bpf", ""),
+    ];
+    for (fstype, dir, probe) in want {
+        let path = std::path::Path::new(dir);
+        let present = if probe.is_empty() {
+            is_mount_point(dir)
+        } else {
+            path.join(probe).exists()
+        };
+        if !present && path.is_dir() {
+            let _ = mount(
+                Some(fstype),
+                path,
+                Some(fstype),
+                MsFlags::empty(),
+                None::<&str>,
+            );
+        }
+    }
+}
+
+fn is_mount_point(dir: &str) -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|m| m.lines().any(|l| l.split_whitespace().nth(4) == Some(dir)))
+        .unwrap_or(false)
+}
+
+/// Tells systemd (Type=notify) that the programs are attached and the policy is in force.
+pub fn notify_ready() {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sock = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(s) => s,
+        Err(_) => return,
+    };
+    let p = path.to_string_lossy();
+    let res = if let Some(abstract_name) = p.strip_prefix('@') {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(abstract_name.as_bytes())
+            .and_then(|a| sock.send_to_addr(b"READY=1\n", &a))
+    } else {
+        sock.send_to(b"READY=1\n", &*p)
+    };
+    if let Err(e) = res {
+        eprintln!("guardrail: telling systemd we are ready failed: {e}");
+    }
+}

@@ -1,0 +1,176 @@
+//! Which enforcement tier this kernel really supports, found by loading and firing a tiny
+//! program of each type (never by reading config files: a kernel can list `bpf` in its LSMs and
+//! still refuse LSM programs, as this project's CI host does).
+use std::{fmt, path::Path};
+
+use anyhow::{Context, Result, anyhow};
+use aya::{
+    Btf,
+    maps::Array,
+    programs::{Lsm, TracePoint},
+};
+use guardrail_common::KernelOffsets;
+use serde::Serialize;
+
+use crate::sensor;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tier {
+    /// BPF LSM: deletions and shutdowns refused in the kernel before they happen.
+    Lsm,
+    /// Syscall and sched tracepoints: counted in the kernel, the job stopped by a signal from the
+    /// kernel right after the syscall that crossed the budget.
+    Tracepoint,
+    /// No usable BPF: fanotify/inotify, reacting from userspace.
+    Userspace,
+}
+
+impl fmt::Display for Tier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Tier::Lsm => "lsm",
+            Tier::Tracepoint => "tracepoint",
+            Tier::Userspace => "userspace",
+        })
+    }
+}
+
+impl Tier {
+    /// What this tier cannot see or do, stated wherever the tier is reported.
+    pub fn gaps(self) -> &'static [&'static str] {
+        match self {
+            Tier::Lsm => &[
+                "deletions by kernel threads for remote clients (nfsd, ksmbd) are judged as the kernel thread, not the client",
+                "overwrites in place (truncate, O_TRUNC, dd over a file) are not counted as deletions",
+                "btrfs subvolume deletion (an ioctl) is not seen",
+            ],
+            Tier::Tracepoint => &[
+                "cannot refuse a single syscall: a job is stopped right after the deletion that crossed its budget (at most one file past the budget per task deleting at that moment)",
+                "protected roots are stopped right after, not refused",
+                "misses 32-bit compat syscalls (int 0x80) on x86_64",
+                "io_uring deletions are counted without their path (always against the budget)",
+                "absolute paths and multi-component relative paths are judged by the directory the syscall starts from (see README: tracepoint approximations)",
+                "a rename counts whenever its destination is outside scope (it cannot tell whether it replaced a file)",
+                "reboot(2) cannot be stopped",
+            ],
+            Tier::Userspace => &[
+                "no kernel enforcement: deletions are seen after they happen and the job is stopped from userspace",
+                "the blast radius past the budget depends on scheduling (see `guardrail selftest`)",
+            ],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ProbeReport {
+    pub tier: Tier,
+    /// Ok, or why BPF LSM is not usable.
+    pub lsm: Result<(), String>,
+    pub tracepoint: Result<(), String>,
+}
+
+impl ProbeReport {
+    pub fn why(&self) -> String {
+        match self.tier {
+            Tier::Lsm => "BPF LSM programs load and fire on this kernel".to_string(),
+            Tier::Tracepoint => format!(
+                "BPF LSM is not usable ({}); tracepoint programs load and fire",
+                self.lsm.as_ref().err().map(String::as_str).unwrap_or("?")
+            ),
+            Tier::Userspace => format!(
+                "BPF LSM is not usable ({}); tracepoints are not usable ({})",
+                self.lsm.as_ref().err().map(String::as_str).unwrap_or("?"),
+                self.tracepoint
+                    .as_ref()
+                    .err()
+                    .map(String::as_str)
+                    .unwrap_or("?")
+            ),
+        }
+    }
+}
+
+fn chain(e: &anyhow::Error) -> String {
+    e.chain()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+/// Probes the running kernel. `offsets` come from its BTF; without BTF neither BPF tier works.
+pub fn probe(offsets: Option<&KernelOffsets>) -> ProbeReport {
+    let Some(offsets) = offsets else {
+        let why = "no usable kernel BTF at /sys/kernel/btf/vmlinux".to_string();
+        return ProbeReport {
+            tier: Tier::Userspace,
+            lsm: Err(why.clone()),
+            tracepoint: Err(why),
+        };
+    };
+    let lsm = probe_lsm(offsets).map_err(|e| chain(&e));
+    let tracepoint = probe_tracepoint(offsets).map_err(|e| chain(&e));
+    let tier = if lsm.is_ok() {
+        Tier::Lsm
+    } else if tracepoint.is_ok() {
+        Tier::Tracepoint
+    } else {
+        Tier::Userspace
+    };
+    ProbeReport {
+        tier,
+        lsm,
+        tracepoint,
+    }
+}
+
+fn probe_lsm(offsets: &KernelOffsets) -> Result<()> {
+    let mut ebpf = sensor::load(offsets)?;
+    {
+        let mut target: Array<_, u32> = Array::try_from(
+            ebpf.map_mut("SELFTEST_TARGET")
+                .ok_or_else(|| anyhow!("no SELFTEST_TARGET"))?,
+        )?;
+        target.set(0, std::process::id(), 0)?;
+    }
+    let btf = Btf::from_sys_fs().context("reading kernel BTF")?;
+    let prog: &mut Lsm = ebpf
+        .program_mut("probe_lsm")
+        .ok_or_else(|| anyhow!("no probe_lsm program"))?
+        .try_into()?;
+    prog.load("inode_getattr", &btf)
+        .context("loading a BPF LSM program")?;
+    let link = prog.attach().context("attaching a BPF LSM program")?;
+    let _ = std::fs::metadata(Path::new("/"));
+    let prog: &mut Lsm = ebpf
+        .program_mut("probe_lsm")
+        .ok_or_else(|| anyhow!("no probe_lsm"))?
+        .try_into()?;
+    prog.detach(link)?;
+    let hits: Array<_, u64> = Array::try_from(
+        ebpf.map("PROBE_LSM_HITS")
+            .ok_or_else(|| anyhow!("no PROBE_LSM_HITS"))?,
+    )?;
+    if hits.get(&0, 0)? == 0 {
+        anyhow::bail!(
+            "a BPF LSM program attached but never ran (bpf is not in the kernel's active lsm= list)"
+        );
+    }
+    Ok(())
+}
+
+fn probe_tracepoint(offsets: &KernelOffsets) -> Result<()> {
+    let mut ebpf = sensor::load(offsets)?;
+    let prog: &mut TracePoint = ebpf
+        .program_mut("selftest_getpgid")
+        .ok_or_else(|| anyhow!("no selftest_getpgid program"))?
+        .try_into()?;
+    prog.load().context("loading a tracepoint program")?;
+    prog.attach("syscalls", "sys_enter_getpgid")
+        .context("attaching to syscalls/sys_enter_getpgid")?;
+    let ans = sensor::selftest_answer(&mut ebpf)?;
+    if ans.hits == 0 {
+        anyhow::bail!("a tracepoint program attached but never ran");
+    }
+    Ok(())
+}

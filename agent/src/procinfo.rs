@@ -1,0 +1,96 @@
+//! What /proc says about a job: its command line, user, terminal, and its members.
+use std::{io::Write, os::unix::fs::OpenOptionsExt};
+
+pub fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+pub fn cmdline(pid: u32) -> Option<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<String> = raw
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    if args.is_empty() {
+        None
+    } else {
+        Some(args.join(" "))
+    }
+}
+
+pub fn user_name(uid: u32) -> String {
+    nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .unwrap_or_else(|| uid.to_string())
+}
+
+/// Fields of /proc/PID/stat after the command name: (state, ppid, pgrp, session, tty_nr).
+fn stat_fields(pid: u32) -> Option<(char, u32, u32, u32, u32)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some((
+        f.first()?.chars().next()?,
+        f.get(1)?.parse().ok()?,
+        f.get(2)?.parse().ok()?,
+        f.get(3)?.parse().ok()?,
+        f.get(4)?.parse().ok()?,
+    ))
+}
+
+/// Processes whose process group is `pgid`.
+pub fn pids_in_group(pgid: u32) -> Vec<u32> {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut pids: Vec<u32> = rd
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| stat_fields(*pid).is_some_and(|f| f.2 == pgid))
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
+pub fn pgid_alive(pgid: u32) -> bool {
+    // kill(-pgid, 0) succeeds while any member lives.
+    nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid as i32), None).is_ok()
+}
+
+/// The terminal device of a process, from its tty_nr.
+fn tty_path(pid: u32) -> Option<String> {
+    let (_, _, _, _, tty_nr) = stat_fields(pid)?;
+    if tty_nr == 0 {
+        return None;
+    }
+    let major = (tty_nr >> 8) & 0xfff;
+    let minor = (tty_nr & 0xff) | ((tty_nr >> 12) & 0xfff00);
+    match major {
+        136..=143 => Some(format!("/dev/pts/{}", (major - 136) * 256 + minor)),
+        4 if minor < 64 => Some(format!("/dev/tty{minor}")),
+        4 => Some(format!("/dev/ttyS{}", minor - 64)),
+        _ => None,
+    }
+}
+
+pub fn tty_name(pid: u32) -> Option<String> {
+    tty_path(pid).map(|p| p.trim_start_matches("/dev/").to_string())
+}
+
+/// One short message to the job's terminal (the way `wall` writes to a tty), or to its stderr
+/// when it has no terminal.
+pub fn tell_job(pid: u32, msg: &str) {
+    let target = tty_path(pid).unwrap_or_else(|| format!("/proc/{pid}/fd/2"));
+    let opened = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK)
+        .open(&target);
+    if let Ok(mut f) = opened {
+        let _ = f.write_all(msg.as_bytes());
+    }
+}

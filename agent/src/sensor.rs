@@ -1,0 +1,337 @@
+//! The kernel side as one unit (Tetragon's sensors, bombini's detectors): the embedded BPF
+//! object, its maps and its programs are loaded, attached and torn down together.
+use anyhow::{Context, Result, anyhow, bail};
+use aya::{
+    Btf, Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, RingBuf},
+    programs::{Lsm, RawTracePoint, TracePoint},
+};
+use guardrail_common::{
+    CgroupKey, Config, DirKey, DirRule, ExeKey, JobKey, JobState, KernelOffsets, MAX_RULES,
+    RuleParams, SelftestAnswer, UidKey,
+};
+
+use crate::probe::Tier;
+
+/// The kernel programs, built by build.rs from ebpf/guardrail-ebpf.
+#[cfg(not(guardrail_ebpf_missing))]
+pub static BPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/guardrail.bpf.o"));
+
+#[cfg(guardrail_ebpf_missing)]
+pub static BPF_OBJECT: &[u8] = {
+    // The build script found no eBPF toolchain: make the final link fail with a name that says
+    // what to do, while `cargo check` and `cargo clippy` still work.
+    unsafe extern "C" {
+        static guardrail_ebpf_toolchain_missing__run_cargo_xtask_setup: [u8; 0];
+    }
+    // SAFETY: never dereferenced; the reference only exists to force the link error.
+    unsafe { &guardrail_ebpf_toolchain_missing__run_cargo_xtask_setup }
+};
+
+/// Deletion hooks of the LSM tier: (program, hook).
+pub const LSM_PROGRAMS: &[(&str, &str)] = &[
+    ("inode_unlink", "inode_unlink"),
+    ("inode_rmdir", "inode_rmdir"),
+    ("inode_rename", "inode_rename"),
+];
+
+/// Deletion tracepoints of the tracepoint tier: (program, category, name).
+pub const TRACEPOINT_PROGRAMS: &[(&str, &str, &str)] = &[
+    ("sys_enter_unlinkat", "syscalls", "sys_enter_unlinkat"),
+    ("sys_enter_unlink", "syscalls", "sys_enter_unlink"),
+    ("sys_enter_rmdir", "syscalls", "sys_enter_rmdir"),
+    ("sys_enter_rename", "syscalls", "sys_enter_rename"),
+    ("sys_enter_renameat", "syscalls", "sys_enter_renameat"),
+    ("sys_enter_renameat2", "syscalls", "sys_enter_renameat2"),
+];
+
+/// Process tagging, used by both tiers.
+pub const RAW_TRACEPOINT_PROGRAMS: &[(&str, &str)] = &[
+    ("sched_process_exec", "sched_process_exec"),
+    ("sched_process_fork", "sched_process_fork"),
+];
+
+/// What one policy looks like in the kernel's tables.
+#[derive(Debug, Default, Clone)]
+pub struct KernelPolicy {
+    pub mode: u32,
+    /// (kernel dev, ino) → rule.
+    pub dirs: Vec<((u64, u64), DirRule)>,
+    pub rules: Vec<RuleParams>,
+    /// (kernel dev, ino) of an executable → rule id.
+    pub exes: Vec<((u64, u64), u32)>,
+    pub cgroups: Vec<(u64, u32)>,
+    pub uids: Vec<(u32, u32)>,
+}
+
+pub struct Sensor {
+    ebpf: Ebpf,
+    active_slot: u32,
+    attached: Vec<&'static str>,
+}
+
+/// Loads the object with this kernel's offsets, creating (not attaching) everything.
+pub fn load(offsets: &KernelOffsets) -> Result<Ebpf> {
+    if BPF_OBJECT.is_empty() {
+        bail!(
+            "this guardrail binary was built without its kernel programs (run `cargo xtask setup`, then rebuild)"
+        );
+    }
+    EbpfLoader::new()
+        .override_global("OFFSETS", offsets, true)
+        .load(BPF_OBJECT)
+        .context("loading the embedded BPF object")
+}
+
+impl Sensor {
+    pub fn new(offsets: &KernelOffsets) -> Result<Self> {
+        Ok(Sensor {
+            ebpf: load(offsets)?,
+            active_slot: 0,
+            attached: Vec::new(),
+        })
+    }
+
+    /// Attaches the deletion hooks of `tier` and the process-tagging hooks.
+    pub fn attach(&mut self, tier: Tier) -> Result<()> {
+        for (prog, tp) in RAW_TRACEPOINT_PROGRAMS {
+            let p: &mut RawTracePoint = self.program(prog)?.try_into()?;
+            p.load().with_context(|| format!("loading {prog}"))?;
+            p.attach(tp)
+                .with_context(|| format!("attaching {prog} to raw tracepoint {tp}"))?;
+            self.attached.push(prog);
+        }
+        match tier {
+            Tier::Lsm => {
+                let btf = Btf::from_sys_fs().context("reading kernel BTF for the LSM hooks")?;
+                for (prog, hook) in LSM_PROGRAMS {
+                    let p: &mut Lsm = self.program(prog)?.try_into()?;
+                    p.load(hook, &btf)
+                        .with_context(|| format!("loading LSM program {prog}"))?;
+                    p.attach()
+                        .with_context(|| format!("attaching LSM program {prog}"))?;
+                    self.attached.push(prog);
+                }
+            }
+            Tier::Tracepoint => {
+                for (prog, cat, name) in TRACEPOINT_PROGRAMS {
+                    let p: &mut TracePoint = self.program(prog)?.try_into()?;
+                    p.load().with_context(|| format!("loading {prog}"))?;
+                    p.attach(cat, name)
+                        .with_context(|| format!("attaching {prog} to {cat}/{name}"))?;
+                    self.attached.push(prog);
+                }
+                // io_uring requests never pass the syscall tracepoints.
+                if crate::btf::io_uring_opcode_offset().is_some() {
+                    let p: &mut TracePoint = self.program("io_uring_submit_req")?.try_into()?;
+                    p.load().context("loading io_uring_submit_req")?;
+                    p.attach("io_uring", "io_uring_submit_req")
+                        .context("attaching io_uring_submit_req")?;
+                    self.attached.push("io_uring_submit_req");
+                }
+            }
+            Tier::Userspace => {}
+        }
+        Ok(())
+    }
+
+    pub fn attached(&self) -> &[&'static str] {
+        &self.attached
+    }
+
+    fn program(&mut self, name: &str) -> Result<&mut aya::programs::Program> {
+        self.ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("the BPF object has no program {name}"))
+    }
+
+    fn map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
+        self.ebpf
+            .map_mut(name)
+            .ok_or_else(|| anyhow!("the BPF object has no map {name}"))
+    }
+
+    pub fn config(&mut self) -> Result<Config> {
+        let a: Array<_, Config> = Array::try_from(self.map_mut("CONFIG")?)?;
+        Ok(a.get(&0, 0)?)
+    }
+
+    fn set_config(&mut self, c: Config) -> Result<()> {
+        let mut a: Array<_, Config> = Array::try_from(self.map_mut("CONFIG")?)?;
+        a.set(0, c, 0)?;
+        Ok(())
+    }
+
+    /// Writes `policy` into the inactive slot, then flips the active slot: the kernel judges
+    /// every deletion against one whole policy, old or new, never a mix and never none. Job
+    /// counters and holds live in other maps and survive.
+    pub fn install_policy(&mut self, policy: &KernelPolicy) -> Result<()> {
+        let mut cfg = self.config()?;
+        let next = if cfg.policy_loaded == 0 {
+            0
+        } else {
+            cfg.active_slot ^ 1
+        };
+        self.clear_slot(next)?;
+        {
+            let mut dirs: HashMap<_, DirKey, DirRule> = HashMap::try_from(self.map_mut("DIRS")?)?;
+            for ((dev, ino), rule) in &policy.dirs {
+                dirs.insert(
+                    DirKey {
+                        dev: *dev,
+                        ino: *ino,
+                        slot: next,
+                        _pad: 0,
+                    },
+                    rule,
+                    0,
+                )
+                .context("writing the directory table (DIRS)")?;
+            }
+        }
+        {
+            if policy.rules.len() > MAX_RULES as usize {
+                bail!(
+                    "the policy has {} rules; the kernel tables hold {MAX_RULES}",
+                    policy.rules.len()
+                );
+            }
+            let mut rules: Array<_, RuleParams> = Array::try_from(self.map_mut("RULES")?)?;
+            for (i, r) in policy.rules.iter().enumerate() {
+                rules
+                    .set(next * MAX_RULES + i as u32, r, 0)
+                    .context("writing RULES")?;
+            }
+        }
+        {
+            let mut exes: HashMap<_, ExeKey, u32> = HashMap::try_from(self.map_mut("EXES")?)?;
+            for ((dev, ino), rule) in &policy.exes {
+                exes.insert(
+                    ExeKey {
+                        dev: *dev,
+                        ino: *ino,
+                        slot: next,
+                        _pad: 0,
+                    },
+                    rule,
+                    0,
+                )?;
+            }
+        }
+        {
+            let mut cg: HashMap<_, CgroupKey, u32> = HashMap::try_from(self.map_mut("CGROUPS")?)?;
+            for (id, rule) in &policy.cgroups {
+                cg.insert(
+                    CgroupKey {
+                        cgroup_id: *id,
+                        slot: next,
+                        _pad: 0,
+                    },
+                    rule,
+                    0,
+                )?;
+            }
+        }
+        {
+            let mut uids: HashMap<_, UidKey, u32> = HashMap::try_from(self.map_mut("UIDS")?)?;
+            for (uid, rule) in &policy.uids {
+                uids.insert(
+                    UidKey {
+                        uid: *uid,
+                        slot: next,
+                    },
+                    rule,
+                    0,
+                )?;
+            }
+        }
+        cfg.active_slot = next;
+        cfg.mode = policy.mode;
+        cfg.agent_tgid = std::process::id();
+        cfg.policy_loaded = 1;
+        self.set_config(cfg)?;
+        self.active_slot = next;
+        Ok(())
+    }
+
+    /// Removes every entry of `slot` from the slot-keyed tables.
+    fn clear_slot(&mut self, slot: u32) -> Result<()> {
+        fn clear<K: aya::Pod + Copy, V: aya::Pod>(
+            map: &mut aya::maps::Map,
+            in_slot: impl Fn(&K) -> bool,
+        ) -> Result<()> {
+            let mut m: HashMap<_, K, V> = HashMap::try_from(map)?;
+            let keys: Vec<K> = m
+                .keys()
+                .filter_map(|k| k.ok())
+                .filter(|k| in_slot(k))
+                .collect();
+            for k in keys {
+                let _ = m.remove(&k);
+            }
+            Ok(())
+        }
+        clear::<DirKey, DirRule>(self.map_mut("DIRS")?, |k| k.slot == slot)?;
+        clear::<ExeKey, u32>(self.map_mut("EXES")?, |k| k.slot == slot)?;
+        clear::<CgroupKey, u32>(self.map_mut("CGROUPS")?, |k| k.slot == slot)?;
+        clear::<UidKey, u32>(self.map_mut("UIDS")?, |k| k.slot == slot)?;
+        Ok(())
+    }
+
+    pub fn job(&mut self, key: &JobKey) -> Result<Option<JobState>> {
+        let m: HashMap<_, JobKey, JobState> = HashMap::try_from(self.map_mut("JOBS")?)?;
+        match m.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub fn set_job(&mut self, key: &JobKey, state: &JobState) -> Result<()> {
+        let mut m: HashMap<_, JobKey, JobState> = HashMap::try_from(self.map_mut("JOBS")?)?;
+        m.insert(key, state, 0)?;
+        Ok(())
+    }
+
+    pub fn jobs(&mut self) -> Result<Vec<(JobKey, JobState)>> {
+        let m: HashMap<_, JobKey, JobState> = HashMap::try_from(self.map_mut("JOBS")?)?;
+        Ok(m.iter().filter_map(|r| r.ok()).collect())
+    }
+
+    pub fn remove_job(&mut self, key: &JobKey) -> Result<()> {
+        let mut m: HashMap<_, JobKey, JobState> = HashMap::try_from(self.map_mut("JOBS")?)?;
+        let _ = m.remove(key);
+        Ok(())
+    }
+
+    /// The ring buffer of events, taken out of the object (call once).
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
+        let map = self
+            .ebpf
+            .take_map("EVENTS")
+            .ok_or_else(|| anyhow!("no EVENTS map"))?;
+        Ok(RingBuf::try_from(map)?)
+    }
+
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+}
+
+/// Reads the self-test answer for this process, triggering the self-test tracepoint with a
+/// `getpgid` call. Used by the probe and by `guardrail selftest`.
+pub fn selftest_answer(ebpf: &mut Ebpf) -> Result<SelftestAnswer> {
+    {
+        let mut target: Array<_, u32> = Array::try_from(
+            ebpf.map_mut("SELFTEST_TARGET")
+                .ok_or_else(|| anyhow!("no SELFTEST_TARGET"))?,
+        )?;
+        target.set(0, std::process::id(), 0)?;
+    }
+    // SAFETY: getpgid has no memory-safety preconditions.
+    unsafe { libc::getpgid(0) };
+    let ans: Array<_, SelftestAnswer> =
+        Array::try_from(ebpf.map("SELFTEST").ok_or_else(|| anyhow!("no SELFTEST"))?)?;
+    Ok(ans.get(&0, 0)?)
+}

@@ -1,0 +1,450 @@
+//! Types shared by guardrail's kernel programs and its userspace.
+//!
+//! Everything that crosses the kernel/user boundary is `#[repr(C)]`, made only of fixed-width
+//! integers and byte arrays (no `bool`, no `Option`, no enums), and padded explicitly so that the
+//! layout is the same for `bpfel-unknown-none` and `x86_64-unknown-linux-gnu`. `tests/layout.rs`
+//! pins every size and offset.
+//!
+//! The pure decision functions at the bottom ([`scope_step`], [`over_budget`]) are compiled into
+//! the kernel programs *and* used by `guardrail policy explain`, so that what explain prints is
+//! what the kernel decides.
+#![no_std]
+
+/// Number of job rules a policy may hold. Rule 0 is the default rule (the global budget and
+/// targets); rule ids index bit masks in [`DirRule`], so this is the width of a `u64`.
+pub const MAX_RULES: u32 = 64;
+
+/// How many ancestors of a deleted entry the kernel walks looking for a declared directory.
+/// Deeper entries are judged by their nearest 64 ancestors (the filesystem root is usually far
+/// closer).
+pub const MAX_ANCESTORS: u32 = 64;
+
+/// Policy tables are double-buffered: the agent fills the inactive slot, then flips
+/// [`Config::active_slot`], so no deletion is ever judged against a half-written policy.
+pub const POLICY_SLOTS: u32 = 2;
+
+// --- directory table -------------------------------------------------------------------------
+
+/// Below this directory, deletions by jobs whose rule bit is in [`DirRule::target_rules`] are free.
+pub const DIR_TARGET: u32 = 1 << 0;
+/// Below this directory, only jobs whose rule bit is in [`DirRule::data_owner_rules`] may delete;
+/// everybody else is refused from the first file.
+pub const DIR_DATA: u32 = 1 << 1;
+/// This entry itself may never be deleted or renamed away (its contents are judged as usual).
+pub const DIR_PROTECTED_ROOT: u32 = 1 << 2;
+
+/// Key of a declared directory: the kernel's identity of the inode (not its path), so bind
+/// mounts, symlinks and chroots cannot dodge a rule.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DirKey {
+    /// `super_block.s_dev` in the kernel's internal encoding (`major << 20 | minor`), which is
+    /// not `st_dev` as userspace sees it: see [`kernel_dev_from_user`].
+    pub dev: u64,
+    pub ino: u64,
+    /// Which policy slot this entry belongs to (0 or 1).
+    pub slot: u32,
+    pub _pad: u32,
+}
+
+/// What the policy says about one directory.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirRule {
+    /// `DIR_*` bits.
+    pub kind: u32,
+    /// Index of the data directory in the policy (for messages), valid when `DIR_DATA` is set.
+    pub data_dir_id: u32,
+    /// Bit `r` set: this directory is a deletion target for jobs under rule `r`.
+    pub target_rules: u64,
+    /// Bit `r` set: jobs under rule `r` are named for this data directory and may delete in it.
+    pub data_owner_rules: u64,
+}
+
+// --- rules -----------------------------------------------------------------------------------
+
+/// Stop the job (SIGSTOP) and wait for an admin.
+pub const ACTION_HOLD: u32 = 0;
+/// Refuse (LSM) or kill (tracepoint tier) and alert, without waiting for anyone.
+pub const ACTION_BLOCK: u32 = 1;
+/// Count and alert only.
+pub const ACTION_ALERT: u32 = 2;
+/// Package managers and cleaners: no budget, but protected roots and foreign data directories
+/// still refuse them.
+pub const ACTION_EXEMPT: u32 = 3;
+
+/// The rule is in audit mode: decisions are reported as "would have", nothing is refused.
+pub const RULE_FLAG_AUDIT: u32 = 1 << 0;
+
+/// Parameters of one job rule, in an array indexed by `slot * MAX_RULES + rule`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleParams {
+    /// Deletions outside the rule's targets allowed per window.
+    pub budget: u64,
+    /// Length of the sliding window in nanoseconds.
+    pub window_ns: u64,
+    /// `ACTION_*`.
+    pub action: u32,
+    /// `RULE_FLAG_*`.
+    pub flags: u32,
+}
+
+/// Key of the executable → rule table: the executable file's identity.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ExeKey {
+    pub dev: u64,
+    pub ino: u64,
+    pub slot: u32,
+    pub _pad: u32,
+}
+
+/// Key of the cgroup (systemd unit) → rule table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CgroupKey {
+    pub cgroup_id: u64,
+    pub slot: u32,
+    pub _pad: u32,
+}
+
+/// Key of the uid → rule table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct UidKey {
+    pub uid: u32,
+    pub slot: u32,
+}
+
+// --- global configuration --------------------------------------------------------------------
+
+/// Global mode: enforce.
+pub const MODE_ENFORCE: u32 = 0;
+/// Global mode: audit (nothing refused or stopped anywhere).
+pub const MODE_AUDIT: u32 = 1;
+
+/// The one element of the `CONFIG` array map, written by the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Which policy slot is in force.
+    pub active_slot: u32,
+    /// `MODE_*`.
+    pub mode: u32,
+    /// The agent's own tgid: its deletions (state files) are never counted.
+    pub agent_tgid: u32,
+    /// Non-zero once a policy has been written: until then the kernel side allows everything
+    /// (the agent writes the policy before it attaches, so this is a belt to the braces).
+    pub policy_loaded: u32,
+    /// Monotonic incident counter base; the kernel adds to `INCIDENTS` on each new hold.
+    pub incident_base: u64,
+}
+
+// --- jobs ------------------------------------------------------------------------------------
+
+/// A job is a process group within its session: what a shell calls a job. Both numbers are
+/// global (initial pid namespace) so the agent can signal the group with `kill(-pgid)`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct JobKey {
+    pub sid: u32,
+    pub pgid: u32,
+}
+
+/// Counting freely.
+pub const JOB_ACTIVE: u32 = 0;
+/// Crossed its budget under a `hold` rule: deletions outside scope are refused (LSM) or the job is
+/// re-stopped (tracepoint) until an admin answers.
+pub const JOB_HELD: u32 = 1;
+/// Denied by an admin or by the hold timeout: refused until it ends.
+pub const JOB_DENIED: u32 = 2;
+/// Crossed its budget under a `block` rule: refused, never resumed.
+pub const JOB_BLOCKED: u32 = 3;
+
+/// `JobState::allowance` value meaning "approved for the rest of the job".
+pub const ALLOWANCE_UNLIMITED: u64 = u64::MAX / 4;
+
+/// Per-job counters, in an LRU hash keyed by [`JobKey`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct JobState {
+    /// `JOB_*`; changed with compare-and-swap so exactly one CPU reports a crossing.
+    pub state: u32,
+    /// The rule the job was judged under when it first deleted.
+    pub rule: u32,
+    /// Start of the current window (bpf_ktime_get_ns).
+    pub window_start_ns: u64,
+    /// Deletions counted in the current window (atomic add).
+    pub count: u64,
+    /// Deletions counted in the previous window, for the sliding estimate.
+    pub prev_count: u64,
+    /// Extra deletions granted by `guardrail approve --budget N`.
+    pub allowance: u64,
+    /// Attempts refused (or re-stopped) while held, denied or blocked.
+    pub refused: u64,
+    /// Total deletions counted over the job's life (never reset by the window).
+    pub total: u64,
+    /// Incident id assigned by the kernel at the crossing (0: none).
+    pub incident: u64,
+}
+
+// --- events ----------------------------------------------------------------------------------
+
+/// A job crossed its budget (held, blocked or, in audit, would have been).
+pub const EV_BUDGET_CROSSED: u32 = 1;
+/// Deletion of a protected root refused (LSM) or observed (tracepoint).
+pub const EV_PROTECTED_ROOT: u32 = 2;
+/// Deletion in a data directory by a job not named for it.
+pub const EV_DATA_DIR: u32 = 3;
+/// A held job tried to delete again (it was resumed without approval).
+pub const EV_HELD_RETRY: u32 = 4;
+/// Answer of the offsets self-test program.
+pub const EV_SELFTEST: u32 = 5;
+
+/// The event was observed by the tracepoint tier (it could not refuse, only stop).
+pub const EVF_TRACEPOINT: u32 = 1 << 0;
+/// The operation was refused in the kernel (LSM tier).
+pub const EVF_REFUSED: u32 = 1 << 1;
+/// Audit mode: nothing was refused or stopped.
+pub const EVF_AUDIT: u32 = 1 << 2;
+/// A stop signal was sent from the kernel.
+pub const EVF_SIGNALLED: u32 = 1 << 3;
+/// The deletion came through io_uring (no path is known in the tracepoint tier).
+pub const EVF_IO_URING: u32 = 1 << 4;
+
+/// Path components carried by an event (innermost first), each up to `NAME_LEN` bytes.
+pub const EVENT_PATH_DEPTH: usize = 6;
+pub const NAME_LEN: usize = 48;
+
+/// What the kernel tells the agent, on state changes only (never one per deleted file).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Event {
+    pub kind: u32,
+    pub flags: u32,
+    pub rule: u32,
+    /// The data directory's index for `EV_DATA_DIR`.
+    pub data_dir_id: u32,
+    pub tgid: u32,
+    pub pid: u32,
+    pub pgid: u32,
+    pub sid: u32,
+    pub uid: u32,
+    /// Audit login uid (u32::MAX when unset).
+    pub loginuid: u32,
+    /// Audit session id (u32::MAX when unset): the login session the job came from.
+    pub audit_session: u32,
+    /// Syscall or LSM hook that saw it (`OP_*`).
+    pub op: u32,
+    pub count: u64,
+    pub incident: u64,
+    pub cgroup_id: u64,
+    pub ktime_ns: u64,
+    pub comm: [u8; 16],
+    /// Names of the entry and its parents, innermost first, NUL-padded.
+    pub path: [[u8; NAME_LEN]; EVENT_PATH_DEPTH],
+}
+
+impl Event {
+    pub const fn zeroed() -> Self {
+        Event {
+            kind: 0,
+            flags: 0,
+            rule: 0,
+            data_dir_id: 0,
+            tgid: 0,
+            pid: 0,
+            pgid: 0,
+            sid: 0,
+            uid: 0,
+            loginuid: 0,
+            audit_session: 0,
+            op: 0,
+            count: 0,
+            incident: 0,
+            cgroup_id: 0,
+            ktime_ns: 0,
+            comm: [0; 16],
+            path: [[0; NAME_LEN]; EVENT_PATH_DEPTH],
+        }
+    }
+}
+
+pub const OP_UNLINK: u32 = 1;
+pub const OP_RMDIR: u32 = 2;
+pub const OP_RENAME: u32 = 3;
+pub const OP_IO_URING_UNLINK: u32 = 4;
+pub const OP_IO_URING_RENAME: u32 = 5;
+
+// --- kernel struct offsets, resolved from BTF at load time -----------------------------------
+
+/// Byte offsets of the kernel struct fields the programs read, resolved by the agent from
+/// /sys/kernel/btf/vmlinux and passed as a read-only global. Rust-built BPF has no CO-RE
+/// relocations, so nothing here may be a compile-time constant.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    pub task_tgid: u32,
+    pub task_pid: u32,
+    pub task_loginuid: u32,
+    pub task_sessionid: u32,
+    pub task_signal: u32,
+    pub task_fs: u32,
+    pub task_files: u32,
+    pub task_mm: u32,
+    pub task_real_parent: u32,
+    /// `signal_struct.pids` (array of `struct pid *` indexed by `enum pid_type`).
+    pub signal_pids: u32,
+    /// `enum pid_type` values.
+    pub pidtype_pgid: u32,
+    pub pidtype_sid: u32,
+    /// `struct pid.numbers[0].nr` (the initial namespace's number).
+    pub pid_numbers_nr: u32,
+    pub fs_pwd: u32,
+    pub fs_root: u32,
+    pub path_dentry: u32,
+    pub path_mnt: u32,
+    pub files_fdt: u32,
+    pub fdt_fd: u32,
+    pub fdt_max_fds: u32,
+    pub file_f_path: u32,
+    pub file_f_inode: u32,
+    pub dentry_d_parent: u32,
+    pub dentry_d_inode: u32,
+    /// `dentry.d_name.name`
+    pub dentry_d_name_name: u32,
+    pub inode_i_ino: u32,
+    pub inode_i_sb: u32,
+    pub sb_s_dev: u32,
+    pub mm_exe_file: u32,
+    /// Offset of the `opcode` field in the io_uring submit tracepoint's record (0: absent).
+    pub io_uring_opcode: u32,
+    /// Non-zero once filled in; programs do nothing while it is zero.
+    pub valid: u32,
+    pub _pad: u32,
+}
+
+/// The self-test program's answer: values read through the resolved offsets, compared by the
+/// agent with what /proc says about the same task.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SelftestAnswer {
+    pub tgid: u32,
+    pub pid: u32,
+    pub pgid: u32,
+    pub sid: u32,
+    pub loginuid: u32,
+    pub sessionid: u32,
+    pub cwd_dev: u64,
+    pub cwd_ino: u64,
+    pub exe_dev: u64,
+    pub exe_ino: u64,
+    /// Number of answers written (the program bumps it).
+    pub hits: u64,
+}
+
+// --- conversions -----------------------------------------------------------------------------
+
+/// Converts `st_dev` as userspace sees it (glibc `makedev` encoding) into the kernel's internal
+/// `dev_t` (`MKDEV`: 12-bit major above a 20-bit minor), which is what `super_block.s_dev` holds.
+pub const fn kernel_dev_from_user(st_dev: u64) -> u64 {
+    let major = ((st_dev >> 8) & 0xfff) | ((st_dev >> 32) & !0xfff);
+    let minor = (st_dev & 0xff) | ((st_dev >> 12) & !0xff);
+    ((major & 0xfff) << 20) | (minor & 0xfffff)
+}
+
+/// Converts the kernel's internal `dev_t` back into userspace `st_dev` (glibc `makedev`).
+pub const fn user_dev_from_kernel(kdev: u64) -> u64 {
+    let major = (kdev >> 20) & 0xfff;
+    let minor = kdev & 0xfffff;
+    ((major & 0xfff) << 8) | ((major & !0xfff) << 32) | (minor & 0xff) | ((minor & !0xff) << 12)
+}
+
+// --- pure decisions, shared by the kernel programs and `policy explain` ----------------------
+
+/// Where a walk over the ancestors of a deleted entry stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// Keep walking: nothing decided yet.
+    Undecided,
+    /// Below a target of the job's rule: free.
+    InTarget,
+    /// Below a data directory the job is named for: free.
+    DataOwner,
+    /// Below a data directory the job is not named for: refused from the first file.
+    DataForeign { data_dir_id: u32 },
+}
+
+/// One step of the ancestor walk: what directory `dir` (an ancestor of the deleted entry, nearest
+/// first) means for a job under `rule`. The nearest ancestor that is either a data directory or a
+/// target *of this rule* decides.
+#[inline(always)]
+pub fn scope_step(dir: &DirRule, rule: u32) -> Scope {
+    let bit = 1u64 << (rule & (MAX_RULES - 1));
+    if dir.kind & DIR_DATA != 0 {
+        if dir.data_owner_rules & bit != 0 {
+            return Scope::DataOwner;
+        }
+        return Scope::DataForeign {
+            data_dir_id: dir.data_dir_id,
+        };
+    }
+    if dir.kind & DIR_TARGET != 0 && dir.target_rules & bit != 0 {
+        return Scope::InTarget;
+    }
+    Scope::Undecided
+}
+
+/// The sliding-window estimate of deletions in the last `window_ns`: the current window's count
+/// plus the previous window's count weighted by how much of it still overlaps.
+#[inline(always)]
+pub fn sliding_estimate(count: u64, prev_count: u64, elapsed_ns: u64, window_ns: u64) -> u64 {
+    if window_ns == 0 || elapsed_ns >= window_ns {
+        return count;
+    }
+    // (prev * remaining) / window without overflowing for any realistic counts (< 2^32).
+    let remaining = window_ns - elapsed_ns;
+    let weighted =
+        (prev_count.min(u32::MAX as u64) * (remaining >> 10)) / ((window_ns >> 10).max(1));
+    count + weighted
+}
+
+/// Whether the `n`-th deletion of the current window (1-based, as returned by the atomic add)
+/// goes past the job's budget.
+#[inline(always)]
+pub fn over_budget(
+    n: u64,
+    prev_count: u64,
+    elapsed_ns: u64,
+    params: &RuleParams,
+    allowance: u64,
+) -> bool {
+    sliding_estimate(n, prev_count, elapsed_ns, params.window_ns)
+        > params.budget.saturating_add(allowance)
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY (for every impl below): the types are #[repr(C)], made only of integers and integer
+    // arrays with explicit padding fields, so every bit pattern is a valid value.
+    macro_rules! pod {
+        ($($t:ty),*) => {$(
+            // SAFETY: see the module comment.
+            unsafe impl aya::Pod for $t {}
+        )*};
+    }
+    pod!(
+        super::DirKey,
+        super::DirRule,
+        super::RuleParams,
+        super::ExeKey,
+        super::CgroupKey,
+        super::UidKey,
+        super::Config,
+        super::JobKey,
+        super::JobState,
+        super::KernelOffsets,
+        super::SelftestAnswer
+    );
+}

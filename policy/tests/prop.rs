@@ -1,0 +1,301 @@
+//! Property tests: nothing panics, and `explain` agrees with (1) a re-implementation of the
+//! kernel's walk over the compiled tables and (2) a direct reading of the policy.
+
+use std::path::{Path, PathBuf};
+
+use guardrail_common::{ACTION_EXEMPT, DIR_PROTECTED_ROOT, MAX_ANCESTORS, Scope, scope_step};
+use guardrail_policy::*;
+use proptest::prelude::*;
+
+fn universe() -> Vec<String> {
+    let mut v = Vec::new();
+    for a in ["a", "b", "c"] {
+        v.push(format!("/{a}"));
+        for b in ["a", "b", "c"] {
+            v.push(format!("/{a}/{b}"));
+            for c in ["a", "b"] {
+                v.push(format!("/{a}/{b}/{c}"));
+            }
+        }
+    }
+    v
+}
+
+const USERS: usize = 5;
+
+#[derive(Clone, Debug)]
+struct Gen {
+    /// Per universe dir: 0 none, 1 protected, 2 data dir, 3 target.
+    role: Vec<u8>,
+    /// For targets: bit 0 global, bit r rule r.
+    target_mask: Vec<u8>,
+    /// For data dirs: owner users bitmask.
+    owners: Vec<u8>,
+    /// Number of per-job rules (user r-1 each).
+    nrules: usize,
+    budgets: Vec<u64>,
+    /// Users (of 3 and 4) in the exemption.
+    exempt: u8,
+    mounts: Vec<bool>,
+    protect_mounts: bool,
+    audit: bool,
+}
+
+fn policies() -> impl Strategy<Value = Gen> {
+    let n = universe().len();
+    (
+        proptest::collection::vec(
+            prop_oneof![4 => Just(0u8), 1 => Just(1u8), 1 => Just(2u8), 2 => Just(3u8)],
+            n,
+        ),
+        proptest::collection::vec(1u8..16, n),
+        proptest::collection::vec(0u8..32, n),
+        0usize..=3,
+        proptest::collection::vec(prop_oneof![Just(0u64), 1u64..1000], 4),
+        0u8..4,
+        proptest::collection::vec(prop_oneof![9 => Just(false), 1 => Just(true)], n),
+        any::<bool>(),
+        any::<bool>(),
+    )
+        .prop_map(
+            |(
+                role,
+                target_mask,
+                owners,
+                nrules,
+                budgets,
+                exempt,
+                mounts,
+                protect_mounts,
+                audit,
+            )| Gen {
+                role,
+                target_mask,
+                owners,
+                nrules,
+                budgets,
+                exempt,
+                mounts,
+                protect_mounts,
+                audit,
+            },
+        )
+}
+
+fn user(i: usize) -> String {
+    format!("u{i}")
+}
+
+fn to_toml(g: &Gen) -> String {
+    let u = universe();
+    let pick = |role: u8, mask_bit: Option<usize>| -> Vec<String> {
+        u.iter()
+            .enumerate()
+            .filter(|(i, _)| {
+                g.role[*i] == role && mask_bit.is_none_or(|b| g.target_mask[*i] & (1 << b) != 0)
+            })
+            .map(|(_, p)| format!("{p:?}"))
+            .collect()
+    };
+    let mut s = String::new();
+    s.push_str(&format!(
+        "mode = \"{}\"\n[deletion]\n",
+        if g.audit { "audit" } else { "enforce" }
+    ));
+    s.push_str(&format!("budget = {}\nwindow = \"1m\"\n", g.budgets[0]));
+    s.push_str(&format!("protect_mount_points = {}\n", g.protect_mounts));
+    let mut prot = vec!["\"/\"".to_string()];
+    prot.extend(pick(1, None));
+    s.push_str(&format!("protected_roots = [{}]\n", prot.join(", ")));
+    s.push_str(&format!("targets = [{}]\n", pick(3, Some(0)).join(", ")));
+    for (i, p) in u.iter().enumerate() {
+        if g.role[i] == 2 {
+            let owners: Vec<String> = (0..USERS)
+                .filter(|k| g.owners[i] & (1 << k) != 0)
+                .map(|k| format!("{:?}", user(k)))
+                .collect();
+            s.push_str(&format!(
+                "[[deletion.data_dir]]\npath = {p:?}\nowners = {{ users = [{}] }}\n",
+                owners.join(", ")
+            ));
+        }
+    }
+    for r in 1..=g.nrules {
+        s.push_str(&format!(
+            "[[deletion.rule]]\nname = \"r{r}\"\nmatch = {{ user = {:?} }}\ntargets = [{}]\nbudget = {}\n",
+            user(r - 1),
+            pick(3, Some(r)).join(", "),
+            g.budgets[r]
+        ));
+    }
+    let ex: Vec<String> = (3..USERS)
+        .filter(|k| g.exempt & (1 << (k - 3)) != 0)
+        .map(|k| format!("{:?}", user(k)))
+        .collect();
+    if !ex.is_empty() {
+        s.push_str(&format!(
+            "[[deletion.exempt]]\nname = \"ex\"\nusers = [{}]\n",
+            ex.join(", ")
+        ));
+    }
+    s
+}
+
+fn host(g: &Gen) -> MemResolver {
+    let u = universe();
+    let refs: Vec<&str> = u.iter().map(String::as_str).collect();
+    let mut h = MemResolver::new().with_tree(0x801, &refs);
+    for k in 0..USERS {
+        h = h.with_user(&user(k), 1000 + k as u32);
+    }
+    // Shallowest first so inner mounts keep their own device.
+    for (i, p) in u.iter().enumerate() {
+        if g.mounts[i] {
+            h = h.with_mount(p, 0x900 + i as u64, 2);
+        }
+    }
+    h
+}
+
+/// The kernel's walk, re-implemented over the compiled tables.
+fn kernel_walk(c: &Compiled, path: &Path, rule: u32, h: &MemResolver) -> (bool, Scope) {
+    if let Some(id) = kernel_identity(h, path)
+        && c.dirs
+            .get(&id)
+            .is_some_and(|d| d.kind & DIR_PROTECTED_ROOT != 0)
+    {
+        return (true, Scope::Undecided);
+    }
+    let mounts = h.mount_points();
+    let mut dir = path.parent();
+    let mut n = 0;
+    while let Some(d) = dir {
+        if n == MAX_ANCESTORS {
+            break;
+        }
+        n += 1;
+        if let Some(e) = kernel_identity(h, d).and_then(|id| c.dirs.get(&id)) {
+            let s = scope_step(e, rule);
+            if s != Scope::Undecided {
+                return (false, s);
+            }
+        }
+        if mounts.iter().any(|m| m == d) {
+            break;
+        }
+        dir = d.parent();
+    }
+    (false, Scope::Undecided)
+}
+
+#[derive(Debug, PartialEq)]
+enum Coarse {
+    Refused,
+    Free,
+    Counted,
+    Exempt,
+}
+
+/// What the policy says, read directly (no tables, no identities).
+fn oracle(g: &Gen, path: &Path, job_user: Option<usize>) -> Coarse {
+    let u = universe();
+    let idx = |p: &Path| u.iter().position(|x| Path::new(x) == p);
+    let is_mount = |p: &Path| idx(p).is_some_and(|i| g.mounts[i]);
+    if path == Path::new("/")
+        || idx(path).is_some_and(|i| g.role[i] == 1)
+        || (g.protect_mounts && is_mount(path))
+    {
+        return Coarse::Refused;
+    }
+    let rule = job_user.filter(|k| *k < g.nrules).map(|k| k + 1);
+    let exempt =
+        rule.is_none() && job_user.is_some_and(|k| k >= 3 && g.exempt & (1 << (k - 3)) != 0);
+    for a in path.ancestors().skip(1) {
+        let Some(i) = idx(a) else { continue };
+        match g.role[i] {
+            2 => {
+                let owner = job_user.is_some_and(|k| g.owners[i] & (1 << k) != 0);
+                return if owner { Coarse::Free } else { Coarse::Refused };
+            }
+            3 => {
+                let bit = rule.unwrap_or(0);
+                if !exempt && g.target_mask[i] & (1 << bit) != 0 {
+                    return Coarse::Free;
+                }
+            }
+            _ => {}
+        }
+    }
+    if exempt {
+        Coarse::Exempt
+    } else {
+        Coarse::Counted
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn check_never_panics_on_arbitrary_text(s in any::<String>()) {
+        let c = check_str("p.toml", &s, &MemResolver::new());
+        for d in &c.diagnostics { let _ = d.to_string(); }
+        if let Some(p) = c.policy { let _ = compile(&p, &MemResolver::new()); }
+    }
+
+    #[test]
+    fn check_never_panics_on_toml_like_text(s in "([a-z_]{1,12} = (\"[/a-z*. ]{0,12}\"|-?[0-9]{1,12}|true|\\[\\]|\\{\\}|\\[\"/[a-z]{0,4}\"\\])\n|\\[\\[?(deletion|shutdown|alerts)(\\.[a-z_]{1,10})?\\]\\]?\n|#.*\n){0,24}") {
+        let c = check_str("p.toml", &s, &MemResolver::new().with_tree(1, &["/tmp"]));
+        for d in &c.diagnostics {
+            prop_assert!(d.line >= 1 && d.column >= 1);
+            let _ = d.to_string();
+        }
+        if let Some(p) = c.policy {
+            let _ = compile(&p, &MemResolver::new().with_tree(1, &["/tmp"]));
+        }
+    }
+
+    #[test]
+    fn explain_matches_the_kernel_walk_and_the_policy(g in policies(), pick in 0usize..100, leaf in any::<bool>(), job in proptest::option::of(0usize..USERS)) {
+        let text = to_toml(&g);
+        let h = host(&g);
+        let c = check_str("gen.toml", &text, &h);
+        prop_assert!(c.errors().count() == 0, "{text}\n{:#?}", c.diagnostics);
+        let policy = c.policy.expect("no errors");
+        let compiled = compile(&policy, &h);
+        prop_assert!(compiled.warnings.is_empty(), "{:?}", compiled.warnings);
+
+        let u = universe();
+        let mut path = PathBuf::from(&u[pick % u.len()]);
+        if leaf { path.push("file"); }
+        let spec = JobSpec { user: job.map(user), ..JobSpec::default() };
+        let ex = explain(&compiled, &path, &spec, &h);
+
+        // (1) The kernel's walk over the same tables, with the same decision function.
+        let (protected, scope) = kernel_walk(&compiled, &path, ex.rule, &h);
+        let params = compiled.rules[ex.rule as usize];
+        let want = if protected {
+            Verdict::ProtectedRoot
+        } else {
+            match scope {
+                Scope::InTarget => Verdict::InTarget,
+                Scope::DataOwner => match ex.verdict { Verdict::DataOwner { .. } => ex.verdict.clone(), _ => Verdict::DataOwner { data_dir_id: u32::MAX } },
+                Scope::DataForeign { data_dir_id } => Verdict::DataForeign { data_dir_id },
+                Scope::Undecided if params.action == ACTION_EXEMPT => Verdict::Exempt,
+                Scope::Undecided => Verdict::Counted { budget: params.budget, window: "1m".into(), action: Action::Hold },
+            }
+        };
+        prop_assert_eq!(&ex.verdict, &want, "{}\n{}", text, ex);
+
+        // (2) The policy read directly (mount-root folding may turn InTarget into DataOwner,
+        // so compare free / refused / counted / exempt).
+        let coarse = match ex.verdict {
+            Verdict::ProtectedRoot | Verdict::DataForeign { .. } => Coarse::Refused,
+            Verdict::InTarget | Verdict::DataOwner { .. } => Coarse::Free,
+            Verdict::Counted { .. } => Coarse::Counted,
+            Verdict::Exempt => Coarse::Exempt,
+        };
+        prop_assert_eq!(coarse, oracle(&g, &path, job), "{}\n{}\nmounts {:?}", text, ex, h.mounts);
+        prop_assert_eq!(ex.audit, g.audit);
+    }
+}

@@ -1,0 +1,115 @@
+//! Scenario helpers for the test suite, usable on the host and inside the VM:
+//!   guardrail-testkit uring-unlink DIR        unlink every file of DIR through io_uring
+//!   guardrail-testkit fork-unlink N DIR       N forked workers unlink DIR's files between them
+//!   guardrail-testkit rename-over SRC DST     rename every file of SRC over its namesake in DST
+//! Each prints how many operations succeeded and failed, and exits 0.
+use std::{
+    ffi::CString,
+    os::unix::ffi::OsStrExt,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result, bail};
+
+fn files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+fn uring_unlink(dir: &Path) -> Result<()> {
+    use io_uring::{IoUring, opcode, types};
+    let mut ring = IoUring::new(64).context("io_uring_setup")?;
+    let names: Vec<CString> = files(dir)?
+        .iter()
+        .map(|p| CString::new(p.as_os_str().as_bytes()).context("NUL in path"))
+        .collect::<Result<_>>()?;
+    let (mut ok, mut failed) = (0u64, 0u64);
+    for chunk in names.chunks(32) {
+        for (i, name) in chunk.iter().enumerate() {
+            let sqe = opcode::UnlinkAt::new(types::Fd(libc::AT_FDCWD), name.as_ptr())
+                .build()
+                .user_data(i as u64);
+            // SAFETY: `name` outlives the submission: we wait for every completion below.
+            unsafe { ring.submission().push(&sqe) }
+                .map_err(|_| anyhow::anyhow!("submission queue full"))?;
+        }
+        ring.submit_and_wait(chunk.len())
+            .context("io_uring_enter")?;
+        for cqe in ring.completion() {
+            if cqe.result() >= 0 {
+                ok += 1;
+            } else {
+                failed += 1;
+            }
+        }
+    }
+    println!("uring-unlink: {ok} unlinked, {failed} failed");
+    Ok(())
+}
+
+fn fork_unlink(workers: usize, dir: &Path) -> Result<()> {
+    let all = files(dir)?;
+    let mut children = Vec::new();
+    for w in 0..workers {
+        // SAFETY: the child only unlinks and exits; no locks are held across fork here.
+        match unsafe { libc::fork() } {
+            -1 => bail!("fork failed"),
+            0 => {
+                let mut failed = 0;
+                for p in all.iter().skip(w).step_by(workers) {
+                    if std::fs::remove_file(p).is_err() {
+                        failed += 1;
+                    }
+                }
+                // SAFETY: ending the forked child without running the parent's destructors.
+                unsafe { libc::_exit(if failed > 0 { 1 } else { 0 }) };
+            }
+            pid => children.push(pid),
+        }
+    }
+    let mut failed_workers = 0;
+    for pid in children {
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+            failed_workers += 1;
+        }
+    }
+    println!("fork-unlink: {workers} workers, {failed_workers} saw failures");
+    Ok(())
+}
+
+fn rename_over(src: &Path, dst: &Path) -> Result<()> {
+    let (mut ok, mut failed) = (0u64, 0u64);
+    for p in files(src)? {
+        let Some(name) = p.file_name() else { continue };
+        match std::fs::rename(&p, dst.join(name)) {
+            Ok(()) => ok += 1,
+            Err(_) => failed += 1,
+        }
+    }
+    println!("rename-over: {ok} renamed, {failed} failed");
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        ["uring-unlink", dir] => uring_unlink(Path::new(dir)),
+        ["fork-unlink", n, dir] => fork_unlink(n.parse().context("worker count")?, Path::new(dir)),
+        ["rename-over", src, dst] => rename_over(Path::new(src), Path::new(dst)),
+        _ => bail!(
+            "usage: guardrail-testkit uring-unlink DIR | fork-unlink N DIR | rename-over SRC DST"
+        ),
+    }
+}

@@ -1,0 +1,399 @@
+//! Test harness: start the real `guardrail agent` with a test policy, make scratch trees, run
+//! deletion jobs in their own process groups, and count what is left on disk.
+//!
+//! Kernel tests need root and a kernel that loads BPF; they take a global lock so that only one
+//! agent runs at a time (two agents would both judge every deletion).
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+static KERNEL_LOCK: Mutex<()> = Mutex::new(());
+
+/// Serialises tests that attach BPF programs.
+pub fn kernel_lock() -> MutexGuard<'static, ()> {
+    KERNEL_LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The guardrail binary under test: $GUARDRAIL_BIN (set by `cargo xtask test`), else the
+/// workspace's release or debug build.
+pub fn guardrail_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("GUARDRAIL_BIN") {
+        return PathBuf::from(p);
+    }
+    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target");
+    for profile in ["release", "debug"] {
+        let p = target.join(profile).join("guardrail");
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("no guardrail binary: run `cargo xtask test` (or build it and set GUARDRAIL_BIN)");
+}
+
+/// The scenario helper binary, next to the agent.
+pub fn testkit_bin() -> PathBuf {
+    let p = guardrail_bin().with_file_name("guardrail-testkit");
+    assert!(
+        p.exists(),
+        "{} is missing: build it with `cargo build --release --bins`",
+        p.display()
+    );
+    p
+}
+
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        panic!(
+            "kernel tests need root (BPF programs); run them through `cargo xtask test` as root"
+        );
+    }
+}
+
+/// A running agent with its own policy, socket and event log in a temporary directory.
+pub struct Agent {
+    child: Child,
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub event_log: PathBuf,
+    pub policy: PathBuf,
+    pub output: Arc<Mutex<Vec<String>>>,
+}
+
+impl Agent {
+    pub fn start(policy_text: &str) -> Result<Agent> {
+        Self::start_with(policy_text, &[])
+    }
+
+    pub fn start_with(policy_text: &str, extra: &[&str]) -> Result<Agent> {
+        let dir = tempfile::Builder::new()
+            .prefix("guardrail-agent-")
+            .tempdir()?;
+        let policy = dir.path().join("policy.toml");
+        std::fs::write(&policy, policy_text)?;
+        let socket = dir.path().join("guardrail.sock");
+        let event_log = dir.path().join("events.jsonl");
+        let mut child = Command::new(guardrail_bin())
+            .arg("agent")
+            .arg("--policy")
+            .arg(&policy)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--event-log")
+            .arg(&event_log)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting guardrail agent")?;
+        let output = Arc::new(Mutex::new(Vec::new()));
+        for stream in [
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let out = output.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(|l| l.ok()) {
+                    eprintln!("[agent] {line}");
+                    out.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+                }
+            });
+        }
+        let mut agent = Agent {
+            child,
+            dir,
+            socket,
+            event_log,
+            policy,
+            output,
+        };
+        let start = Instant::now();
+        while !agent.saw("guardrail: ready") {
+            if let Some(status) = agent.child.try_wait()? {
+                bail!(
+                    "the agent exited before it was ready ({status}):\n{}",
+                    agent.log()
+                );
+            }
+            if start.elapsed() > Duration::from_secs(60) {
+                bail!("the agent was not ready within 60s:\n{}", agent.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(agent)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log(&self) -> String {
+        self.output
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .join("\n")
+    }
+
+    pub fn saw(&self, needle: &str) -> bool {
+        self.output
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|l| l.contains(needle))
+    }
+
+    /// Runs the CLI against this agent.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(guardrail_bin())
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("running the guardrail CLI")
+    }
+
+    pub fn holds(&self) -> Vec<serde_json::Value> {
+        let out = self.cli(&["holds", "--json"]);
+        serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).unwrap_or_default()
+    }
+
+    /// Waits for exactly one open hold and returns its id.
+    pub fn wait_hold(&self, timeout: Duration) -> Result<u64> {
+        let start = Instant::now();
+        loop {
+            let holds = self.holds();
+            if let Some(h) = holds.first() {
+                return h["id"].as_u64().context("hold without id");
+            }
+            if start.elapsed() > timeout {
+                bail!("no hold within {timeout:?}; agent log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Events recorded in the JSON event log.
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.event_log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// SIGTERM, then wait: returns the exit status.
+    pub fn stop(mut self) -> Result<ExitStatus> {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait()? {
+                return Ok(s);
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                let _ = self.child.kill();
+                bail!("the agent did not exit within 20s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A scratch directory for one scenario.
+pub fn scratch() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("guardrail-scratch-")
+        .tempdir_in("/var/tmp")
+        .expect("scratch dir")
+}
+
+/// Creates `n` small files named f00000.. in `dir`.
+pub fn fill(dir: &Path, n: usize) {
+    std::fs::create_dir_all(dir).expect("mkdir");
+    for i in 0..n {
+        std::fs::write(dir.join(format!("f{i:05}")), b"x").expect("write file");
+    }
+}
+
+/// Regular files below `dir` (recursively).
+pub fn count_files(dir: &Path) -> usize {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    rd.filter_map(|e| e.ok())
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => count_files(&e.path()),
+            Ok(_) => 1,
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// A deletion job: a shell command in its own process group (what a shell calls a job).
+pub struct Job {
+    pub child: Child,
+}
+
+impl Job {
+    pub fn spawn(script: &str, cwd: &Path) -> Job {
+        use std::os::unix::process::CommandExt;
+        let child = Command::new("/bin/sh")
+            .arg("-c")
+            .arg(script)
+            .current_dir(cwd)
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn job");
+        Job { child }
+    }
+
+    pub fn pgid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the job to end, up to `timeout`.
+    pub fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Whether every process of the job is stopped (state T in /proc).
+    pub fn stopped(&self) -> bool {
+        let pids = pids_in_group(self.pgid());
+        !pids.is_empty()
+            && pids.iter().all(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/stat"))
+                    .ok()
+                    .and_then(|s| s.rfind(')').map(|i| s[i + 2..].starts_with('T')))
+                    .unwrap_or(true)
+            })
+    }
+
+    pub fn stderr(&mut self) -> String {
+        use std::io::Read;
+        let mut s = String::new();
+        if let Some(e) = self.child.stderr.as_mut() {
+            let _ = e.read_to_string(&mut s);
+        }
+        s
+    }
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        // Only our own job, by its process group id.
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(self.pgid() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = self.child.wait();
+    }
+}
+
+pub fn pids_in_group(pgid: u32) -> Vec<u32> {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    let rest = s[s.rfind(')')? + 2..].to_string();
+                    rest.split_whitespace().nth(2)?.parse::<u32>().ok()
+                })
+                == Some(pgid)
+        })
+        .collect()
+}
+
+/// Polls `cond` until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    cond()
+}
+
+/// Waits until the number of files in `dir` stops changing for `quiet`.
+pub fn settle(dir: &Path, quiet: Duration) -> usize {
+    let mut last = count_files(dir);
+    let mut since = Instant::now();
+    let start = Instant::now();
+    while since.elapsed() < quiet && start.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = count_files(dir);
+        if now != last {
+            last = now;
+            since = Instant::now();
+        }
+    }
+    last
+}
+
+/// A minimal test policy: `budget` deletions outside `targets` per window, hold.
+pub fn policy(budget: u64, targets: &[&Path], protected: &[&Path]) -> String {
+    let list = |ps: &[&Path]| {
+        ps.iter()
+            .map(|p| format!("{:?}", p.display().to_string()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        r#"mode = "enforce"
+[deletion]
+budget = {budget}
+window = "10m"
+action = "hold"
+hold_timeout = "10m"
+on_deny = "kill"
+targets = [{}]
+protected_roots = [{}]
+protect_mount_points = false
+"#,
+        list(targets),
+        list(protected)
+    )
+}

@@ -1,0 +1,219 @@
+//! Tracepoint tier on the host kernel (which refuses BPF LSM): the kernel counts per job and stops
+//! the job with a signal right after the deletion that crossed the budget. Every scenario runs in
+//! a scratch directory under /var/tmp; every assertion counts files on disk.
+use std::{path::Path, process::Command, time::Duration};
+
+use guardrail_integration::*;
+
+const BUDGET: u64 = 100;
+const FILES: usize = 10_000;
+
+/// Starts the agent protecting nothing but a scratch tree, with a target inside it.
+fn setup(budget: u64) -> (tempfile::TempDir, Agent) {
+    require_root();
+    let s = scratch();
+    let target = s.path().join("target");
+    std::fs::create_dir_all(&target).expect("mkdir target");
+    let protected = s.path().join("protected");
+    std::fs::create_dir_all(&protected).expect("mkdir protected");
+    let agent = Agent::start(&policy(budget, &[&target], &[&protected])).expect("agent starts");
+    (s, agent)
+}
+
+/// Runs `script` over FILES out-of-scope files and checks the tracepoint tier's bound: the job is
+/// held with at least `budget` and at most `budget + tasks` files gone; approve lets it finish.
+fn runaway(script: &str, tasks: usize) {
+    let _k = kernel_lock();
+    let (s, agent) = setup(BUDGET);
+    let victim = s.path().join("victim");
+    fill(&victim, FILES);
+    let mut job = Job::spawn(script, s.path());
+    let id = agent
+        .wait_hold(Duration::from_secs(60))
+        .expect("the job is held");
+    assert!(
+        wait_until(Duration::from_secs(10), || job.stopped()),
+        "every process of the job is stopped"
+    );
+    let left = settle(&victim, Duration::from_millis(700));
+    let gone = FILES - left;
+    eprintln!("{script}: {gone} files gone at the hold (budget {BUDGET}, {tasks} deleting tasks)");
+    assert!(
+        gone as u64 >= BUDGET && gone as u64 <= BUDGET + tasks as u64,
+        "{gone} files gone; the tracepoint tier promises between {BUDGET} and {} ",
+        BUDGET + tasks as u64
+    );
+    let out = agent.cli(&["approve", &id.to_string(), "--for-job"]);
+    assert!(
+        out.status.success(),
+        "approve: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        job.wait(Duration::from_secs(120)).is_some(),
+        "the approved job finishes"
+    );
+    assert_eq!(
+        count_files(&victim),
+        0,
+        "the approved job deleted everything"
+    );
+    let status = agent.stop().expect("agent stops");
+    assert!(status.success(), "agent exits 0 on SIGTERM, got {status}");
+}
+
+#[test]
+fn rm_rf_is_held_at_the_budget_then_approved() {
+    runaway("rm -rf victim", 1);
+}
+
+#[test]
+fn shell_loop_of_one_rm_per_file_is_one_job() {
+    runaway("for f in victim/*; do rm -f \"$f\"; done", 1);
+}
+
+#[test]
+fn xargs_parallel_rm_is_one_job() {
+    runaway("find victim -type f -print0 | xargs -0 -n 20 -P8 rm -f", 8);
+}
+
+#[test]
+fn find_delete_is_held() {
+    runaway("find victim -type f -delete", 1);
+}
+
+#[test]
+fn forked_workers_are_one_job() {
+    let kit = testkit_bin();
+    runaway(&format!("{} fork-unlink 8 victim", kit.display()), 8);
+}
+
+#[test]
+fn io_uring_unlinks_are_counted() {
+    let kit = testkit_bin();
+    // io_uring runs up to a submission batch (32) before the stop lands in the submitter.
+    runaway(&format!("{} uring-unlink victim", kit.display()), 32);
+}
+
+#[test]
+fn deny_ends_the_job_and_nothing_more_is_deleted() {
+    let _k = kernel_lock();
+    let (s, agent) = setup(BUDGET);
+    let victim = s.path().join("victim");
+    fill(&victim, 2000);
+    let mut job = Job::spawn("rm -rf victim", s.path());
+    let id = agent.wait_hold(Duration::from_secs(60)).expect("held");
+    let left_at_hold = settle(&victim, Duration::from_millis(500));
+    let out = agent.cli(&["deny", &id.to_string()]);
+    assert!(
+        out.status.success(),
+        "deny: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        job.wait(Duration::from_secs(10)).is_some(),
+        "the denied job ends"
+    );
+    assert_eq!(
+        count_files(&victim),
+        left_at_hold,
+        "nothing more is deleted after deny"
+    );
+    assert!(agent.holds().is_empty(), "no hold stays open");
+}
+
+#[test]
+fn deletions_inside_targets_are_free() {
+    let _k = kernel_lock();
+    let (s, agent) = setup(BUDGET);
+    let inside = s.path().join("target/build");
+    fill(&inside, FILES);
+    let mut job = Job::spawn("rm -rf build", &s.path().join("target"));
+    assert!(
+        job.wait(Duration::from_secs(120)).is_some(),
+        "the job finishes"
+    );
+    assert_eq!(
+        count_files(&inside),
+        0,
+        "all {FILES} files inside the target deleted"
+    );
+    assert!(
+        agent.holds().is_empty(),
+        "no hold for deletions inside a target"
+    );
+}
+
+#[test]
+fn agent_reports_tier_and_detaches_on_sigterm() {
+    let _k = kernel_lock();
+    let (_s, agent) = setup(BUDGET);
+    assert!(
+        agent.saw("guardrail: tier tracepoint in force"),
+        "start-up names the tier:\n{}",
+        agent.log()
+    );
+    assert!(
+        agent.saw("tier tracepoint cannot: cannot refuse a single syscall"),
+        "start-up names the gaps"
+    );
+    let status = agent.cli(&["status"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        text.contains("tier:    tracepoint"),
+        "status shows the tier:\n{text}"
+    );
+    let pid = agent.pid();
+    let exit = agent.stop().expect("stops");
+    assert!(exit.success(), "exit 0 on SIGTERM");
+    // No program of ours stays attached: bpftool lists loaded programs by name.
+    let progs = Command::new("bpftool")
+        .args(["prog", "show", "--json"])
+        .output()
+        .expect("bpftool");
+    let listing = String::from_utf8_lossy(&progs.stdout);
+    for name in [
+        "inode_unlink",
+        "sys_enter_unlin",
+        "sched_process_e",
+        "sched_process_f",
+    ] {
+        assert!(
+            !listing.contains(&format!("\"name\":\"{name}")),
+            "{name} still loaded after the agent (pid {pid}) exited"
+        );
+    }
+}
+
+#[test]
+fn selftest_reports_tracepoint_and_offsets_match_proc() {
+    require_root();
+    let _k = kernel_lock();
+    let out = Command::new(guardrail_bin())
+        .arg("selftest")
+        .output()
+        .expect("selftest runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "selftest exits 0:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("tier: tracepoint"),
+        "selftest reports the tracepoint tier here:\n{text}"
+    );
+    for field in [
+        "task_struct.tgid",
+        "task_struct.sessionid",
+        "signal_struct.pids[PGID]",
+        "fs_struct.pwd",
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("[ ok ]") && l.contains(field)),
+            "{field} read right:\n{text}"
+        );
+    }
+    let _ = Path::new("/");
+}

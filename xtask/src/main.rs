@@ -1,0 +1,262 @@
+//! `cargo xtask setup | run | test | vm`: the README's two commands and their parts.
+//!
+//! Everything a fresh Debian 12 machine needs is installed here, idempotently: Debian's packages,
+//! bpf-linker from crates.io, and the test VM's kernel. Nothing installed by hand is assumed.
+mod vm;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+/// Debian packages: the BPF toolchain, the VM, and the real components the tests start.
+const APT_PACKAGES: &[&str] = &[
+    // The eBPF build (toolchain.md): rustc with a prebuilt `core` for bpfel, LLVM for bpf-linker.
+    "rustc-web",
+    "libstd-rust-web-dev-bpf",
+    "llvm-22-dev",
+    // The LSM-tier VM.
+    "qemu-system-x86",
+    "busybox-static",
+    "cpio",
+    // Scenarios the tests replay.
+    "python3",
+    "findutils",
+];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install everything the build and the tests need (idempotent; quick when done).
+    Setup,
+    /// Set up, build, and run `guardrail agent` in the foreground with the embedded default policy.
+    Run {
+        /// Extra arguments for `guardrail agent`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build, and run the whole test suite: lints, unit tests, host (tracepoint tier)
+    /// tests, and VM (LSM tier) tests.
+    Test {
+        /// Skip the VM (LSM tier) tests.
+        #[arg(long)]
+        no_vm: bool,
+        /// Only run tests whose name contains this.
+        #[arg(long)]
+        filter: Option<String>,
+    },
+    /// Run only the VM (LSM tier) tests.
+    Vm(vm::VmCli),
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn run_cmd(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let status = cmd.status().with_context(|| format!("running {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed ({status})");
+    }
+    Ok(())
+}
+
+fn installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+fn cargo_bin(name: &str) -> PathBuf {
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"));
+    home.join("bin").join(name)
+}
+
+pub fn setup() -> Result<()> {
+    let t = Instant::now();
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !installed(p))
+        .collect();
+    if !missing.is_empty() {
+        println!("setup: installing Debian packages: {}", missing.join(" "));
+        run_cmd(Command::new("apt-get").args(["update", "-qq"]))?;
+        run_cmd(
+            Command::new("apt-get")
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .args(["install", "-y", "-qq", "--no-install-recommends"])
+                .args(&missing),
+        )?;
+    }
+    let linker = cargo_bin("bpf-linker");
+    let have = Command::new(&linker)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
+        .unwrap_or(false);
+    if !have {
+        println!(
+            "setup: building bpf-linker {BPF_LINKER_VERSION} against Debian's LLVM 22 (about a minute)"
+        );
+        run_cmd(
+            Command::new("cargo")
+                .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+                .args([
+                    "install",
+                    "bpf-linker",
+                    "--version",
+                    BPF_LINKER_VERSION,
+                    "--locked",
+                ])
+                .args(["--no-default-features", "--features", "llvm-22"]),
+        )?;
+    }
+    let kernel = vm::ensure_kernel(&vm::default_cache_dir()?)?;
+    println!(
+        "setup: done in {:.1}s (VM kernel {})",
+        t.elapsed().as_secs_f64(),
+        kernel.display()
+    );
+    Ok(())
+}
+
+fn cargo(args: &[&str]) -> Command {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(root()).args(args);
+    // bpf-linker is found through PATH by the agent's build script.
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut dirs: Vec<PathBuf> = std::env::split_paths(&path).collect();
+    dirs.push(cargo_bin(""));
+    c.env("PATH", std::env::join_paths(dirs).unwrap_or(path));
+    c
+}
+
+fn build_release() -> Result<PathBuf> {
+    run_cmd(&mut cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "guardrail",
+        "-p",
+        "guardrail-integration",
+        "--bins",
+    ]))?;
+    Ok(root().join("target/release/guardrail"))
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Task::Setup => setup(),
+        Task::Run { args } => {
+            setup()?;
+            let bin = build_release()?;
+            println!("run: {} agent {}", bin.display(), args.join(" "));
+            let err = {
+                use std::os::unix::process::CommandExt;
+                Command::new(&bin).arg("agent").args(&args).exec()
+            };
+            Err(err).with_context(|| format!("executing {}", bin.display()))
+        }
+        Task::Test { no_vm, filter } => test(no_vm, filter),
+        Task::Vm(args) => {
+            setup()?;
+            let bin = build_release()?;
+            vm::cli_main(with_binaries(args, &bin))
+        }
+    }
+}
+
+fn with_binaries(mut args: vm::VmCli, agent: &Path) -> vm::VmCli {
+    if args.binary.is_empty() {
+        args.binary = vm_binaries(agent);
+    }
+    args
+}
+
+/// Helpers the tests run inside the VM, besides the agent.
+fn vm_binaries(agent: &Path) -> Vec<PathBuf> {
+    let dir = agent.parent().unwrap_or(Path::new("."));
+    let mut v = vec![agent.to_path_buf()];
+    let testkit = dir.join("guardrail-testkit");
+    if testkit.exists() {
+        v.push(testkit);
+    }
+    v
+}
+
+fn test(no_vm: bool, filter: Option<String>) -> Result<()> {
+    let t = Instant::now();
+    setup()?;
+    let mut failures = Vec::new();
+    let mut step = |name: &str, r: Result<()>| match &r {
+        Ok(()) => println!("test: {name}: ok"),
+        Err(e) => {
+            println!("test: {name}: FAILED: {e:#}");
+            failures.push(name.to_string());
+        }
+    };
+    step("rustfmt", run_cmd(&mut cargo(&["fmt", "--all", "--check"])));
+    step(
+        "clippy",
+        run_cmd(&mut cargo(&[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ])),
+    );
+    let bin = build_release()?;
+    let mut unit = cargo(&["test", "--release", "--workspace", "--no-fail-fast"]);
+    unit.env("GUARDRAIL_BIN", &bin);
+    if let Some(f) = &filter {
+        unit.args(["--", f]);
+    }
+    step("unit and host tests (tracepoint tier)", run_cmd(&mut unit));
+    if !no_vm {
+        let args = vm::VmCli {
+            binary: Vec::new(),
+            filter: filter.clone(),
+            timeout_secs: 1200,
+            case_timeout_secs: 300,
+            cases_dir: None,
+            cache_dir: None,
+            extra: Vec::new(),
+            memory_mb: 2048,
+            cpus: 2,
+            verbose: false,
+        };
+        step(
+            "VM tests (LSM tier)",
+            vm::cli_main(with_binaries(args, &bin)),
+        );
+    }
+    println!("test: finished in {:.0}s", t.elapsed().as_secs_f64());
+    if !failures.is_empty() {
+        bail!("failed: {}", failures.join(", "));
+    }
+    Ok(())
+}
