@@ -33,8 +33,26 @@ pub trait Resolver {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SystemResolver;
 
-/// Where cgroup v2 is mounted.
-const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+/// Where cgroup v2 is mounted: /sys/fs/cgroup on a unified host, /sys/fs/cgroup/unified on a
+/// hybrid one (the BPF helper `bpf_get_current_cgroup_id` always speaks of the v2 hierarchy).
+pub fn cgroup2_root() -> PathBuf {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .ok()
+        .and_then(|text| cgroup2_mount(&text))
+        .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"))
+}
+
+/// The mount point of the first cgroup2 filesystem in a mountinfo text.
+pub fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        if right.split_whitespace().next()? == "cgroup2" {
+            Some(PathBuf::from(left.split_whitespace().nth(4)?))
+        } else {
+            None
+        }
+    })
+}
 
 impl Resolver for SystemResolver {
     fn identity(&self, path: &Path) -> Option<(u64, u64)> {
@@ -84,7 +102,8 @@ impl Resolver for SystemResolver {
     }
 
     fn cgroup_id(&self, unit_or_cgroup: &str) -> Option<u64> {
-        let root = Path::new(CGROUP_ROOT);
+        let root_buf = cgroup2_root();
+        let root = root_buf.as_path();
         if unit_or_cgroup.starts_with('/') {
             let p = root.join(unit_or_cgroup.trim_start_matches('/'));
             return std::fs::metadata(p)
@@ -298,4 +317,25 @@ pub(crate) fn pattern_covers(pattern: &str, path: &str) -> bool {
 pub fn ancestors(path: &Path) -> Vec<PathBuf> {
     let n = normalize(path);
     n.ancestors().skip(1).map(Path::to_path_buf).collect()
+}
+
+#[cfg(test)]
+mod cgroup_tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_cgroup2_mount_on_hybrid_and_unified_hosts() {
+        let hybrid = "35 25 0:30 / /sys/fs/cgroup/memory rw,relatime shared:14 - cgroup cgroup rw,memory\n\
+                      40 25 0:35 / /sys/fs/cgroup/unified rw,relatime shared:19 - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            cgroup2_mount(hybrid),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        let unified = "30 25 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(
+            cgroup2_mount(unified),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
+        assert_eq!(cgroup2_mount("22 1 0:5 / /proc rw - proc proc rw\n"), None);
+    }
 }

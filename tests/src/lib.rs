@@ -258,25 +258,112 @@ pub fn count_files(dir: &Path) -> usize {
         .sum()
 }
 
+/// A cgroup v2 group of its own for a test's jobs. Host test policies put their small budgets on
+/// a rule matched by this cgroup and leave the default rule unlimited, so an agent under test never
+/// holds anything else running on the machine (builds, other tests).
+pub struct TestCgroup {
+    pub path: PathBuf,
+    /// The cgroup path as the policy writes it ("/guardrail-test-...").
+    pub name: String,
+}
+
+impl TestCgroup {
+    pub fn new() -> TestCgroup {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let root = cgroup2_root();
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("/guardrail-test-{}-{n}", std::process::id());
+        let path = root.join(name.trim_start_matches('/'));
+        std::fs::create_dir_all(&path)
+            .unwrap_or_else(|e| panic!("creating cgroup {}: {e}", path.display()));
+        TestCgroup { path, name }
+    }
+}
+
+impl Default for TestCgroup {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        // Empty once our jobs are gone; retry briefly while the kernel reaps them.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.path).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Where cgroup v2 is mounted (/sys/fs/cgroup/unified on hybrid hosts).
+pub fn cgroup2_root() -> PathBuf {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .ok()
+        .and_then(|text| {
+            text.lines().find_map(|line| {
+                let (left, right) = line.split_once(" - ")?;
+                if right.split_whitespace().next()? == "cgroup2" {
+                    Some(PathBuf::from(left.split_whitespace().nth(4)?))
+                } else {
+                    None
+                }
+            })
+        })
+        .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"))
+}
+
 /// A deletion job: a shell command in its own process group (what a shell calls a job).
 pub struct Job {
     pub child: Child,
 }
 
 impl Job {
-    pub fn spawn(script: &str, cwd: &Path) -> Job {
+    /// Starts `script` as its own job, inside `cgroup` when given.
+    pub fn spawn_in(script: &str, cwd: &Path, cgroup: Option<&TestCgroup>) -> Job {
         use std::os::unix::process::CommandExt;
-        let child = Command::new("/bin/sh")
-            .arg("-c")
+        let mut cmd = Command::new("/bin/sh");
+        cmd.arg("-c")
             .arg(script)
             .current_dir(cwd)
             .process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn job");
-        Job { child }
+            .stderr(Stdio::piped());
+        if let Some(cg) = cgroup {
+            let procs = std::ffi::CString::new(
+                cg.path
+                    .join("cgroup.procs")
+                    .into_os_string()
+                    .into_encoded_bytes(),
+            )
+            .expect("cgroup path without NUL");
+            // SAFETY: the closure only makes raw syscalls (open, write, close) between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                    if fd < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
+                    libc::close(fd);
+                    if ok {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        Job {
+            child: cmd.spawn().expect("spawn job"),
+        }
+    }
+
+    pub fn spawn(script: &str, cwd: &Path) -> Job {
+        Self::spawn_in(script, cwd, None)
     }
 
     pub fn pgid(&self) -> u32 {
@@ -295,15 +382,16 @@ impl Job {
         None
     }
 
-    /// Whether every process of the job is stopped (state T in /proc).
+    /// Whether every live process of the job is stopped (state T in /proc; zombies waiting for
+    /// a stopped parent count as stopped).
     pub fn stopped(&self) -> bool {
         let pids = pids_in_group(self.pgid());
         !pids.is_empty()
             && pids.iter().all(|p| {
                 std::fs::read_to_string(format!("/proc/{p}/stat"))
                     .ok()
-                    .and_then(|s| s.rfind(')').map(|i| s[i + 2..].starts_with('T')))
-                    .unwrap_or(true)
+                    .and_then(|s| s.rfind(')').and_then(|i| s[i + 2..].chars().next()))
+                    .is_none_or(|state| matches!(state, 'T' | 't' | 'Z' | 'X'))
             })
     }
 
@@ -373,27 +461,49 @@ pub fn settle(dir: &Path, quiet: Duration) -> usize {
     last
 }
 
-/// A minimal test policy: `budget` deletions outside `targets` per window, hold.
-pub fn policy(budget: u64, targets: &[&Path], protected: &[&Path]) -> String {
-    let list = |ps: &[&Path]| {
-        ps.iter()
-            .map(|p| format!("{:?}", p.display().to_string()))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
+fn toml_list(ps: &[&Path]) -> String {
+    ps.iter()
+        .map(|p| format!("{:?}", p.display().to_string()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A host test policy: jobs in `cgroup` get `budget` deletions outside `targets` per window and
+/// are held past it; every other job on the machine is left alone (the default rule's budget is
+/// the maximum), so a test agent never stops anything but the test's own jobs.
+pub fn policy(budget: u64, targets: &[&Path], protected: &[&Path], cgroup: &TestCgroup) -> String {
+    policy_with(budget, targets, protected, cgroup, "")
+}
+
+/// [`policy`] with extra TOML appended (data directories, more rules).
+pub fn policy_with(
+    budget: u64,
+    targets: &[&Path],
+    protected: &[&Path],
+    cgroup: &TestCgroup,
+    extra: &str,
+) -> String {
     format!(
         r#"mode = "enforce"
 [deletion]
-budget = {budget}
+budget = 100000000
 window = "10m"
 action = "hold"
 hold_timeout = "10m"
 on_deny = "kill"
-targets = [{}]
-protected_roots = [{}]
+targets = [{targets}]
+protected_roots = ["/", {protected}]
 protect_mount_points = false
+
+[[deletion.rule]]
+name = "test-job"
+match = {{ cgroup = "{cg}" }}
+targets = [{targets}]
+budget = {budget}
+{extra}
 "#,
-        list(targets),
-        list(protected)
+        targets = toml_list(targets),
+        protected = toml_list(protected),
+        cg = cgroup.name,
     )
 }

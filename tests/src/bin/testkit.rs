@@ -2,6 +2,8 @@
 //!   guardrail-testkit uring-unlink DIR        unlink every file of DIR through io_uring
 //!   guardrail-testkit fork-unlink N DIR       N forked workers unlink DIR's files between them
 //!   guardrail-testkit rename-over SRC DST     rename every file of SRC over its namesake in DST
+//!   guardrail-testkit fill N DIR              create N small files f00000.. in DIR (fast, for the VM)
+//!   guardrail-testkit count DIR               print the number of regular files below DIR
 //! Each prints how many operations succeeded and failed, and exits 0.
 use std::{
     ffi::CString,
@@ -97,6 +99,28 @@ fn rename_over(src: &Path, dst: &Path) -> Result<()> {
     Ok(())
 }
 
+fn fill(n: usize, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("mkdir {}", dir.display()))?;
+    for i in 0..n {
+        let p = dir.join(format!("f{i:05}"));
+        std::fs::write(&p, b"x").with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}
+
+fn count(dir: &Path) -> usize {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    rd.filter_map(|e| e.ok())
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => count(&e.path()),
+            Ok(_) => 1,
+            Err(_) => 0,
+        })
+        .sum()
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args
@@ -108,8 +132,13 @@ fn main() -> Result<()> {
         ["uring-unlink", dir] => uring_unlink(Path::new(dir)),
         ["fork-unlink", n, dir] => fork_unlink(n.parse().context("worker count")?, Path::new(dir)),
         ["rename-over", src, dst] => rename_over(Path::new(src), Path::new(dst)),
+        ["fill", n, dir] => fill(n.parse().context("file count")?, Path::new(dir)),
+        ["count", dir] => {
+            println!("{}", count(Path::new(dir)));
+            Ok(())
+        }
         _ => bail!(
-            "usage: guardrail-testkit uring-unlink DIR | fork-unlink N DIR | rename-over SRC DST"
+            "usage: guardrail-testkit uring-unlink DIR | fork-unlink N DIR | rename-over SRC DST | fill N DIR | count DIR"
         ),
     }
 }

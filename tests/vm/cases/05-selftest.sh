@@ -1,0 +1,12 @@
+#!/bin/sh
+# `guardrail selftest` reports the lsm tier here, and every struct offset resolved from this
+# kernel's BTF (6.1, another layout than the host's) reads what /proc says.
+. /cases/lib.inc
+out=$(/bin/guardrail selftest); rc=$?
+echo "$out"
+[ $rc -eq 0 ] || fail "selftest exited $rc"
+echo "$out" | grep -q '^tier: lsm$' || fail "selftest does not report the lsm tier"
+n=$(echo "$out" | grep -c '^\[ ok \] offset ')
+[ "$n" -eq 9 ] || fail "expected 9 offsets read right, got $n"
+echo "$out" | grep -q 'FAIL\] offset' && fail "an offset is wrong on this kernel"
+echo "ok: tier lsm, 9 offsets match /proc"
