@@ -233,3 +233,25 @@ fn selftest_reports_tracepoint_and_offsets_match_proc() {
     }
     let _ = Path::new("/");
 }
+
+#[test]
+fn kill_cont_of_a_held_job_is_stopped_again() {
+    let _k = kernel_lock();
+    let Setup { agent, cg, s } = setup(BUDGET);
+    let victim = s.path().join("victim");
+    fill(&victim, 2000);
+    let job = Job::spawn_in("rm -rf victim", s.path(), Some(&cg));
+    let id = agent.wait_hold(Duration::from_secs(60)).expect("held");
+    let at_hold = settle(&victim, Duration::from_millis(500));
+    // Resumed from "its own shell" without approval.
+    nix::sys::signal::killpg(nix::unistd::Pid::from_raw(job.pgid() as i32), nix::sys::signal::Signal::SIGCONT)
+        .expect("SIGCONT");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(wait_until(Duration::from_secs(10), || job.stopped()), "the kernel stopped the job again");
+    let after = settle(&victim, Duration::from_millis(500));
+    // The tracepoint tier cannot refuse the attempt that re-stops it: at most one more file.
+    assert!(at_hold - after <= 1, "{} files deleted after kill -CONT without approval", at_hold - after);
+    let holds = agent.holds();
+    assert_eq!(holds.len(), 1, "the hold stays open");
+    assert_eq!(holds[0]["id"].as_u64(), Some(id));
+}

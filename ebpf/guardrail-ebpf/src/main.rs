@@ -396,8 +396,11 @@ fn judge(d: &Deletion) -> Verdict {
     let state = unsafe { read_volatile(state_p) };
     if state != JOB_ACTIVE {
         let n = fetch_add(refused_p, 1);
-        if state == JOB_HELD && d.tier_flags & EVF_TRACEPOINT != 0 {
-            // Resumed without approval: stop it again; the agent re-stops the whole job.
+        if state == JOB_HELD {
+            // Resumed without approval (`fg`, `kill -CONT`): the LSM tier refuses this deletion,
+            // the tracepoint tier cannot; both stop the task again at once so the job waits for
+            // the admin instead of failing through (or, in the tracepoint tier, deleting) the
+            // rest of its work. The agent re-stops the whole job.
             signal(SIGSTOP);
             if n == 0 || n.is_power_of_two() {
                 emit(

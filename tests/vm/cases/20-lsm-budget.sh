@@ -22,14 +22,20 @@ scenario() {
     [ "$left" -eq $((N - 100)) ] || fail "$name: expected exactly $((N - 100)) files left, found $left"
 }
 
-end_job() { kill -KILL -- "-$1" 2>/dev/null; wait "$JOB" 2>/dev/null; }
+end_job() { kill -KILL "-$1" 2>/dev/null; wait "$JOB" 2>/dev/null; }
+
+# stopped PID: the process is in state T.
+stopped() { [ "$(cut -d' ' -f3 "/proc/$1/stat" 2>/dev/null)" = T ]; }
 
 scenario "rm -rf" "rm -rf victim"
 pg=$(gr holds --json | sed -n 's/.*"pgid": \([0-9]*\).*/\1/p' | head -n1)
-# A held job cannot resume itself: SIGCONT without approval deletes nothing more.
-kill -CONT -- "-$pg"; sleep 2
+# A held job cannot resume itself: SIGCONT without approval deletes nothing more, and the kernel
+# stops it again at its next attempt.
+kill -CONT "-$pg" || fail "kill -CONT"
+sleep 2
 [ "$(count "$S/victim")" -eq $((N - 100)) ] || fail "kill -CONT of a held job deleted files"
-echo "kill -CONT: nothing more deleted"
+stopped "$pg" || fail "the resumed held job was not stopped again"
+echo "kill -CONT: nothing more deleted, the job is stopped again"
 gr approve "$id" --for-job || fail "approve failed"
 wait "$JOB"
 [ "$(count "$S/victim")" -eq 0 ] || fail "the approved job did not finish"
@@ -39,7 +45,7 @@ scenario "shell loop" 'for f in victim/*; do rm -f "$f"; done'
 pg=$(gr holds --json | sed -n 's/.*"pgid": \([0-9]*\).*/\1/p' | head -n1)
 gr deny "$id" || fail "deny failed"
 sleep 1
-kill -0 -- "-$pg" 2>/dev/null && fail "the denied job is still running"
+kill -0 "-$pg" 2>/dev/null && fail "the denied job is still running"
 [ "$(count "$S/victim")" -eq $((N - 100)) ] || fail "deny: files were deleted after the hold"
 echo "deny: the job ended, $((N - 100)) files left"
 
