@@ -136,6 +136,22 @@ fn deny_ends_the_job_and_nothing_more_is_deleted() {
         "nothing more is deleted after deny"
     );
     assert!(agent.holds().is_empty(), "no hold stays open");
+    // A job without a terminal got the hold message on its stderr, naming the host and the
+    // exact commands.
+    let host = nix::unistd::gethostname()
+        .expect("hostname")
+        .into_string()
+        .expect("utf-8");
+    let err = job.stderr();
+    assert!(
+        err.contains(&format!("guardrail: held job \"rm -rf victim\" on {host}")),
+        "stderr:\n{err}"
+    );
+    assert!(
+        err.contains(&format!("guardrail approve {id}"))
+            && err.contains(&format!("guardrail deny {id}")),
+        "stderr:\n{err}"
+    );
 }
 
 #[test]
@@ -244,13 +260,23 @@ fn kill_cont_of_a_held_job_is_stopped_again() {
     let id = agent.wait_hold(Duration::from_secs(60)).expect("held");
     let at_hold = settle(&victim, Duration::from_millis(500));
     // Resumed from "its own shell" without approval.
-    nix::sys::signal::killpg(nix::unistd::Pid::from_raw(job.pgid() as i32), nix::sys::signal::Signal::SIGCONT)
-        .expect("SIGCONT");
+    nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(job.pgid() as i32),
+        nix::sys::signal::Signal::SIGCONT,
+    )
+    .expect("SIGCONT");
     std::thread::sleep(Duration::from_millis(300));
-    assert!(wait_until(Duration::from_secs(10), || job.stopped()), "the kernel stopped the job again");
+    assert!(
+        wait_until(Duration::from_secs(10), || job.stopped()),
+        "the kernel stopped the job again"
+    );
     let after = settle(&victim, Duration::from_millis(500));
     // The tracepoint tier cannot refuse the attempt that re-stops it: at most one more file.
-    assert!(at_hold - after <= 1, "{} files deleted after kill -CONT without approval", at_hold - after);
+    assert!(
+        at_hold - after <= 1,
+        "{} files deleted after kill -CONT without approval",
+        at_hold - after
+    );
     let holds = agent.holds();
     assert_eq!(holds.len(), 1, "the hold stays open");
     assert_eq!(holds[0]["id"].as_u64(), Some(id));

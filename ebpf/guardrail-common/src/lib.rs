@@ -322,7 +322,8 @@ pub struct KernelOffsets {
     pub io_uring_opcode: u32,
     /// Non-zero once filled in; programs do nothing while it is zero.
     pub valid: u32,
-    pub _pad: u32,
+    /// `task_struct.flags` (PF_KTHREAD, PF_IO_WORKER).
+    pub task_flags: u32,
 }
 
 /// The self-test program's answer: values read through the resolved offsets, compared by the

@@ -42,6 +42,12 @@ use aya_ebpf::{
 use guardrail_common::*;
 
 const EPERM: i32 = 1;
+/// Restart the syscall after the signal that is pending (our SIGSTOP) has been dealt with: the
+/// deletion waits, stopped before it happens, and is judged again when the job continues.
+/// Never seen by userspace as long as a signal is pending when the syscall returns.
+const ERESTARTNOINTR: i32 = 513;
+const PF_IO_WORKER: u32 = 0x10;
+const PF_KTHREAD: u32 = 0x0020_0000;
 const SIGKILL: u32 = 9;
 const SIGSTOP: u32 = 19;
 const AT_FDCWD: i64 = -100;
@@ -82,7 +88,7 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     mm_exe_file: 0,
     io_uring_opcode: 0,
     valid: 0,
-    _pad: 0,
+    task_flags: 0,
 };
 
 #[map]
@@ -196,6 +202,10 @@ enum Verdict {
     Allow,
     /// LSM: return -EPERM. Tracepoint: the deletion goes through; `signal` stops the job.
     Refuse,
+    /// The job is held and SIGSTOP is pending for this task: the LSM tier restarts the syscall
+    /// after the stop (it runs again, and is judged again, when the job continues), so an approved
+    /// job loses nothing. Where that is not safe it degrades to `Refuse`.
+    Hold,
 }
 
 struct Deletion {
@@ -397,11 +407,11 @@ fn judge(d: &Deletion) -> Verdict {
     if state != JOB_ACTIVE {
         let n = fetch_add(refused_p, 1);
         if state == JOB_HELD {
+            let stopped = stop_self();
             // Resumed without approval (`fg`, `kill -CONT`): the LSM tier refuses this deletion,
             // the tracepoint tier cannot; both stop the task again at once so the job waits for
             // the admin instead of failing through (or, in the tracepoint tier, deleting) the
             // rest of its work. The agent re-stops the whole job.
-            signal(SIGSTOP);
             if n == 0 || n.is_power_of_two() {
                 emit(
                     d,
@@ -415,6 +425,11 @@ fn judge(d: &Deletion) -> Verdict {
                     },
                 );
             }
+            return if stopped {
+                Verdict::Hold
+            } else {
+                Verdict::Refuse
+            };
         }
         if state == JOB_BLOCKED && d.tier_flags & EVF_TRACEPOINT != 0 {
             signal(SIGKILL);
@@ -476,6 +491,7 @@ fn judge(d: &Deletion) -> Verdict {
     } else {
         JOB_HELD
     };
+    let mut stopped = false;
     if cas(state_p, JOB_ACTIVE, new_state) {
         // This CPU made the crossing: it alone reports it.
         let inc = next_incident();
@@ -486,7 +502,7 @@ fn judge(d: &Deletion) -> Verdict {
             flags |= EVF_REFUSED;
         }
         if new_state == JOB_HELD {
-            signal(SIGSTOP);
+            stopped = stop_self();
             flags |= EVF_SIGNALLED;
         } else if d.tier_flags & EVF_TRACEPOINT != 0 {
             signal(SIGKILL);
@@ -503,15 +519,32 @@ fn judge(d: &Deletion) -> Verdict {
                 incident: inc,
             },
         );
+    } else if new_state == JOB_HELD {
+        stopped = stop_self();
     } else if d.tier_flags & EVF_TRACEPOINT != 0 {
-        signal(if new_state == JOB_HELD {
-            SIGSTOP
-        } else {
-            SIGKILL
-        });
+        signal(SIGKILL);
     }
     fetch_add(refused_p, 1);
-    Verdict::Refuse
+    if stopped {
+        Verdict::Hold
+    } else {
+        Verdict::Refuse
+    }
+}
+
+/// Sends SIGSTOP to the current process; true when it is now pending for a task that will see it
+/// on its way back to userspace (not a kernel thread, not an io_uring worker, whose requests would
+/// otherwise complete with the restart code).
+#[inline(always)]
+fn stop_self() -> bool {
+    let o = offsets();
+    let flags: u32 = kread(current_task(), o.task_flags).unwrap_or(PF_KTHREAD);
+    if flags & (PF_KTHREAD | PF_IO_WORKER) != 0 {
+        signal(SIGSTOP);
+        return false;
+    }
+    // SAFETY: bpf_send_signal targets the current process.
+    (unsafe { bpf_send_signal(SIGSTOP) }) == 0
 }
 
 #[inline(always)]
@@ -619,6 +652,7 @@ fn lsm_verdict(v: Verdict) -> i32 {
     match v {
         Verdict::Allow => 0,
         Verdict::Refuse => -EPERM,
+        Verdict::Hold => -ERESTARTNOINTR,
     }
 }
 
@@ -671,8 +705,9 @@ pub fn inode_rename(ctx: LsmContext) -> i32 {
         tier_flags: 0,
     };
     if source_is_dir_move || is_protected_entry(&o, old_dentry) {
-        if judge(&source) == Verdict::Refuse {
-            return -EPERM;
+        let v = judge(&source);
+        if v != Verdict::Allow {
+            return lsm_verdict(v);
         }
     }
     // The destination: replacing an existing entry destroys it.
