@@ -247,6 +247,19 @@ fn selftest_reports_tracepoint_and_offsets_match_proc() {
             "{field} read right:\n{text}"
         );
     }
+    let runaway = text
+        .lines()
+        .find(|l| l.contains("runaway deletion"))
+        .unwrap_or("");
+    assert!(
+        runaway.starts_with("[ ok ]"),
+        "selftest proves enforcement with a real runaway:\n{text}"
+    );
+    assert!(
+        runaway.contains("21 files gone, 1 past the budget")
+            || runaway.contains("20 files gone, 0 past the budget"),
+        "at most one file past the budget in this tier:\n{runaway}"
+    );
     let _ = Path::new("/");
 }
 
