@@ -254,6 +254,13 @@ impl Sink {
         }
     }
 
+    /// Any other record of the event log, as `{"<key>": value}` (job summaries).
+    pub fn record<T: Serialize>(&mut self, key: &str, value: &T) {
+        if let Ok(json) = serde_json::to_string(&serde_json::json!({ key: value })) {
+            self.write_line(&json);
+        }
+    }
+
     pub fn agent_event(&mut self, kind: &str, message: &str) {
         let rec = AgentRecord {
             time: now_rfc3339(),

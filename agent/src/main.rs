@@ -6,6 +6,7 @@ mod ipc;
 mod policy_glue;
 mod probe;
 mod procinfo;
+mod replay;
 mod selftest;
 mod sensor;
 
@@ -83,6 +84,18 @@ enum PolicyCommand {
     },
     /// Print the embedded default policy.
     Default,
+    /// Replay recorded job summaries (the agent's JSON event log) through a candidate policy:
+    /// which jobs it would have held, blocked or let through.
+    Test {
+        /// The event log to replay (default /var/log/guardrail/events.jsonl).
+        #[arg(long, default_value = "/var/log/guardrail/events.jsonl")]
+        events: PathBuf,
+        /// The candidate policy (default: the policy in force on this host).
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Which rule applies to a deletion of PATH by a job.
     Explain {
         path: PathBuf,
@@ -257,6 +270,17 @@ fn cli_policy(cmd: PolicyCommand) -> Result<ExitCode> {
             } else {
                 ExitCode::SUCCESS
             })
+        }
+        PolicyCommand::Test {
+            events,
+            policy,
+            json,
+        } => {
+            let source = policy_glue::PolicySource::from_args(policy.as_deref(), None);
+            let loaded = source
+                .load()
+                .map_err(|r| anyhow::anyhow!("the candidate policy has errors:\n{r}"))?;
+            replay::run(&events, &loaded, json)
         }
         PolicyCommand::Explain {
             path,

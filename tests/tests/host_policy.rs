@@ -258,3 +258,70 @@ fn policy_explain_names_the_deciding_rule() {
         "the named job may delete:\n{owner}"
     );
 }
+
+#[test]
+fn policy_test_replays_job_summaries_through_a_candidate_budget() {
+    require_root();
+    let _k = kernel_lock();
+    let s = scratch();
+    let cg = TestCgroup::new();
+    let agent = Agent::start(&policy(1000, &[], &[], &cg)).expect("agent");
+    let victim = s.path().join("victim");
+    fill(&victim, 300);
+    let mut job = Job::spawn_in("rm -rf victim", s.path(), Some(&cg));
+    assert!(
+        job.wait(Duration::from_secs(60)).is_some(),
+        "300 deletions stay under the budget of 1000"
+    );
+    let pgid = job.pgid();
+    assert!(
+        wait_until(Duration::from_secs(5), || agent
+            .events()
+            .iter()
+            .any(|e| e["job"]["pgid"] == pgid)),
+        "the agent wrote a job summary when the job ended:\n{}",
+        std::fs::read_to_string(&agent.event_log).unwrap_or_default()
+    );
+    let replay = |budget: u64| {
+        let candidate = s.path().join(format!("candidate-{budget}.toml"));
+        std::fs::write(&candidate, policy(budget, &[], &[], &cg)).expect("write candidate");
+        let out = Command::new(guardrail_bin())
+            .args(["policy", "test", "--events"])
+            .arg(&agent.event_log)
+            .arg("--policy")
+            .arg(&candidate)
+            .output()
+            .expect("run");
+        assert!(
+            out.status.success(),
+            "policy test: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let strict = replay(100);
+    let line = strict
+        .lines()
+        .find(|l| l.contains(&format!("pgid {pgid} ")))
+        .unwrap_or("")
+        .to_string();
+    assert!(
+        line.contains("301 deletions outside scope")
+            || line.contains("300 deletions outside scope"),
+        "{strict}"
+    );
+    assert!(
+        line.contains("candidate rule test-job: would hold (peak"),
+        "budget 100 would have held it:\n{strict}"
+    );
+    let loose = replay(5000);
+    let line = loose
+        .lines()
+        .find(|l| l.contains(&format!("pgid {pgid} ")))
+        .unwrap_or("")
+        .to_string();
+    assert!(
+        line.contains("within budget"),
+        "budget 5000 would not:\n{loose}"
+    );
+}

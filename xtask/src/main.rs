@@ -23,9 +23,10 @@ const APT_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "busybox-static",
     "cpio",
-    // Scenarios the tests replay.
+    // Scenarios the tests replay, and bpftool to check what stays loaded.
     "python3",
     "findutils",
+    "bpftool",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 

@@ -108,6 +108,9 @@ static UIDS: HashMap<UidKey, u32> = HashMap::with_max_entries(4096, 0);
 static TASK_RULE: LruHashMap<u32, u32> = LruHashMap::with_max_entries(65536, 0);
 #[map]
 static JOBS: LruHashMap<JobKey, JobState> = LruHashMap::with_max_entries(16384, 0);
+/// Scratch space for a new job's entry (too big for the BPF stack).
+#[map]
+static JOB_INIT: PerCpuArray<JobState> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static INCIDENTS: Array<u64> = Array::with_max_entries(1, 0);
 #[map]
@@ -150,6 +153,19 @@ fn task_pid_of_type(o: &KernelOffsets, task: *const u8, pidtype: u32) -> Result<
     let signal = kptr(task, o.task_signal)?;
     let pid = kptr(signal, o.signal_pids + 8 * pidtype)?;
     kread::<u32>(pid, o.pid_numbers_nr)
+}
+
+/// The job of the current task: its process group within its session. Tasks with no process
+/// group of their own (pgid 0 or 1: children of a bare init, kernel threads) are each their own
+/// job, keyed by their tgid, so that unrelated processes are never lumped together.
+#[inline(always)]
+fn job_key(o: &KernelOffsets, task: *const u8, tgid: u32) -> JobKey {
+    let pgid = task_pid_of_type(o, task, o.pidtype_pgid).unwrap_or(0);
+    let sid = task_pid_of_type(o, task, o.pidtype_sid).unwrap_or(0);
+    JobKey {
+        sid,
+        pgid: if pgid <= 1 { tgid } else { pgid },
+    }
 }
 
 #[inline(always)]
@@ -300,19 +316,12 @@ fn judge(d: &Deletion) -> Verdict {
         }
     }
 
-    let task = current_task();
-    let pgid = task_pid_of_type(&o, task, o.pidtype_pgid).unwrap_or(tgid);
-    let sid = task_pid_of_type(&o, task, o.pidtype_sid).unwrap_or(0);
-    let key = JobKey { sid, pgid };
-    // SAFETY: map value pointer valid for this run.
-    let existing = JOBS.get_ptr_mut(&key);
-    // SAFETY: helper without preconditions.
+    let key = job_key(&o, current_task(), tgid);
     let uid = bpf_get_current_uid_gid() as u32;
-    let rule = match existing {
-        // SAFETY: pointer into the map value, valid for this run.
-        Some(j) => unsafe { (*j).rule },
-        None => job_rule(slot, tgid, uid),
-    } & (MAX_RULES - 1);
+    // The task's own rule decides scope and exemption (an exempt package manager run from a
+    // script is exempt; a data directory's own daemon is its owner); the job's counters run
+    // under the rule the job was created with.
+    let rule = job_rule(slot, tgid, uid) & (MAX_RULES - 1);
     let Some(params) = RULES.get(slot * MAX_RULES + rule) else {
         return Verdict::Allow;
     };
@@ -372,18 +381,32 @@ fn judge(d: &Deletion) -> Verdict {
     }
 
     // 3. Outside scope: count against the job's budget.
+    let existing = JOBS.get_ptr_mut(&key);
     let job = match existing {
         Some(j) => j,
         None => {
-            let fresh = JobState {
-                state: JOB_ACTIVE,
-                rule,
-                // SAFETY: helper without preconditions.
-                window_start_ns: unsafe { bpf_ktime_get_ns() },
-                ..JobState::default()
+            // The new entry is built in per-CPU scratch space: the BPF stack (512 bytes for the
+            // whole call chain) cannot spare a JobState.
+            let Some(fresh) = JOB_INIT.get_ptr_mut(0) else {
+                return Verdict::Allow;
             };
-            // BPF_NOEXIST: a racing CPU may have created it; either way look it up again.
-            let _ = JOBS.insert(&key, &fresh, 1);
+            // SAFETY: helper without preconditions.
+            let now = unsafe { bpf_ktime_get_ns() };
+            // SAFETY: `fresh` points to this CPU's scratch value; every field is written.
+            unsafe {
+                (*fresh) = JobState::default();
+                (*fresh).state = JOB_ACTIVE;
+                (*fresh).rule = rule;
+                (*fresh).window_start_ns = now;
+                (*fresh).first_ns = now;
+                (*fresh).uid = uid;
+                (*fresh).cgroup_id = bpf_get_current_cgroup_id();
+                if let Ok(comm) = bpf_get_current_comm() {
+                    (*fresh).comm = comm;
+                }
+                // BPF_NOEXIST: a racing CPU may have created it; either way look it up again.
+                let _ = JOBS.insert(&key, &*fresh, 1);
+            }
             // SAFETY: map value pointer valid for this run.
             match JOBS.get_ptr_mut(&key) {
                 Some(j) => j,
@@ -391,6 +414,12 @@ fn judge(d: &Deletion) -> Verdict {
             }
         }
     };
+    // SAFETY: pointer into the map value, valid for this run.
+    let rule = unsafe { (*job).rule } & (MAX_RULES - 1);
+    let Some(params) = RULES.get(slot * MAX_RULES + rule) else {
+        return Verdict::Allow;
+    };
+    let rule_audit = audit || params.flags & RULE_FLAG_AUDIT != 0;
     // `job` points into a map value that lives for this run; concurrent CPUs update its counters
     // only through atomics.
     // SAFETY: field addresses of a valid map value.
@@ -459,6 +488,13 @@ fn judge(d: &Deletion) -> Verdict {
     fetch_add(total_p, 1);
     // SAFETY: as above.
     let prev = unsafe { (*job).prev_count };
+    let estimate = sliding_estimate(n, prev, elapsed, params.window_ns);
+    // SAFETY: as above; a lost race only under-reports the peak by a little.
+    unsafe {
+        if estimate > (*job).peak {
+            (*job).peak = estimate;
+        }
+    }
     if !over_budget(n, prev, elapsed, params, allowance) {
         return Verdict::Allow;
     }
@@ -599,8 +635,9 @@ fn emit(d: &Deletion, r: &Report) {
         (*ev).data_dir_id = data_dir_id;
         (*ev).tgid = (pid_tgid >> 32) as u32;
         (*ev).pid = pid_tgid as u32;
-        (*ev).pgid = task_pid_of_type(&o, task, o.pidtype_pgid).unwrap_or(0);
-        (*ev).sid = task_pid_of_type(&o, task, o.pidtype_sid).unwrap_or(0);
+        let key = job_key(&o, task, (pid_tgid >> 32) as u32);
+        (*ev).pgid = key.pgid;
+        (*ev).sid = key.sid;
         (*ev).uid = bpf_get_current_uid_gid() as u32;
         (*ev).loginuid = kread(task, o.task_loginuid).unwrap_or(u32::MAX);
         (*ev).audit_session = kread(task, o.task_sessionid).unwrap_or(u32::MAX);
