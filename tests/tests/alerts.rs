@@ -519,8 +519,8 @@ fn a_hold_is_one_rfc5424_line_in_rsyslog_with_every_field() {
     assert_eq!(held["procid"], agent.pid().to_string());
     assert_eq!(held["hostname"], hostname());
     // local3 (19) and crit (2): someone must approve or deny.
-    assert_eq!(held["syslogfacility-text"], "local3");
-    assert_eq!(held["syslogseverity-text"], "crit");
+    assert_eq!(held["syslogfacility"], "19");
+    assert_eq!(held["syslogseverity"], "2");
     let msg = held["msg"].as_str().expect("msg");
     assert!(
         msg.trim_start()
@@ -575,6 +575,10 @@ fn a_hold_is_one_rfc5424_line_in_rsyslog_with_every_field() {
         f["session_class"].as_str()
     );
     assert_eq!(logged["incident"]["pgid"], job.pgid());
+    assert_eq!(
+        held["timereported"], logged["incident"]["time"],
+        "the event's own time"
+    );
 
     approve(&agent, id);
     assert!(
@@ -584,7 +588,7 @@ fn a_hold_is_one_rfc5424_line_in_rsyslog_with_every_field() {
     let approved = wait_for("the approved line", Duration::from_secs(10), || {
         rs.with_msgid("approved").pop()
     });
-    assert_eq!(approved["syslogseverity-text"], "notice");
+    assert_eq!(approved["syslogseverity"], "5", "notice");
     // `guardrail events` reads the same timeline back from the JSON log.
     let out = Command::new(guardrail_bin())
         .args(["events", "--log"])
@@ -619,7 +623,7 @@ fn agent_events_reach_rsyslog_over_udp() {
         rs.with_msgid("agent_started").pop()
     });
     assert_eq!(started["protocol-version"], "1");
-    assert_eq!(started["syslogseverity-text"], "info");
+    assert_eq!(started["syslogseverity"], "6", "info");
     let sd = parse_sd(started["structured-data"].as_str().expect("sd"));
     assert_eq!(sd["guardrail@32473"]["tier"], "tracepoint");
     assert!(agent.stop().expect("stops").success());
@@ -861,4 +865,41 @@ fn the_prometheus_parser_rejects_malformed_pages() {
     let s = parse_prometheus("# TYPE a gauge\na{x=\"q\\\"\\\\\",y=\"\"} 1.5\n").expect("parses");
     assert_eq!(s[0].labels["x"], "q\"\\");
     assert_eq!(s[0].value, 1.5);
+}
+
+#[test]
+fn events_follow_prints_lines_as_they_are_appended() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = dir.path().join("events.jsonl");
+    std::fs::write(&log, "").expect("create log");
+    let mut child = Command::new(guardrail_bin())
+        .args(["events", "--follow", "--log"])
+        .arg(&log)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("guardrail events --follow");
+    let line = r#"{"agent":{"time":"2024-05-01T03:00:00.000Z","host":"h2","kind":"policy_reloaded","message":"policy reloaded (SIGHUP)"}}"#;
+    // Written in two parts: a half-written line must not be printed half.
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&log)
+        .expect("open log");
+    f.write_all(&line.as_bytes()[..40]).expect("append");
+    std::thread::sleep(Duration::from_millis(400));
+    f.write_all(&line.as_bytes()[40..]).expect("append");
+    f.write_all(b"\n").expect("append");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut first = String::new();
+        let _ = std::io::BufReader::new(stdout).read_line(&mut first);
+        let _ = tx.send(first);
+    });
+    let got = rx.recv_timeout(Duration::from_secs(10));
+    stop_child(&mut child);
+    assert_eq!(
+        got.expect("a line within 10s"),
+        "2024-05-01T03:00:00.000Z h2 policy_reloaded: policy reloaded (SIGHUP)\n"
+    );
 }

@@ -26,6 +26,9 @@ const APT_PACKAGES: &[&str] = &[
     // Scenarios the tests replay.
     "python3",
     "findutils",
+    // The monitoring daemons the alert tests deliver to (tests/tests/alerts.rs).
+    "rsyslog",
+    "prometheus-alertmanager",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 

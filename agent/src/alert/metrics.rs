@@ -277,6 +277,7 @@ pub fn serve(addr: SocketAddr, metrics: Arc<Mutex<Metrics>>) -> Result<()> {
     std::thread::Builder::new()
         .name("metrics-http".into())
         .spawn(move || {
+            super::block_signals();
             for stream in listener.incoming().flatten() {
                 // One scraper at a time is plenty; a stuck client times out instead of holding
                 // the endpoint.

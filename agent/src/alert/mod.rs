@@ -261,7 +261,10 @@ impl Alerts {
             let m = metrics.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("alert-{name}"))
-                .spawn(move || run_worker(d, rx, m));
+                .spawn(move || {
+                    block_signals();
+                    run_worker(d, rx, m)
+                });
             match thread {
                 Ok(t) => workers.push(Worker {
                     name,
@@ -316,6 +319,13 @@ impl Drop for Alerts {
             }
         }
     }
+}
+
+/// The daemon takes SIGTERM, SIGINT and SIGHUP through a signalfd, blocking them only in its
+/// own thread; a thread of ours that left them unblocked would take SIGTERM's default action and
+/// end the agent without detaching. Every helper thread calls this first.
+pub fn block_signals() {
+    let _ = nix::sys::signal::SigSet::all().thread_block();
 }
 
 fn run_worker(mut d: Box<dyn Destination>, rx: Receiver<Arc<Record>>, m: Arc<Mutex<Metrics>>) {

@@ -4,7 +4,12 @@
 //! The formatting is ours (a `syslog::LogFormat` implementation) because the crate's RFC 5424
 //! formatter only takes a numeric MSGID and stamps the delivery time; an event carries the time it
 //! happened and its outcome as MSGID.
-use std::{fmt::Write as _, io::Write};
+use std::{
+    fmt::Write as _,
+    io::{BufWriter, Write},
+    net::TcpStream,
+    time::Duration,
+};
 
 use anyhow::{Context, Result, anyhow};
 use guardrail_policy::{RemoteSyslog, Syslog, SyslogFormat, Transport};
@@ -19,6 +24,7 @@ pub const SD_ID: &str = "guardrail@32473";
 /// Long command lines are cut so a line fits rsyslog's default 8 KiB message size.
 const MAX_VALUE: usize = 1024;
 const LOCAL_SOCKET: &str = "/dev/log";
+const TIMEOUT: Duration = Duration::from_secs(3);
 
 /// How a formatted message is laid out on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -283,7 +289,18 @@ impl SyslogDestination {
                         let local = if ipv6 { "[::]:0" } else { "0.0.0.0:0" };
                         syslog::udp(f, local, server)
                     }
-                    Transport::Tcp => syslog::tcp(f, server),
+                    // The crate's `tcp()` connects without a timeout: a collector that drops
+                    // packets would hold this thread for minutes. Its backend takes any stream.
+                    Transport::Tcp => {
+                        let addr = std::net::ToSocketAddrs::to_socket_addrs(&server)
+                            .with_context(|| format!("resolving {what}"))?
+                            .next()
+                            .with_context(|| format!("no address for {what}"))?;
+                        let stream = TcpStream::connect_timeout(&addr, TIMEOUT)
+                            .with_context(|| format!("connecting to {what}"))?;
+                        stream.set_write_timeout(Some(TIMEOUT))?;
+                        return Ok(Logger::new(LoggerBackend::Tcp(BufWriter::new(stream)), f));
+                    }
                 };
                 res.map_err(|e| anyhow!("{e}"))
                     .with_context(|| format!("connecting to {what}"))
