@@ -21,8 +21,9 @@ use crate::{
 };
 
 /// The stable event schema (documented in README.md, "Events"). Fields are only ever added (with
-/// a default, so older log lines still read), never renamed or removed.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// a default, so older log lines still read), never renamed or removed. `Default` lets code that
+/// builds an incident by hand (shutdown requests) end its literal with `..Default::default()`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Incident {
     pub id: u64,
     pub time: String,
@@ -190,6 +191,15 @@ impl Incident {
 
     /// What guardrail did, from the outcome (filled in when the daemon leaves it empty).
     pub fn action_for(&self) -> &'static str {
+        if self.is_shutdown() {
+            return match self.outcome.as_str() {
+                "refused" | "shutdown_refused" => "refuse",
+                "killed" => "block",
+                "confirmed" | "shutdown_confirmed" | "granted" => "approve",
+                "would_have_refused" => "audit",
+                _ => "allow",
+            };
+        }
         match self.outcome.as_str() {
             "held" => "hold",
             "killed" => "block",
@@ -202,6 +212,11 @@ impl Incident {
             "ended" => "close",
             _ => "none",
         }
+    }
+
+    /// A shutdown request (kinds `shutdown`, `shutdown_confirmation`), not a deletion.
+    pub fn is_shutdown(&self) -> bool {
+        self.kind.starts_with("shutdown")
     }
 
     pub fn session_text(&self) -> String {

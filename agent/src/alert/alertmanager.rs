@@ -96,9 +96,11 @@ impl AlertmanagerDestination {
 
 /// The alert name of an incident: what happened, whatever its later outcome.
 pub fn alertname(i: &Incident) -> &'static str {
+    if i.is_shutdown() {
+        return "GuardrailShutdownRequest";
+    }
     match (i.kind.as_str(), i.outcome.as_str()) {
         (_, "would_have_held" | "would_have_refused") => "GuardrailAuditWouldHaveStopped",
-        (_, "shutdown_refused" | "shutdown_confirmed") => "GuardrailShutdownRequest",
         (_, "killed") => "GuardrailJobKilled",
         ("budget_crossed", "refused") => "GuardrailJobBlocked",
         (_, "refused") => "GuardrailDeletionRefused",

@@ -85,6 +85,14 @@ impl Metrics {
                     self.tier = i.tier.clone();
                 }
                 let rule = i.rule.clone();
+                if i.is_shutdown() {
+                    match i.outcome.as_str() {
+                        "refused" | "killed" | "shutdown_refused" => self.shutdowns_refused += 1,
+                        "confirmed" | "shutdown_confirmed" => self.shutdowns_confirmed += 1,
+                        _ => {}
+                    }
+                    return;
+                }
                 match i.outcome.as_str() {
                     "held" | "killed" | "would_have_held" => {
                         *self.deletions_counted.entry(rule).or_default() += i.count;
@@ -436,6 +444,23 @@ mod tests {
         assert_eq!(s["guardrail_up"], 1.0);
         m.observe(&agent("agent_stopped"));
         assert_eq!(parse(&m.render())["guardrail_up"], 0.0);
+    }
+
+    #[test]
+    fn shutdown_requests_count_as_shutdowns_not_deletions() {
+        let mut m = Metrics::new();
+        let mut i = crate::alert::syslog::tests::sample();
+        i.kind = "shutdown".into();
+        i.rule = "shutdown".into();
+        for outcome in ["refused", "killed", "confirmed", "allowed"] {
+            i.outcome = outcome.into();
+            m.observe(&Record::Incident(Box::new(i.clone())));
+        }
+        let s = parse(&m.render());
+        assert_eq!(s["guardrail_shutdowns_refused_total"], 2.0);
+        assert_eq!(s["guardrail_shutdowns_confirmed_total"], 1.0);
+        assert!(!s.keys().any(|k| k.starts_with("guardrail_deletions_")));
+        assert_eq!(s["guardrail_holds_open"], 0.0);
     }
 
     #[test]

@@ -83,6 +83,8 @@ impl Record {
             Record::Incident(i) => match i.outcome.as_str() {
                 // Someone must act now (approve or deny), or a job was ended.
                 "held" | "killed" => Severity::Crit,
+                // A shutdown request that was let through is worth a line, not a page.
+                _ if i.is_shutdown() && i.outcome != "refused" => Severity::Notice,
                 "refused" | "shutdown_refused" | "timed_out" | "denied" => Severity::Warning,
                 _ => Severity::Notice,
             },
@@ -104,6 +106,17 @@ impl Record {
 }
 
 fn incident_summary(i: &Incident) -> String {
+    if i.is_shutdown() {
+        return format!(
+            "{} on {}: {} (user {}, {}). Incident {}",
+            i.outcome.replace('_', " "),
+            i.host,
+            i.reason,
+            i.user,
+            session_words(i),
+            i.id
+        );
+    }
     let who = format!("user {}, pgid {}, {}", i.user, i.pgid, session_words(i));
     match i.outcome.as_str() {
         "held" => format!(
@@ -162,6 +175,11 @@ fn incident_summary(i: &Incident) -> String {
 
 fn session_words(i: &Incident) -> String {
     let s = &i.session;
+    // Incidents built without the session object (by hand, or read from an older log) still
+    // name their session.
+    if s.class.is_empty() {
+        return i.session_text();
+    }
     let mut out = match s.class.as_str() {
         "remote" => match &s.remote_host {
             Some(h) => format!("remote session from {h}"),
