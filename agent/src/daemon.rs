@@ -111,7 +111,8 @@ pub fn run(args: AgentArgs) -> Result<()> {
     // programs running and no policy.
     sensor.install_policy(&policy.kernel)?;
     sensor.attach(tier)?;
-    let sink = events::Sink::new(&policy, args.event_log.clone(), &host)?;
+    let mut sink = events::Sink::new(&policy, args.event_log.clone(), &host)?;
+    sink.set_tier(&tier.to_string());
     let mut agent = Agent {
         host,
         tier,
@@ -357,6 +358,7 @@ impl Agent {
                     .find(|h| h.key.pgid == ev.pgid && h.key.sid == ev.sid)
                 {
                     h.incident.retries = ev.count;
+                    h.incident.last_path = inc.path.clone();
                 }
             }
             _ => {}

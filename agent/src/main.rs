@@ -1,4 +1,5 @@
 //! `guardrail`: the agent (`guardrail agent`) and the admin CLI that talks to it.
+mod alert;
 mod btf;
 mod daemon;
 mod events;
@@ -63,6 +64,8 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Read the event log (incidents and agent events).
+    Events(alert::cli::EventsArgs),
     /// Probe the kernel, prove the offsets, report the tier and its gaps.
     Selftest {
         #[arg(long)]
@@ -147,6 +150,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Deny { id } => cli_done(ipc::call(&socket, &ipc::Request::Deny { id })?),
         Command::Policy { command } => cli_policy(command),
         Command::Selftest { json } => selftest::run(json),
+        Command::Events(args) => alert::cli::run(args),
     }
 }
 

@@ -27,6 +27,9 @@ const APT_PACKAGES: &[&str] = &[
     "python3",
     "findutils",
     "bpftool",
+    // The monitoring daemons the alert tests deliver to (tests/tests/alerts.rs).
+    "rsyslog",
+    "prometheus-alertmanager",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
