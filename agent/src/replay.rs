@@ -147,11 +147,11 @@ pub fn run(events: &Path, policy: &LoadedPolicy, json: bool) -> Result<ExitCode>
             if let Ok(s) = serde_json::from_value::<JobSummary>(j.clone()) {
                 jobs.push(s);
             }
-        } else if let Some(i) = v.get("incident") {
-            if let Ok(inc) = serde_json::from_value::<Incident>(i.clone()) {
-                // The last record of an incident carries its final outcome.
-                incidents.insert(inc.id, inc);
-            }
+        } else if let Some(i) = v.get("incident")
+            && let Ok(inc) = serde_json::from_value::<Incident>(i.clone())
+        {
+            // The last record of an incident carries its final outcome.
+            incidents.insert(inc.id, inc);
         }
     }
     let mut out = Vec::new();
