@@ -53,6 +53,14 @@ pub struct AgentArgs {
     /// JSON lines event log (default from the policy's [alerts.event_log]).
     #[arg(long)]
     pub event_log: Option<PathBuf>,
+    /// bpffs directory where programs and job state are pinned, so that enforcement goes on
+    /// while the agent is down (crash, restart, upgrade) and the next agent adopts it.
+    #[arg(long, default_value = "/sys/fs/bpf/guardrail")]
+    pub pin_dir: PathBuf,
+    /// On SIGTERM, leave the programs pinned and enforcing (default: detach, unless systemd is
+    /// restarting this unit).
+    #[arg(long)]
+    pub keep_enforcing_when_stopped: bool,
 }
 
 struct Hold {
@@ -106,7 +114,8 @@ pub fn run(args: AgentArgs) -> Result<()> {
         );
     }
     let offsets = offsets.context("resolving kernel struct offsets from BTF")?;
-    let mut sensor = Sensor::new(&offsets)?;
+    let adopting = Sensor::had_pinned_state(&args.pin_dir);
+    let mut sensor = Sensor::with_pins(&offsets, Some(&args.pin_dir))?;
     // The policy is in the maps before any program is attached: there is no moment with
     // programs running and no policy.
     sensor.install_policy(&policy.kernel)?;
@@ -125,19 +134,120 @@ pub fn run(args: AgentArgs) -> Result<()> {
         sink,
     };
     agent.announce();
+    if adopting {
+        agent.adopt_holds();
+    }
     let socket = crate::ipc::socket_path(args.socket.as_deref());
     let result = agent.serve(&socket);
     let _ = std::fs::remove_file(&socket);
-    // Dropping the sensor detaches every program and frees the maps.
-    agent.sink.agent_event(
-        "agent_stopped",
-        "guardrail agent stopped; programs detached",
-    );
-    println!("guardrail: stopped; all programs detached");
+    if args.keep_enforcing_when_stopped || systemd_restart_pending() {
+        agent.sink.agent_event(
+            "agent_stopped",
+            "guardrail agent stopped; programs stay pinned and enforcing until the next agent adopts them",
+        );
+        println!(
+            "guardrail: stopped; programs stay pinned in {} and keep enforcing",
+            args.pin_dir.display()
+        );
+    } else {
+        agent.sensor.unpin_everything();
+        agent.sink.agent_event(
+            "agent_stopped",
+            "guardrail agent stopped; programs detached",
+        );
+        println!("guardrail: stopped; all programs detached");
+    }
     result
 }
 
+/// Whether systemd is restarting this unit (restart, try-restart, reload-or-restart: a package
+/// upgrade does this) rather than stopping it: a restart must leave no gap, a stop detaches.
+fn systemd_restart_pending() -> bool {
+    let Ok(cgroup) = std::fs::read_to_string("/proc/self/cgroup") else {
+        return false;
+    };
+    let Some(unit) = cgroup
+        .lines()
+        .filter_map(|l| l.rsplit('/').next())
+        .find(|c| c.ends_with(".service"))
+        .map(str::to_string)
+    else {
+        return false;
+    };
+    let Ok(out) = std::process::Command::new("systemctl")
+        .args(["list-jobs", "--no-legend", "--plain"])
+        .output()
+    else {
+        return false;
+    };
+    String::from_utf8_lossy(&out.stdout).lines().any(|l| {
+        let mut f = l.split_whitespace();
+        let _id = f.next();
+        f.next() == Some(unit.as_str()) && f.next().is_some_and(|t| t.contains("restart"))
+    })
+}
+
 impl Agent {
+    /// Holds left by a previous agent (crash, restart, upgrade) are open holds again: same
+    /// incident ids, the job still stopped, the kernel still refusing or re-stopping it.
+    fn adopt_holds(&mut self) {
+        let Ok(jobs) = self.sensor.jobs() else { return };
+        for (key, job) in jobs {
+            if job.state != JOB_HELD || !procinfo::pgid_alive(key.pgid) {
+                continue;
+            }
+            let end = job
+                .comm
+                .iter()
+                .position(|c| *c == 0)
+                .unwrap_or(job.comm.len());
+            let comm = String::from_utf8_lossy(&job.comm[..end]).into_owned();
+            let pid = procinfo::pids_in_group(key.pgid)
+                .first()
+                .copied()
+                .unwrap_or(key.pgid);
+            let inc = Incident {
+                id: job.incident,
+                time: events::now_rfc3339(),
+                host: self.host.clone(),
+                tier: self.tier.to_string(),
+                kind: "budget_crossed".into(),
+                rule: self.policy.rule_name(job.rule),
+                outcome: "held".into(),
+                reason: format!(
+                    "{} deletions outside the deletion targets (budget {}, rule {}); adopted from the previous agent",
+                    job.count,
+                    self.policy.rule_budget(job.rule),
+                    self.policy.rule_name(job.rule)
+                ),
+                pid,
+                pgid: key.pgid,
+                sid: key.sid,
+                uid: job.uid,
+                user: procinfo::user_name(job.uid),
+                command: procinfo::cmdline(pid).unwrap_or(comm.clone()),
+                comm,
+                count: job.count,
+                ..Default::default()
+            };
+            println!(
+                "guardrail: adopted open hold {} (pgid {})",
+                inc.id, key.pgid
+            );
+            procinfo::signal_job(key.pgid, Signal::SIGSTOP);
+            let timeout = self.policy.hold_timeout;
+            self.holds.insert(
+                inc.id,
+                Hold {
+                    incident: inc,
+                    key,
+                    since: Instant::now(),
+                    timeout,
+                },
+            );
+        }
+    }
+
     fn announce(&mut self) {
         println!("guardrail {} on {}", crate::VERSION, self.host);
         println!("guardrail: tier {} in force: {}", self.tier, self.why);

@@ -1,10 +1,15 @@
 //! The kernel side as one unit (Tetragon's sensors, bombini's detectors): the embedded BPF
 //! object, its maps and its programs are loaded, attached and torn down together.
+use std::path::{Path, PathBuf};
+
 use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, RingBuf},
-    programs::{Lsm, RawTracePoint, TracePoint},
+    programs::{
+        Lsm, RawTracePoint, TracePoint,
+        links::{FdLink, PinnedLink},
+    },
 };
 use guardrail_common::{
     CgroupKey, Config, DirKey, DirRule, ExeKey, JobKey, JobState, KernelOffsets, MAX_RULES,
@@ -65,8 +70,18 @@ pub struct KernelPolicy {
     pub uids: Vec<(u32, u32)>,
 }
 
+/// Maps whose contents must outlive one agent process: job counters and holds, the incident
+/// counter, and the executable tags of running processes.
+pub const PINNED_MAPS: &[&str] = &["JOBS", "INCIDENTS", "TASK_RULE"];
+
 pub struct Sensor {
     ebpf: Ebpf,
+    /// Links taken out of aya's management: dropping one detaches its program, unless it is
+    /// pinned.
+    links: Vec<(&'static str, FdLink)>,
+    /// Where links and state maps are pinned (None: everything goes when the agent goes).
+    pin_dir: Option<PathBuf>,
+    pinned: Vec<PinnedLink>,
     active_slot: u32,
     attached: Vec<&'static str>,
     /// Kernel ids of the attached programs (what `bpftool prog show id N` knows them by).
@@ -75,21 +90,65 @@ pub struct Sensor {
 
 /// Loads the object with this kernel's offsets, creating (not attaching) everything.
 pub fn load(offsets: &KernelOffsets) -> Result<Ebpf> {
+    load_pinned(offsets, None)
+}
+
+/// Loads the object; with `pin_dir`, the state maps are reused from (or pinned to)
+/// `pin_dir/maps/NAME`, so a restarted agent carries on with the same counters and holds.
+fn load_pinned(offsets: &KernelOffsets, pin_dir: Option<&Path>) -> Result<Ebpf> {
     if BPF_OBJECT.is_empty() {
         bail!(
             "this guardrail binary was built without its kernel programs (run `cargo xtask setup`, then rebuild)"
         );
     }
-    EbpfLoader::new()
-        .override_global("OFFSETS", offsets, true)
-        .load(BPF_OBJECT)
-        .context("loading the embedded BPF object")
+    let mut loader = EbpfLoader::new();
+    loader.override_global("OFFSETS", offsets, true);
+    let paths: Vec<(&str, PathBuf)> = match pin_dir {
+        Some(dir) => PINNED_MAPS
+            .iter()
+            .map(|m| (*m, dir.join("maps").join(m)))
+            .collect(),
+        None => Vec::new(),
+    };
+    if let Some(dir) = pin_dir {
+        std::fs::create_dir_all(dir.join("maps"))
+            .with_context(|| format!("creating {}", dir.join("maps").display()))?;
+    }
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    match loader.load(BPF_OBJECT) {
+        Ok(e) => Ok(e),
+        Err(first) if !paths.is_empty() => {
+            // Pinned maps of an incompatible older version: start afresh rather than not at all.
+            eprintln!(
+                "guardrail: pinned state in {} is unusable ({first}); starting afresh",
+                paths[0].1.display()
+            );
+            for (_, path) in &paths {
+                let _ = std::fs::remove_file(path);
+            }
+            loader
+                .load(BPF_OBJECT)
+                .context("loading the embedded BPF object")
+        }
+        Err(e) => Err(e).context("loading the embedded BPF object"),
+    }
 }
 
 impl Sensor {
     pub fn new(offsets: &KernelOffsets) -> Result<Self> {
+        Self::with_pins(offsets, None)
+    }
+
+    /// A sensor whose state maps and links live in `pin_dir` (bpffs), so that enforcement goes on
+    /// while no agent runs and the next agent adopts it.
+    pub fn with_pins(offsets: &KernelOffsets, pin_dir: Option<&Path>) -> Result<Self> {
         Ok(Sensor {
-            ebpf: load(offsets)?,
+            ebpf: load_pinned(offsets, pin_dir)?,
+            links: Vec::new(),
+            pin_dir: pin_dir.map(Path::to_path_buf),
+            pinned: Vec::new(),
             active_slot: 0,
             attached: Vec::new(),
             ids: Vec::new(),
@@ -101,9 +160,11 @@ impl Sensor {
         for (prog, tp) in RAW_TRACEPOINT_PROGRAMS {
             let p: &mut RawTracePoint = self.program(prog)?.try_into()?;
             p.load().with_context(|| format!("loading {prog}"))?;
-            p.attach(tp)
+            let id = p
+                .attach(tp)
                 .with_context(|| format!("attaching {prog} to raw tracepoint {tp}"))?;
-            self.record_attached(prog);
+            let link = FdLink::from(p.take_link(id)?);
+            self.record_attached(prog, link);
         }
         match tier {
             Tier::Lsm => {
@@ -112,31 +173,89 @@ impl Sensor {
                     let p: &mut Lsm = self.program(prog)?.try_into()?;
                     p.load(hook, &btf)
                         .with_context(|| format!("loading LSM program {prog}"))?;
-                    p.attach()
+                    let id = p
+                        .attach()
                         .with_context(|| format!("attaching LSM program {prog}"))?;
-                    self.record_attached(prog);
+                    let link = FdLink::from(p.take_link(id)?);
+                    self.record_attached(prog, link);
                 }
             }
             Tier::Tracepoint => {
                 for (prog, cat, name) in TRACEPOINT_PROGRAMS {
                     let p: &mut TracePoint = self.program(prog)?.try_into()?;
                     p.load().with_context(|| format!("loading {prog}"))?;
-                    p.attach(cat, name)
+                    let id = p
+                        .attach(cat, name)
                         .with_context(|| format!("attaching {prog} to {cat}/{name}"))?;
-                    self.record_attached(prog);
+                    let link = FdLink::try_from(p.take_link(id)?).with_context(|| {
+                        format!("{prog}: the kernel gave no bpf_link (needs >= 5.15)")
+                    })?;
+                    self.record_attached(prog, link);
                 }
                 // io_uring requests never pass the syscall tracepoints.
                 if crate::btf::io_uring_opcode_offset().is_some() {
                     let p: &mut TracePoint = self.program("io_uring_submit_req")?.try_into()?;
                     p.load().context("loading io_uring_submit_req")?;
-                    p.attach("io_uring", "io_uring_submit_req")
+                    let id = p
+                        .attach("io_uring", "io_uring_submit_req")
                         .context("attaching io_uring_submit_req")?;
-                    self.record_attached("io_uring_submit_req");
+                    let link = FdLink::try_from(p.take_link(id)?)
+                        .context("io_uring_submit_req: the kernel gave no bpf_link")?;
+                    self.record_attached("io_uring_submit_req", link);
                 }
             }
             Tier::Userspace => {}
         }
+        self.pin_links()
+    }
+
+    /// Pins the new links, then unpins (detaches) the previous agent's: both run for a moment,
+    /// so there is never a moment with none (a deletion in that moment may be counted twice).
+    fn pin_links(&mut self) -> Result<()> {
+        let Some(dir) = self.pin_dir.clone() else {
+            return Ok(());
+        };
+        // bpffs refuses names with a dot.
+        let fresh = dir.join("links_new");
+        let current = dir.join("links");
+        let _ = std::fs::remove_dir_all(&fresh);
+        std::fs::create_dir_all(&fresh).with_context(|| format!("creating {}", fresh.display()))?;
+        for (name, link) in self.links.drain(..) {
+            let path = fresh.join(name);
+            let pinned = link
+                .pin(&path)
+                .with_context(|| format!("pinning {name} at {}", path.display()))?;
+            self.pinned.push(pinned);
+        }
+        let adopted = unpin_all(&current);
+        if adopted > 0 {
+            println!("guardrail: replaced {adopted} programs left pinned by the previous agent");
+        }
+        std::fs::rename(&fresh, &current)
+            .with_context(|| format!("renaming {} to {}", fresh.display(), current.display()))?;
+        // The pins now live under links/; dropping our handles leaves them attached.
+        self.pinned.clear();
         Ok(())
+    }
+
+    /// Whether a previous agent left pinned state here (its holds are adopted).
+    pub fn had_pinned_state(dir: &Path) -> bool {
+        dir.join("links").is_dir()
+    }
+
+    /// Detaches everything and removes the pins: what `systemctl stop` means.
+    pub fn unpin_everything(&mut self) {
+        let Some(dir) = self.pin_dir.take() else {
+            return;
+        };
+        self.pinned.clear();
+        unpin_all(&dir.join("links"));
+        let _ = std::fs::remove_dir(dir.join("links"));
+        for m in PINNED_MAPS {
+            let _ = std::fs::remove_file(dir.join("maps").join(m));
+        }
+        let _ = std::fs::remove_dir(dir.join("maps"));
+        let _ = std::fs::remove_dir(&dir);
     }
 
     pub fn attached(&self) -> &[&'static str] {
@@ -147,7 +266,8 @@ impl Sensor {
         &self.ids
     }
 
-    fn record_attached(&mut self, prog: &'static str) {
+    fn record_attached(&mut self, prog: &'static str, link: FdLink) {
+        self.links.push((prog, link));
         self.attached.push(prog);
         if let Some(id) = self
             .ebpf
@@ -353,4 +473,25 @@ pub fn selftest_answer(ebpf: &mut Ebpf) -> Result<SelftestAnswer> {
     let ans: Array<_, SelftestAnswer> =
         Array::try_from(ebpf.map("SELFTEST").ok_or_else(|| anyhow!("no SELFTEST"))?)?;
     Ok(ans.get(&0, 0)?)
+}
+
+/// Unpins every link pinned in `dir`, detaching its program; returns how many.
+fn unpin_all(dir: &Path) -> usize {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut n = 0;
+    for entry in rd.flatten() {
+        match PinnedLink::from_pin(entry.path()) {
+            Ok(link) => {
+                if link.unpin().is_ok() {
+                    n += 1;
+                }
+            }
+            Err(_) => {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+    n
 }

@@ -79,6 +79,14 @@ impl Agent {
         std::fs::write(&policy, policy_text)?;
         let socket = dir.path().join("guardrail.sock");
         let event_log = dir.path().join("events.jsonl");
+        // Each test agent pins into a bpffs directory of its own, unless the test chooses one
+        // (to restart an agent on the same pins).
+        let own_pins = unique_pin_dir();
+        let pin_args: Vec<&std::ffi::OsStr> = if extra.contains(&"--pin-dir") {
+            Vec::new()
+        } else {
+            vec!["--pin-dir".as_ref(), own_pins.as_os_str()]
+        };
         let mut child = Command::new(guardrail_bin())
             .arg("agent")
             .arg("--policy")
@@ -88,6 +96,7 @@ impl Agent {
             .arg("--event-log")
             .arg(&event_log)
             .args(extra)
+            .args(&pin_args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -140,6 +149,12 @@ impl Agent {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// SIGKILL: an agent crash. Whatever it pinned stays behind.
+    pub fn crash(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     pub fn log(&self) -> String {
@@ -226,6 +241,16 @@ impl Drop for Agent {
             let _ = self.child.wait();
         }
     }
+}
+
+/// A bpffs path no other agent uses.
+pub fn unique_pin_dir() -> PathBuf {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    PathBuf::from(format!(
+        "/sys/fs/bpf/guardrail-test-{}-{n}",
+        std::process::id()
+    ))
 }
 
 /// A scratch directory for one scenario.

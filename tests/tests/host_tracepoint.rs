@@ -301,3 +301,80 @@ fn kill_cont_of_a_held_job_is_stopped_again() {
     assert_eq!(holds.len(), 1, "the hold stays open");
     assert_eq!(holds[0]["id"].as_u64(), Some(id));
 }
+
+#[test]
+fn a_crashed_agents_hold_survives_and_the_next_agent_adopts_it() {
+    require_root();
+    let _k = kernel_lock();
+    let s = scratch();
+    let target = s.path().join("target");
+    std::fs::create_dir_all(&target).expect("mkdir");
+    let cg = TestCgroup::new();
+    let text = policy(BUDGET, &[&target], &[], &cg);
+    let pins = unique_pin_dir();
+    let pins_arg = pins.display().to_string();
+    let first = Agent::start_with(&text, &["--pin-dir", &pins_arg]).expect("first agent");
+    let victim = s.path().join("victim");
+    fill(&victim, 2000);
+    let mut job = Job::spawn_in("rm -rf victim", s.path(), Some(&cg));
+    let id = first.wait_hold(Duration::from_secs(60)).expect("held");
+    let at_hold = settle(&victim, Duration::from_millis(500));
+    first.crash();
+
+    // No agent runs: the pinned programs keep enforcing. Resumed without approval, the job is
+    // stopped again by the kernel.
+    nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(job.pgid() as i32),
+        nix::sys::signal::Signal::SIGCONT,
+    )
+    .expect("SIGCONT");
+    std::thread::sleep(Duration::from_millis(300));
+    // The deleting process is stopped again by the kernel (its shell merely waits for it: with
+    // no agent running, nobody re-stops the rest of the group).
+    let rm_stopped = || {
+        pids_in_group(job.pgid()).iter().any(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+            stat.contains("(rm) T")
+        })
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), rm_stopped),
+        "the pinned programs stopped rm again"
+    );
+    let after = settle(&victim, Duration::from_millis(500));
+    assert!(
+        at_hold - after <= 1,
+        "{} files deleted while no agent ran",
+        at_hold - after
+    );
+
+    // The next agent adopts the hold: same incident id; approve lets the job finish.
+    let second = Agent::start_with(&text, &["--pin-dir", &pins_arg]).expect("second agent");
+    assert!(
+        second.saw(&format!("adopted open hold {id}")),
+        "the hold is adopted:\n{}",
+        second.log()
+    );
+    assert_eq!(
+        second.holds().first().and_then(|h| h["id"].as_u64()),
+        Some(id)
+    );
+    let out = second.cli(&["approve", &id.to_string(), "--for-job"]);
+    assert!(
+        out.status.success(),
+        "approve: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        job.wait(Duration::from_secs(60)).is_some(),
+        "the approved job finishes"
+    );
+    assert_eq!(count_files(&victim), 0);
+    let status = second.stop().expect("stops");
+    assert!(status.success());
+    assert!(
+        !pins.exists(),
+        "a stop (not a restart) removes the pins: {}",
+        pins.display()
+    );
+}
