@@ -117,6 +117,13 @@ enum PolicyCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Agent(_)) {
+        // The admin commands behave like other Unix tools in a pipeline (`guardrail holds | head`):
+        // a closed pipe ends them quietly instead of a panic on the next print. The daemon keeps
+        // Rust's default (EPIPE as an error) for its sockets.
+        // SAFETY: setting a signal disposition before any thread exists.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

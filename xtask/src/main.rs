@@ -2,6 +2,7 @@
 //!
 //! Everything a fresh Debian 12 machine needs is installed here, idempotently: Debian's packages,
 //! bpf-linker from crates.io, and the test VM's kernel. Nothing installed by hand is assumed.
+mod bench;
 mod vm;
 
 use std::{
@@ -62,6 +63,8 @@ enum Task {
     },
     /// Run only the VM (LSM tier) tests.
     Vm(vm::VmCli),
+    /// Measure what guardrail costs (side by side, ratios) and write BENCHMARKS.md.
+    Bench,
 }
 
 fn root() -> PathBuf {
@@ -184,6 +187,11 @@ fn main() -> Result<()> {
             Err(err).with_context(|| format!("executing {}", bin.display()))
         }
         Task::Test { no_vm, filter } => test(no_vm, filter),
+        Task::Bench => {
+            setup()?;
+            let bin = build_release()?;
+            bench::run(&bin, &root().join("BENCHMARKS.md"))
+        }
         Task::Vm(args) => {
             setup()?;
             let bin = build_release()?;
@@ -206,6 +214,12 @@ fn vm_binaries(agent: &Path) -> Vec<PathBuf> {
     let testkit = dir.join("guardrail-testkit");
     if testkit.exists() {
         v.push(testkit);
+    }
+    // GNU find for `find -delete` (busybox's find has no -delete), under a name no busybox applet
+    // takes.
+    let gnu_find = dir.join("gnu-find");
+    if std::fs::copy("/usr/bin/find", &gnu_find).is_ok() {
+        v.push(gnu_find);
     }
     v
 }
