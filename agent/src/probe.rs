@@ -55,8 +55,15 @@ impl Tier {
                 "reboot(2) cannot be stopped",
             ],
             Tier::Userspace => &[
-                "no kernel enforcement: deletions are seen after they happen and the job is stopped from userspace",
-                "the blast radius past the budget depends on scheduling (see `guardrail selftest`)",
+                "cannot refuse anything: deletions are seen after they happen (fanotify; inotify where fanotify is unavailable) and the job is stopped by the agent from userspace",
+                "files past the budget before the stop lands depend on the agent's read latency and scheduling: measured by `guardrail selftest` on this host (tested bound: 500 with fanotify, 2000 with inotify)",
+                "a process that exits before the agent reads its deletions (one short-lived `rm` per file) is attributed by a guess (a live process holding the directory) or to an unknown job that is never stopped",
+                "inotify names no process: every deletion counts for one unknown job under the default rule, only below the watched directories, and at its crossing only a job holding the directory open is stopped (as a guess)",
+                "a directory deleted before the agent reads its events has no known ancestors: those deletions count against the budget even inside a target",
+                "protected roots are noticed only where their path is found (mount points, top-level directories, watched roots); deleting one is reported and the job stopped after the fact",
+                "a rename counts whenever its destination is outside scope; overwrites in place are not seen",
+                "the sliding window is timed when the agent reads an event, not when the deletion happened",
+                "reboot(2) cannot be stopped",
             ],
         }
     }
