@@ -56,7 +56,7 @@ impl Tier {
             ],
             Tier::Userspace => &[
                 "cannot refuse anything: deletions are seen after they happen (fanotify; inotify where fanotify is unavailable) and the job is stopped by the agent from userspace",
-                "files past the budget before the stop lands depend on the agent's read latency and scheduling: measured by `guardrail selftest` on this host (tested bound: 500 with fanotify, 2000 with inotify)",
+                "files past the budget before the stop lands depend on the agent's read latency and scheduling: measured by `guardrail selftest` on this host (no bound is promised yet)",
                 "a process that exits before the agent reads its deletions (one short-lived `rm` per file) is attributed by a guess (a live process holding the directory) or to an unknown job that is never stopped",
                 "inotify names no process: every deletion counts for one unknown job under the default rule, only below the watched directories, and at its crossing only a job holding the directory open is stopped (as a guess)",
                 "a directory deleted before the agent reads its events has no known ancestors: those deletions count against the budget even inside a target",
