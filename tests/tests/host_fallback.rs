@@ -17,9 +17,10 @@ use guardrail_integration::*;
 
 const BUDGET: u64 = 100;
 const FILES: usize = 10_000;
-/// What the docs promise for fanotify (README, `Tier::Userspace` gaps): at most this many files
-/// past the budget before the stop lands, on an idle-to-busy 2-core host. Measured 1-40 here
-/// (see the report printed by each test); the margin covers a loaded machine.
+/// Provisional bound for fanotify, not yet promised in the docs: debug builds on the shared 2-core
+/// host measured 94-193 before directory handles resolved (EBADF on an O_PATH mount fd) and
+/// 2900-3300 after (every other job's directories on the root filesystem are now resolved on
+/// the same thread). To be set from release-build measurements once that cost is cut.
 const FANOTIFY_PROMISE: u64 = 500;
 /// inotify attributes by guess at the crossing (a /proc scan), so its stop lands later.
 const INOTIFY_PROMISE: u64 = 2000;
