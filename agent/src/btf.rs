@@ -129,7 +129,7 @@ pub fn resolve_offsets(path: &Path) -> Result<KernelOffsets> {
         mm_exe_file: o("mm_struct", "exe_file")?,
         io_uring_opcode: 0,
         valid: 1,
-        _pad: 0,
+        task_flags: o("task_struct", "flags")?,
     })
 }
 

@@ -21,10 +21,9 @@ use guardrail_common::{
 use nix::{
     poll::{PollFd, PollFlags, PollTimeout, poll},
     sys::{
-        signal::{SigSet, Signal, killpg},
+        signal::{SigSet, Signal},
         signalfd::{SfdFlags, SignalFd},
     },
-    unistd::Pid,
 };
 
 use crate::{
@@ -112,7 +111,8 @@ pub fn run(args: AgentArgs) -> Result<()> {
     // programs running and no policy.
     sensor.install_policy(&policy.kernel)?;
     sensor.attach(tier)?;
-    let sink = events::Sink::new(&policy, args.event_log.clone(), &host)?;
+    let mut sink = events::Sink::new(&policy, args.event_log.clone(), &host)?;
+    sink.set_tier(&tier.to_string());
     let mut agent = Agent {
         host,
         tier,
@@ -153,6 +153,13 @@ impl Agent {
             println!("{w}");
         }
         println!("guardrail: attached {}", self.sensor.attached().join(", "));
+        let ids: Vec<String> = self
+            .sensor
+            .attached_ids()
+            .iter()
+            .map(u32::to_string)
+            .collect();
+        println!("guardrail: program ids {}", ids.join(" "));
         self.sink.agent_event(
             "agent_started",
             &format!("guardrail agent started, tier {} ({})", self.tier, self.why),
@@ -344,13 +351,14 @@ impl Agent {
             EV_HELD_RETRY => {
                 // A held job was resumed without approval and tried again: the kernel re-stopped
                 // the task, we re-stop the whole job.
-                let _ = killpg(Pid::from_raw(ev.pgid as i32), Signal::SIGSTOP);
+                procinfo::signal_job(ev.pgid, Signal::SIGSTOP);
                 if let Some(h) = self
                     .holds
                     .values_mut()
                     .find(|h| h.key.pgid == ev.pgid && h.key.sid == ev.sid)
                 {
                     h.incident.retries = ev.count;
+                    h.incident.last_path = inc.path.clone();
                 }
             }
             _ => {}
@@ -372,7 +380,7 @@ impl Agent {
 
     fn hold(&mut self, inc: Incident, key: JobKey) {
         // Stop the whole job, not only the task the kernel signalled.
-        let _ = killpg(Pid::from_raw(key.pgid as i32), Signal::SIGSTOP);
+        procinfo::signal_job(key.pgid, Signal::SIGSTOP);
         let timeout = self.policy.hold_timeout;
         let msg = format!(
             "\r\nguardrail: held job \"{}\" on {}: {}. Incident {}.\r\n  To let it continue: guardrail approve {}\r\n  To end it:          guardrail deny {}\r\n",
@@ -407,9 +415,21 @@ impl Agent {
         }
         // Jobs whose process group is gone: forget them, so a recycled pgid starts afresh.
         if let Ok(jobs) = self.sensor.jobs() {
-            for (key, _) in jobs {
+            let now = crate::replay::ktime_ns();
+            for (key, job) in jobs {
                 if !procinfo::pgid_alive(key.pgid) && !self.holds.values().any(|h| h.key == key) {
                     let _ = self.sensor.remove_job(&key);
+                    // One summary per job that deleted outside scope, for `policy test`.
+                    if job.total >= crate::replay::SUMMARY_MIN_DELETIONS {
+                        let summary = crate::replay::JobSummary::new(
+                            &key,
+                            &job,
+                            &self.host,
+                            &self.policy,
+                            now,
+                        );
+                        self.sink.record("job", &summary);
+                    }
                 }
             }
         }
@@ -449,7 +469,7 @@ impl Agent {
         job.incident = 0;
         job.state = JOB_ACTIVE;
         self.sensor.set_job(&h.key, &job)?;
-        let _ = killpg(Pid::from_raw(h.key.pgid as i32), Signal::SIGCONT);
+        procinfo::signal_job(h.key.pgid, Signal::SIGCONT);
         let mut inc = h.incident;
         inc.outcome = "approved".into();
         inc.decided_by = Some(by);
@@ -472,13 +492,12 @@ impl Agent {
         let mut job = self.sensor.job(&h.key)?.unwrap_or_default();
         job.state = JOB_DENIED;
         self.sensor.set_job(&h.key, &job)?;
-        let pg = Pid::from_raw(h.key.pgid as i32);
         let kill_it = self.policy.deny_kills || self.tier != Tier::Lsm;
         if kill_it {
-            let _ = killpg(pg, Signal::SIGKILL);
+            procinfo::signal_job(h.key.pgid, Signal::SIGKILL);
         } else {
             // Keep refusing in the kernel while it runs on.
-            let _ = killpg(pg, Signal::SIGCONT);
+            procinfo::signal_job(h.key.pgid, Signal::SIGCONT);
         }
         let mut inc = h.incident;
         inc.outcome = outcome.into();

@@ -4,7 +4,6 @@ use std::{
     fs::{File, OpenOptions},
     io::Write,
     path::PathBuf,
-    time::{SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::Result;
@@ -14,10 +13,17 @@ use guardrail_common::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::{policy_glue::LoadedPolicy, probe::Tier, procinfo};
+use crate::{
+    alert::{self, AgentEvent, Record, session::Session},
+    policy_glue::LoadedPolicy,
+    probe::Tier,
+    procinfo,
+};
 
-/// The stable event schema (documented in README.md, "Events").
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// The stable event schema (documented in README.md, "Events"). Fields are only ever added (with
+/// a default, so older log lines still read), never renamed or removed. `Default` lets code that
+/// builds an incident by hand (shutdown requests) end its literal with `..Default::default()`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Incident {
     pub id: u64,
     pub time: String,
@@ -47,6 +53,29 @@ pub struct Incident {
     pub decided_by_text: Option<String>,
     /// What the tier in force cannot do, so nobody reads more into the incident than it says.
     pub tier_gaps: Vec<String>,
+    /// What guardrail did: hold | block | refuse | audit (compute, stop nothing) | approve |
+    /// deny | timeout | close.
+    #[serde(default)]
+    pub action: String,
+    /// The job's processes when the event was made.
+    #[serde(default)]
+    pub pids: Vec<u32>,
+    /// The systemd unit (service or scope) of the process that crossed.
+    #[serde(default)]
+    pub unit: Option<String>,
+    #[serde(default)]
+    pub executable: Option<String>,
+    #[serde(default)]
+    pub session: Session,
+    /// The rule's budget of deletions outside its targets per window.
+    #[serde(default)]
+    pub budget: u64,
+    /// The path of the deletion that made the incident, and of the latest one seen since
+    /// (a held job that tried again).
+    #[serde(default)]
+    pub first_path: String,
+    #[serde(default)]
+    pub last_path: String,
 }
 
 fn cstr(b: &[u8]) -> String {
@@ -55,29 +84,7 @@ fn cstr(b: &[u8]) -> String {
 }
 
 pub fn now_rfc3339() -> String {
-    let d = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    let secs = d.as_secs() as i64;
-    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
-    // Civil date from days since the epoch (Howard Hinnant's algorithm).
-    let z = days + 719468;
-    let era = z.div_euclid(146097);
-    let doe = z - era * 146097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = if month <= 2 { y + 1 } else { y };
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60,
-        d.subsec_millis()
-    )
+    alert::timefmt::format_rfc3339(alert::timefmt::now_ms())
 }
 
 impl Incident {
@@ -135,6 +142,9 @@ impl Incident {
         };
         let command = procinfo::cmdline(ev.tgid).unwrap_or_else(|| cstr(&ev.comm));
         let none_if_unset = |v: u32| if v == u32::MAX { None } else { Some(v) };
+        let tty = procinfo::tty_name(ev.tgid);
+        let session =
+            alert::session::classify(ev.tgid, none_if_unset(ev.audit_session), tty.clone());
         Incident {
             id: ev.incident,
             time: now_rfc3339(),
@@ -159,14 +169,54 @@ impl Incident {
             cgroup_id: ev.cgroup_id,
             audit_session: none_if_unset(ev.audit_session),
             loginuid: none_if_unset(ev.loginuid),
-            tty: procinfo::tty_name(ev.tgid),
+            tty,
             count: ev.count,
+            first_path: path.clone(),
+            last_path: path.clone(),
             path,
             retries: 0,
             decided_by: None,
             decided_by_text: None,
             tier_gaps: tier.gaps().iter().map(|s| s.to_string()).collect(),
+            action: String::new(),
+            pids: procinfo::pids_in_group(ev.pgid),
+            unit: unit_of(ev.tgid),
+            executable: std::fs::read_link(format!("/proc/{}/exe", ev.tgid))
+                .ok()
+                .map(|p| p.display().to_string()),
+            session,
+            budget: policy.rule_budget(ev.rule),
         }
+    }
+
+    /// What guardrail did, from the outcome (filled in when the daemon leaves it empty).
+    pub fn action_for(&self) -> &'static str {
+        if self.is_shutdown() {
+            return match self.outcome.as_str() {
+                "refused" | "shutdown_refused" => "refuse",
+                "killed" => "block",
+                "confirmed" | "shutdown_confirmed" | "granted" => "approve",
+                "would_have_refused" => "audit",
+                _ => "allow",
+            };
+        }
+        match self.outcome.as_str() {
+            "held" => "hold",
+            "killed" => "block",
+            "refused" if self.kind == "budget_crossed" => "block",
+            "refused" | "shutdown_refused" => "refuse",
+            "would_have_held" | "would_have_refused" => "audit",
+            "approved" | "shutdown_confirmed" => "approve",
+            "denied" => "deny",
+            "timed_out" => "timeout",
+            "ended" => "close",
+            _ => "none",
+        }
+    }
+
+    /// A shutdown request (kinds `shutdown`, `shutdown_confirmation`), not a deletion.
+    pub fn is_shutdown(&self) -> bool {
+        self.kind.starts_with("shutdown")
     }
 
     pub fn session_text(&self) -> String {
@@ -194,19 +244,23 @@ impl Incident {
     }
 }
 
-/// Where incidents go. Delivery never blocks the kernel: the kernel has already decided.
+/// The systemd unit of a process: the last `.service` or `.scope` in its cgroup path.
+fn unit_of(pid: u32) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let path = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    path.rsplit('/')
+        .find(|c| c.ends_with(".service") || c.ends_with(".scope"))
+        .map(str::to_string)
+}
+
+/// Where incidents go: stdout, the JSON lines event log, and the forwarding destinations
+/// (`alert`). Delivery never blocks the kernel: the kernel has already decided.
 pub struct Sink {
     log_path: PathBuf,
     log: Option<File>,
     host: String,
-}
-
-#[derive(Serialize)]
-struct AgentRecord<'a> {
-    time: String,
-    host: &'a str,
-    kind: &'a str,
-    message: &'a str,
+    tier: String,
+    alerts: alert::Alerts,
 }
 
 impl Sink {
@@ -216,6 +270,8 @@ impl Sink {
             log_path,
             log: None,
             host: host.to_string(),
+            tier: String::new(),
+            alerts: alert::Alerts::start(&policy.policy.alerts),
         };
         s.reopen();
         Ok(s)
@@ -247,22 +303,110 @@ impl Sink {
         }
     }
 
+    /// The tier in force, for agent events and the `guardrail_tier` gauge.
+    pub fn set_tier(&mut self, tier: &str) {
+        self.tier = tier.to_string();
+        self.alerts.set_tier(tier);
+    }
+
     pub fn incident(&mut self, inc: &Incident) {
         println!("guardrail: {}", inc.one_line());
-        if let Ok(json) = serde_json::to_string(&serde_json::json!({ "incident": inc })) {
+        let mut inc = inc.clone();
+        if inc.action.is_empty() {
+            inc.action = inc.action_for().to_string();
+        }
+        let rec = Record::Incident(Box::new(inc));
+        if let Ok(json) = serde_json::to_string(&rec) {
+            self.write_line(&json);
+        }
+        self.alerts.send(rec);
+    }
+
+    /// Any other record of the event log, as `{"<key>": value}` (job summaries).
+    pub fn record<T: Serialize>(&mut self, key: &str, value: &T) {
+        if let Ok(json) = serde_json::to_string(&serde_json::json!({ key: value })) {
             self.write_line(&json);
         }
     }
 
     pub fn agent_event(&mut self, kind: &str, message: &str) {
-        let rec = AgentRecord {
+        let rec = Record::Agent(AgentEvent {
             time: now_rfc3339(),
-            host: &self.host,
-            kind,
-            message,
-        };
-        if let Ok(json) = serde_json::to_string(&serde_json::json!({ "agent": rec })) {
+            host: self.host.clone(),
+            kind: kind.to_string(),
+            message: message.to_string(),
+            tier: self.tier.clone(),
+        });
+        if let Ok(json) = serde_json::to_string(&rec) {
             self.write_line(&json);
         }
+        self.alerts.send(rec);
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// An incident as a hold on a remote session makes it, for the formatter tests.
+    pub(crate) fn sample_incident() -> Incident {
+        Incident {
+            id: 7,
+            time: "2024-05-01T03:00:00.123Z".into(),
+            host: "db-prod-1".into(),
+            tier: "tracepoint".into(),
+            kind: "budget_crossed".into(),
+            rule: "default".into(),
+            outcome: String::new(),
+            reason:
+                "101 deletions outside the deletion targets within 1m (budget 100, rule default)"
+                    .into(),
+            op: "unlink".into(),
+            pid: 1240,
+            pgid: 1234,
+            sid: 1200,
+            uid: 1000,
+            user: "alice".into(),
+            command: "rm -rf \"x\" y]".into(),
+            comm: "rm".into(),
+            cgroup_id: 42,
+            audit_session: Some(3),
+            loginuid: Some(1000),
+            tty: Some("pts/1".into()),
+            count: 101,
+            path: "/srv/www/x/f00100".into(),
+            retries: 0,
+            decided_by: None,
+            decided_by_text: None,
+            tier_gaps: vec![],
+            action: String::new(),
+            pids: vec![1234, 1240],
+            unit: Some("session-3.scope".into()),
+            executable: Some("/usr/bin/rm".into()),
+            session: Session {
+                id: Some(3),
+                class: "remote".into(),
+                remote_host: Some("10.0.0.5".into()),
+                tty: Some("pts/1".into()),
+                service: Some("sshd".into()),
+            },
+            budget: 100,
+            first_path: "/srv/www/x/f00100".into(),
+            last_path: "/srv/www/x/f00100".into(),
+        }
+    }
+
+    #[test]
+    fn log_lines_keep_the_envelope_and_read_back() {
+        let rec = Record::Incident(Box::new(sample_incident()));
+        let line = serde_json::to_string(&rec).expect("serialises");
+        assert!(line.starts_with("{\"incident\":{\"id\":7,"), "{line}");
+        let back: Record = serde_json::from_str(&line).expect("reads back");
+        assert!(
+            matches!(back, Record::Incident(i) if i.session.remote_host.as_deref() == Some("10.0.0.5"))
+        );
+        // A line written before the fields were added still reads.
+        let old = r#"{"agent":{"time":"2024-05-01T03:00:00.000Z","host":"h","kind":"agent_started","message":"m"}}"#;
+        assert!(serde_json::from_str::<Record>(old).is_ok());
     }
 }

@@ -1,4 +1,5 @@
 //! `guardrail`: the agent (`guardrail agent`) and the admin CLI that talks to it.
+mod alert;
 mod btf;
 mod daemon;
 mod events;
@@ -6,6 +7,7 @@ mod ipc;
 mod policy_glue;
 mod probe;
 mod procinfo;
+mod replay;
 mod selftest;
 mod sensor;
 
@@ -62,6 +64,8 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Read the event log (incidents and agent events).
+    Events(alert::cli::EventsArgs),
     /// Probe the kernel, prove the offsets, report the tier and its gaps.
     Selftest {
         #[arg(long)]
@@ -83,6 +87,18 @@ enum PolicyCommand {
     },
     /// Print the embedded default policy.
     Default,
+    /// Replay recorded job summaries (the agent's JSON event log) through a candidate policy:
+    /// which jobs it would have held, blocked or let through.
+    Test {
+        /// The event log to replay (default /var/log/guardrail/events.jsonl).
+        #[arg(long, default_value = "/var/log/guardrail/events.jsonl")]
+        events: PathBuf,
+        /// The candidate policy (default: the policy in force on this host).
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Which rule applies to a deletion of PATH by a job.
     Explain {
         path: PathBuf,
@@ -134,6 +150,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Deny { id } => cli_done(ipc::call(&socket, &ipc::Request::Deny { id })?),
         Command::Policy { command } => cli_policy(command),
         Command::Selftest { json } => selftest::run(json),
+        Command::Events(args) => alert::cli::run(args),
     }
 }
 
@@ -257,6 +274,17 @@ fn cli_policy(cmd: PolicyCommand) -> Result<ExitCode> {
             } else {
                 ExitCode::SUCCESS
             })
+        }
+        PolicyCommand::Test {
+            events,
+            policy,
+            json,
+        } => {
+            let source = policy_glue::PolicySource::from_args(policy.as_deref(), None);
+            let loaded = source
+                .load()
+                .map_err(|r| anyhow::anyhow!("the candidate policy has errors:\n{r}"))?;
+            replay::run(&events, &loaded, json)
         }
         PolicyCommand::Explain {
             path,

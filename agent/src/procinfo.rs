@@ -57,9 +57,34 @@ pub fn pids_in_group(pgid: u32) -> Vec<u32> {
     pids
 }
 
+/// Whether a job lives: its process group has a member, or, for a job keyed by a lone process
+/// (no process group of its own), that process exists.
 pub fn pgid_alive(pgid: u32) -> bool {
-    // kill(-pgid, 0) succeeds while any member lives.
-    nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid as i32), None).is_ok()
+    let p = nix::unistd::Pid::from_raw(pgid as i32);
+    pgid > 1
+        && (nix::sys::signal::killpg(p, None).is_ok() || nix::sys::signal::kill(p, None).is_ok())
+}
+
+/// Signals a job: its process group, or the lone process a job is keyed by when it has no group
+/// of its own. Never process group 0 or 1, and never our own group as a whole: when the job shares
+/// it (the agent run by hand from the same script), every other member is signalled one by one.
+pub fn signal_job(pgid: u32, sig: nix::sys::signal::Signal) {
+    use nix::{sys::signal, unistd::Pid};
+    if pgid <= 1 || pgid == std::process::id() {
+        return;
+    }
+    let own = nix::unistd::getpgrp().as_raw() as u32;
+    if pgid == own {
+        for pid in pids_in_group(pgid) {
+            if pid != std::process::id() {
+                let _ = signal::kill(Pid::from_raw(pid as i32), sig);
+            }
+        }
+        return;
+    }
+    if signal::killpg(Pid::from_raw(pgid as i32), sig).is_err() {
+        let _ = signal::kill(Pid::from_raw(pgid as i32), sig);
+    }
 }
 
 /// The terminal device of a process, from its tty_nr.

@@ -69,6 +69,8 @@ pub struct Sensor {
     ebpf: Ebpf,
     active_slot: u32,
     attached: Vec<&'static str>,
+    /// Kernel ids of the attached programs (what `bpftool prog show id N` knows them by).
+    ids: Vec<u32>,
 }
 
 /// Loads the object with this kernel's offsets, creating (not attaching) everything.
@@ -90,6 +92,7 @@ impl Sensor {
             ebpf: load(offsets)?,
             active_slot: 0,
             attached: Vec::new(),
+            ids: Vec::new(),
         })
     }
 
@@ -100,7 +103,7 @@ impl Sensor {
             p.load().with_context(|| format!("loading {prog}"))?;
             p.attach(tp)
                 .with_context(|| format!("attaching {prog} to raw tracepoint {tp}"))?;
-            self.attached.push(prog);
+            self.record_attached(prog);
         }
         match tier {
             Tier::Lsm => {
@@ -111,7 +114,7 @@ impl Sensor {
                         .with_context(|| format!("loading LSM program {prog}"))?;
                     p.attach()
                         .with_context(|| format!("attaching LSM program {prog}"))?;
-                    self.attached.push(prog);
+                    self.record_attached(prog);
                 }
             }
             Tier::Tracepoint => {
@@ -120,7 +123,7 @@ impl Sensor {
                     p.load().with_context(|| format!("loading {prog}"))?;
                     p.attach(cat, name)
                         .with_context(|| format!("attaching {prog} to {cat}/{name}"))?;
-                    self.attached.push(prog);
+                    self.record_attached(prog);
                 }
                 // io_uring requests never pass the syscall tracepoints.
                 if crate::btf::io_uring_opcode_offset().is_some() {
@@ -128,7 +131,7 @@ impl Sensor {
                     p.load().context("loading io_uring_submit_req")?;
                     p.attach("io_uring", "io_uring_submit_req")
                         .context("attaching io_uring_submit_req")?;
-                    self.attached.push("io_uring_submit_req");
+                    self.record_attached("io_uring_submit_req");
                 }
             }
             Tier::Userspace => {}
@@ -138,6 +141,22 @@ impl Sensor {
 
     pub fn attached(&self) -> &[&'static str] {
         &self.attached
+    }
+
+    pub fn attached_ids(&self) -> &[u32] {
+        &self.ids
+    }
+
+    fn record_attached(&mut self, prog: &'static str) {
+        self.attached.push(prog);
+        if let Some(id) = self
+            .ebpf
+            .program(prog)
+            .and_then(|p| p.info().ok())
+            .map(|i| i.id())
+        {
+            self.ids.push(id);
+        }
     }
 
     fn program(&mut self, name: &str) -> Result<&mut aya::programs::Program> {

@@ -119,7 +119,8 @@ pub use explain::{
 };
 pub use model::*;
 pub use resolver::{
-    MemResolver, Resolver, SystemResolver, ancestors, glob_matches, parse_mountinfo, parse_passwd,
+    MemResolver, Resolver, SystemResolver, ancestors, cgroup2_root, glob_matches, parse_mountinfo,
+    parse_passwd,
 };
 
 /// The shipped default policy (`packaging/policy.toml`, installed as

@@ -51,7 +51,7 @@ const BUSYBOX: &str = "/bin/busybox";
 const QEMU: &str = "qemu-system-x86_64";
 /// BPF LSM is only active when `bpf` is in the boot-time LSM list; Debian's default omits it.
 const KERNEL_CMDLINE: &str =
-    "console=ttyS0 quiet panic=-1 lsm=lockdown,capability,landlock,yama,bpf";
+    "console=ttyS0 quiet panic=-1 cryptomgr.notests lsm=lockdown,capability,landlock,yama,bpf";
 /// How many console lines of a failed case its report keeps.
 const TAIL_LINES: usize = 40;
 /// Old console logs are pruned beyond this many, so the cache does not grow without bound.
@@ -1323,7 +1323,7 @@ pub struct VmCli {
     #[arg(long, default_value = "1024")]
     pub memory_mb: u32,
     /// Guest CPUs (TCG runs one host thread per CPU).
-    #[arg(long, default_value = "2")]
+    #[arg(long, default_value = "1")]
     pub cpus: u32,
     /// Copy the whole serial console to stdout while it runs.
     #[arg(long)]

@@ -187,6 +187,14 @@ pub struct JobState {
     pub total: u64,
     /// Incident id assigned by the kernel at the crossing (0: none).
     pub incident: u64,
+    /// Highest sliding-window estimate seen: what a replay compares with a candidate budget.
+    pub peak: u64,
+    /// Who the job was when it first deleted (for job summaries and replays).
+    pub cgroup_id: u64,
+    pub first_ns: u64,
+    pub uid: u32,
+    pub _pad: u32,
+    pub comm: [u8; 16],
 }
 
 // --- events ----------------------------------------------------------------------------------
@@ -328,7 +336,8 @@ pub struct KernelOffsets {
     pub io_uring_opcode: u32,
     /// Non-zero once filled in; programs do nothing while it is zero.
     pub valid: u32,
-    pub _pad: u32,
+    /// `task_struct.flags` (PF_KTHREAD, PF_IO_WORKER).
+    pub task_flags: u32,
 }
 
 /// The self-test program's answer: values read through the resolved offsets, compared by the

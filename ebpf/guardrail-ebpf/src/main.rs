@@ -42,6 +42,12 @@ use aya_ebpf::{
 use guardrail_common::*;
 
 const EPERM: i32 = 1;
+/// Restart the syscall after the signal that is pending (our SIGSTOP) has been dealt with: the
+/// deletion waits, stopped before it happens, and is judged again when the job continues.
+/// Never seen by userspace as long as a signal is pending when the syscall returns.
+const ERESTARTNOINTR: i32 = 513;
+const PF_IO_WORKER: u32 = 0x10;
+const PF_KTHREAD: u32 = 0x0020_0000;
 const SIGKILL: u32 = 9;
 const SIGSTOP: u32 = 19;
 const AT_FDCWD: i64 = -100;
@@ -82,7 +88,7 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     mm_exe_file: 0,
     io_uring_opcode: 0,
     valid: 0,
-    _pad: 0,
+    task_flags: 0,
 };
 
 #[map]
@@ -102,6 +108,9 @@ static UIDS: HashMap<UidKey, u32> = HashMap::with_max_entries(4096, 0);
 static TASK_RULE: LruHashMap<u32, u32> = LruHashMap::with_max_entries(65536, 0);
 #[map]
 static JOBS: LruHashMap<JobKey, JobState> = LruHashMap::with_max_entries(16384, 0);
+/// Scratch space for a new job's entry (too big for the BPF stack).
+#[map]
+static JOB_INIT: PerCpuArray<JobState> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static INCIDENTS: Array<u64> = Array::with_max_entries(1, 0);
 #[map]
@@ -144,6 +153,19 @@ fn task_pid_of_type(o: &KernelOffsets, task: *const u8, pidtype: u32) -> Result<
     let signal = kptr(task, o.task_signal)?;
     let pid = kptr(signal, o.signal_pids + 8 * pidtype)?;
     kread::<u32>(pid, o.pid_numbers_nr)
+}
+
+/// The job of the current task: its process group within its session. Tasks with no process
+/// group of their own (pgid 0 or 1: children of a bare init, kernel threads) are each their own
+/// job, keyed by their tgid, so that unrelated processes are never lumped together.
+#[inline(always)]
+fn job_key(o: &KernelOffsets, task: *const u8, tgid: u32) -> JobKey {
+    let pgid = task_pid_of_type(o, task, o.pidtype_pgid).unwrap_or(0);
+    let sid = task_pid_of_type(o, task, o.pidtype_sid).unwrap_or(0);
+    JobKey {
+        sid,
+        pgid: if pgid <= 1 { tgid } else { pgid },
+    }
 }
 
 #[inline(always)]
@@ -196,6 +218,10 @@ enum Verdict {
     Allow,
     /// LSM: return -EPERM. Tracepoint: the deletion goes through; `signal` stops the job.
     Refuse,
+    /// The job is held and SIGSTOP is pending for this task: the LSM tier restarts the syscall
+    /// after the stop (it runs again, and is judged again, when the job continues), so an approved
+    /// job loses nothing. Where that is not safe it degrades to `Refuse`.
+    Hold,
 }
 
 struct Deletion {
@@ -290,19 +316,12 @@ fn judge(d: &Deletion) -> Verdict {
         }
     }
 
-    let task = current_task();
-    let pgid = task_pid_of_type(&o, task, o.pidtype_pgid).unwrap_or(tgid);
-    let sid = task_pid_of_type(&o, task, o.pidtype_sid).unwrap_or(0);
-    let key = JobKey { sid, pgid };
-    // SAFETY: map value pointer valid for this run.
-    let existing = JOBS.get_ptr_mut(&key);
-    // SAFETY: helper without preconditions.
+    let key = job_key(&o, current_task(), tgid);
     let uid = bpf_get_current_uid_gid() as u32;
-    let rule = match existing {
-        // SAFETY: pointer into the map value, valid for this run.
-        Some(j) => unsafe { (*j).rule },
-        None => job_rule(slot, tgid, uid),
-    } & (MAX_RULES - 1);
+    // The task's own rule decides scope and exemption (an exempt package manager run from a
+    // script is exempt; a data directory's own daemon is its owner); the job's counters run
+    // under the rule the job was created with.
+    let rule = job_rule(slot, tgid, uid) & (MAX_RULES - 1);
     let Some(params) = RULES.get(slot * MAX_RULES + rule) else {
         return Verdict::Allow;
     };
@@ -362,18 +381,32 @@ fn judge(d: &Deletion) -> Verdict {
     }
 
     // 3. Outside scope: count against the job's budget.
+    let existing = JOBS.get_ptr_mut(&key);
     let job = match existing {
         Some(j) => j,
         None => {
-            let fresh = JobState {
-                state: JOB_ACTIVE,
-                rule,
-                // SAFETY: helper without preconditions.
-                window_start_ns: unsafe { bpf_ktime_get_ns() },
-                ..JobState::default()
+            // The new entry is built in per-CPU scratch space: the BPF stack (512 bytes for the
+            // whole call chain) cannot spare a JobState.
+            let Some(fresh) = JOB_INIT.get_ptr_mut(0) else {
+                return Verdict::Allow;
             };
-            // BPF_NOEXIST: a racing CPU may have created it; either way look it up again.
-            let _ = JOBS.insert(&key, &fresh, 1);
+            // SAFETY: helper without preconditions.
+            let now = unsafe { bpf_ktime_get_ns() };
+            // SAFETY: `fresh` points to this CPU's scratch value; every field is written.
+            unsafe {
+                (*fresh) = JobState::default();
+                (*fresh).state = JOB_ACTIVE;
+                (*fresh).rule = rule;
+                (*fresh).window_start_ns = now;
+                (*fresh).first_ns = now;
+                (*fresh).uid = uid;
+                (*fresh).cgroup_id = bpf_get_current_cgroup_id();
+                if let Ok(comm) = bpf_get_current_comm() {
+                    (*fresh).comm = comm;
+                }
+                // BPF_NOEXIST: a racing CPU may have created it; either way look it up again.
+                let _ = JOBS.insert(&key, &*fresh, 1);
+            }
             // SAFETY: map value pointer valid for this run.
             match JOBS.get_ptr_mut(&key) {
                 Some(j) => j,
@@ -381,6 +414,12 @@ fn judge(d: &Deletion) -> Verdict {
             }
         }
     };
+    // SAFETY: pointer into the map value, valid for this run.
+    let rule = unsafe { (*job).rule } & (MAX_RULES - 1);
+    let Some(params) = RULES.get(slot * MAX_RULES + rule) else {
+        return Verdict::Allow;
+    };
+    let rule_audit = audit || params.flags & RULE_FLAG_AUDIT != 0;
     // `job` points into a map value that lives for this run; concurrent CPUs update its counters
     // only through atomics.
     // SAFETY: field addresses of a valid map value.
@@ -397,11 +436,11 @@ fn judge(d: &Deletion) -> Verdict {
     if state != JOB_ACTIVE {
         let n = fetch_add(refused_p, 1);
         if state == JOB_HELD {
+            let stopped = stop_self();
             // Resumed without approval (`fg`, `kill -CONT`): the LSM tier refuses this deletion,
             // the tracepoint tier cannot; both stop the task again at once so the job waits for
             // the admin instead of failing through (or, in the tracepoint tier, deleting) the
             // rest of its work. The agent re-stops the whole job.
-            signal(SIGSTOP);
             if n == 0 || n.is_power_of_two() {
                 emit(
                     d,
@@ -415,6 +454,11 @@ fn judge(d: &Deletion) -> Verdict {
                     },
                 );
             }
+            return if stopped {
+                Verdict::Hold
+            } else {
+                Verdict::Refuse
+            };
         }
         if state == JOB_BLOCKED && d.tier_flags & EVF_TRACEPOINT != 0 {
             signal(SIGKILL);
@@ -444,6 +488,13 @@ fn judge(d: &Deletion) -> Verdict {
     fetch_add(total_p, 1);
     // SAFETY: as above.
     let prev = unsafe { (*job).prev_count };
+    let estimate = sliding_estimate(n, prev, elapsed, params.window_ns);
+    // SAFETY: as above; a lost race only under-reports the peak by a little.
+    unsafe {
+        if estimate > (*job).peak {
+            (*job).peak = estimate;
+        }
+    }
     if !over_budget(n, prev, elapsed, params, allowance) {
         return Verdict::Allow;
     }
@@ -476,6 +527,7 @@ fn judge(d: &Deletion) -> Verdict {
     } else {
         JOB_HELD
     };
+    let mut stopped = false;
     if cas(state_p, JOB_ACTIVE, new_state) {
         // This CPU made the crossing: it alone reports it.
         let inc = next_incident();
@@ -486,7 +538,7 @@ fn judge(d: &Deletion) -> Verdict {
             flags |= EVF_REFUSED;
         }
         if new_state == JOB_HELD {
-            signal(SIGSTOP);
+            stopped = stop_self();
             flags |= EVF_SIGNALLED;
         } else if d.tier_flags & EVF_TRACEPOINT != 0 {
             signal(SIGKILL);
@@ -503,15 +555,32 @@ fn judge(d: &Deletion) -> Verdict {
                 incident: inc,
             },
         );
+    } else if new_state == JOB_HELD {
+        stopped = stop_self();
     } else if d.tier_flags & EVF_TRACEPOINT != 0 {
-        signal(if new_state == JOB_HELD {
-            SIGSTOP
-        } else {
-            SIGKILL
-        });
+        signal(SIGKILL);
     }
     fetch_add(refused_p, 1);
-    Verdict::Refuse
+    if stopped {
+        Verdict::Hold
+    } else {
+        Verdict::Refuse
+    }
+}
+
+/// Sends SIGSTOP to the current process; true when it is now pending for a task that will see it
+/// on its way back to userspace (not a kernel thread, not an io_uring worker, whose requests would
+/// otherwise complete with the restart code).
+#[inline(always)]
+fn stop_self() -> bool {
+    let o = offsets();
+    let flags: u32 = kread(current_task(), o.task_flags).unwrap_or(PF_KTHREAD);
+    if flags & (PF_KTHREAD | PF_IO_WORKER) != 0 {
+        signal(SIGSTOP);
+        return false;
+    }
+    // SAFETY: bpf_send_signal targets the current process.
+    (unsafe { bpf_send_signal(SIGSTOP) }) == 0
 }
 
 #[inline(always)]
@@ -566,8 +635,9 @@ fn emit(d: &Deletion, r: &Report) {
         (*ev).data_dir_id = data_dir_id;
         (*ev).tgid = (pid_tgid >> 32) as u32;
         (*ev).pid = pid_tgid as u32;
-        (*ev).pgid = task_pid_of_type(&o, task, o.pidtype_pgid).unwrap_or(0);
-        (*ev).sid = task_pid_of_type(&o, task, o.pidtype_sid).unwrap_or(0);
+        let key = job_key(&o, task, (pid_tgid >> 32) as u32);
+        (*ev).pgid = key.pgid;
+        (*ev).sid = key.sid;
         (*ev).uid = bpf_get_current_uid_gid() as u32;
         (*ev).loginuid = kread(task, o.task_loginuid).unwrap_or(u32::MAX);
         (*ev).audit_session = kread(task, o.task_sessionid).unwrap_or(u32::MAX);
@@ -619,6 +689,7 @@ fn lsm_verdict(v: Verdict) -> i32 {
     match v {
         Verdict::Allow => 0,
         Verdict::Refuse => -EPERM,
+        Verdict::Hold => -ERESTARTNOINTR,
     }
 }
 
@@ -671,8 +742,9 @@ pub fn inode_rename(ctx: LsmContext) -> i32 {
         tier_flags: 0,
     };
     if source_is_dir_move || is_protected_entry(&o, old_dentry) {
-        if judge(&source) == Verdict::Refuse {
-            return -EPERM;
+        let v = judge(&source);
+        if v != Verdict::Allow {
+            return lsm_verdict(v);
         }
     }
     // The destination: replacing an existing entry destroys it.

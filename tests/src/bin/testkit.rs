@@ -4,6 +4,7 @@
 //!   guardrail-testkit rename-over SRC DST     rename every file of SRC over its namesake in DST
 //!   guardrail-testkit fill N DIR              create N small files f00000.. in DIR (fast, for the VM)
 //!   guardrail-testkit count DIR               print the number of regular files below DIR
+//!   guardrail-testkit rm-rf PATH              remove PATH recursively; prints what was refused
 //! Each prints how many operations succeeded and failed, and exits 0.
 use std::{
     ffi::CString,
@@ -133,12 +134,22 @@ fn main() -> Result<()> {
         ["fork-unlink", n, dir] => fork_unlink(n.parse().context("worker count")?, Path::new(dir)),
         ["rename-over", src, dst] => rename_over(Path::new(src), Path::new(dst)),
         ["fill", n, dir] => fill(n.parse().context("file count")?, Path::new(dir)),
+        ["rm-rf", path] => match std::fs::remove_dir_all(path) {
+            Ok(()) => {
+                println!("rm-rf: removed {path}");
+                Ok(())
+            }
+            Err(e) => {
+                println!("rm-rf: {path}: {e}");
+                Ok(())
+            }
+        },
         ["count", dir] => {
             println!("{}", count(Path::new(dir)));
             Ok(())
         }
         _ => bail!(
-            "usage: guardrail-testkit uring-unlink DIR | fork-unlink N DIR | rename-over SRC DST | fill N DIR | count DIR"
+            "usage: guardrail-testkit uring-unlink DIR | fork-unlink N DIR | rename-over SRC DST | fill N DIR | count DIR | rm-rf PATH"
         ),
     }
 }

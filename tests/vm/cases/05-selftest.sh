@@ -9,4 +9,6 @@ echo "$out" | grep -q '^tier: lsm$' || fail "selftest does not report the lsm ti
 n=$(echo "$out" | grep -c '^\[ ok \] offset ')
 [ "$n" -eq 9 ] || fail "expected 9 offsets read right, got $n"
 echo "$out" | grep -q 'FAIL\] offset' && fail "an offset is wrong on this kernel"
-echo "ok: tier lsm, 9 offsets match /proc"
+echo "$out" | grep -q '^\[ ok \] runaway deletion: .* 20 files gone, 0 past the budget' \
+    || fail "the runaway was not stopped with 0 files past the budget"
+echo "ok: tier lsm, 9 offsets match /proc, runaway stopped with 0 files past the budget"

@@ -12,7 +12,7 @@ start_agent "$S/policy.toml"
 # scenario NAME SCRIPT: fills victim/, runs SCRIPT as its own job, expects exactly 9900 left.
 scenario() {
     name=$1; script=$2
-    rm -rf "$S/victim"; $KIT fill $N "$S/victim" >/dev/null
+    cleanup "$S/victim"; $KIT fill $N "$S/victim" >/dev/null
     [ "$(count "$S/victim")" -eq $N ] || fail "$name: fill"
     ( cd "$S" && exec setsid sh -c "$script" >/dev/null 2>"$S/job.err" ) &
     JOB=$!
@@ -58,7 +58,7 @@ gr deny "$id" >/dev/null || fail "deny"
 scenario "io_uring" "$KIT uring-unlink victim"
 gr deny "$id" >/dev/null || fail "deny"
 
-rm -rf "$S/victim" "$S/dest"; $KIT fill $N "$S/dest" >/dev/null; $KIT fill $N "$S/src" >/dev/null
+cleanup "$S/victim" "$S/dest"; $KIT fill $N "$S/dest" >/dev/null; $KIT fill $N "$S/src" >/dev/null
 ( cd "$S" && exec setsid "$KIT" rename-over src dest >/dev/null 2>&1 ) &
 JOB=$!
 id=$(wait_hold) || fail "rename over: no hold"
