@@ -8,11 +8,12 @@
 //!
 //! **Promise: at most [`PROMISED_OVERSHOOT`] files past the budget** for one runaway job deleting
 //! as fast as it can, whatever its number of processes. Measured in release builds on this
-//! project's busy shared 2-core host, 10,000 files, budget 100, several runs each: `rm -rf`
-//! 1-2, `find -delete` 3-15 (one run 3635 before /proc scans left the hot path), 8 forked
-//! workers 28-219; the previous implementation (debug build) went 2,902 (`rm -rf`) and 3,317
-//! (`find -delete`) past and never stopped the 8 workers. The bound holds while the agent gets
-//! a CPU: a host so loaded that the watcher thread is not scheduled for tens of milliseconds
+//! project's busy shared 2-core host, 10,000 files, budget 100, repeated runs: `rm -rf` 1-3,
+//! `find -delete` 2-30 (once 3635, before /proc scans left the hot path), 8 forked workers
+//! 28-219 and once 2086 with the host under load; the previous implementation (debug build) went
+//! 2,902 (`rm -rf`) and 3,317 (`find -delete`) past and never stopped the 8 workers. The promise
+//! keeps a margin over the worst run seen. It holds while the agent gets a CPU: a host so loaded
+//! that the watcher thread is not scheduled for tens of milliseconds
 //! goes further. [`measure_blast_radius`] (`guardrail selftest --tier userspace`) measures the
 //! host at hand.
 //!
@@ -83,7 +84,7 @@ pub enum Watch {
 /// processes) deleting as fast as it can: measured in release builds on a busy 2-core host
 /// (`rm -rf`, `find -delete`, 8 forked workers over 10,000 files, budget 100; see README), with
 /// margin. `guardrail selftest --tier userspace` measures it on the host at hand.
-pub const PROMISED_OVERSHOOT: u64 = 1000;
+pub const PROMISED_OVERSHOOT: u64 = 5000;
 
 /// The nice value of the thread that reads the events (where it may lower it: root).
 pub const NICE: i32 = -10;
@@ -1651,17 +1652,17 @@ impl Fallback {
     /// The job of a deletion: the reporting process's group, else a dead process's last known
     /// group, else [`UNKNOWN_JOB`] (whose crossing stops a job guessed by the directory).
     fn attribute(&mut self, s: &mut Seen) -> Result<Who, Deferred> {
-        if let Some(pid) = s.pid {
-            if let Some(key) = self.job_of_pid(pid) {
-                return Ok(Who {
-                    key,
-                    pid: Some(pid),
-                    guessed: false,
-                });
-            }
-            // Exited before we read it and never seen: no scan of /proc here (on a busy host
-            // that would be most of the watcher's time); the unknown job's crossing guesses.
+        if let Some(pid) = s.pid
+            && let Some(key) = self.job_of_pid(pid)
+        {
+            return Ok(Who {
+                key,
+                pid: Some(pid),
+                guessed: false,
+            });
         }
+        // Exited before we read it and never seen: no scan of /proc here (on a busy host that
+        // would be most of the watcher's time); the unknown job's crossing guesses.
         Ok(Who {
             key: UNKNOWN_JOB,
             pid: None,
