@@ -8,9 +8,9 @@
 //!
 //! **Promise: at most [`PROMISED_OVERSHOOT`] files past the budget** for one runaway job deleting
 //! as fast as it can, whatever its number of processes. Measured in release builds on this
-//! project's busy shared 2-core host, 10,000 files, budget 100, repeated runs: `rm -rf` 1-3,
-//! `find -delete` 2-30 (once 3635, before /proc scans left the hot path), 8 forked workers
-//! 28-219 and once 2086 with the host under load; the previous implementation (debug build) went
+//! project's busy shared 2-core host, 10,000 files, budget 100, repeated runs: `rm -rf` 1-183,
+//! `find -delete` 1-30 (once 3635, before /proc scans left the hot path), 8 forked workers
+//! 28-2086 (most runs under 250, the worst with the host under load); the previous implementation (debug build) went
 //! 2,902 (`rm -rf`) and 3,317 (`find -delete`) past and never stopped the 8 workers. The promise
 //! keeps a margin over the worst run seen. It holds while the agent gets a CPU: a host so loaded
 //! that the watcher thread is not scheduled for tens of milliseconds
