@@ -1,11 +1,12 @@
-//! `guardrail agent`: loads the policy, probes the kernel, attaches the tier's programs, and then
-//! waits on four things: kernel events (state changes only), admin requests on the socket,
-//! signals, and a one-second tick for hold timeouts.
+//! `guardrail agent`: loads the policy, probes the kernel, attaches the tier's programs (or, where
+//! no BPF can run, starts the userspace watcher), and then waits on four things: enforcement
+//! events (state changes only), admin requests on the socket, signals, and a tick for hold
+//! timeouts.
 use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader, Write},
     os::{
-        fd::{AsFd, AsRawFd},
+        fd::{AsFd, BorrowedFd},
         unix::{fs::PermissionsExt, net::UnixListener},
     },
     path::{Path, PathBuf},
@@ -13,10 +14,11 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use aya::maps::{MapData, RingBuf};
 use guardrail_common::{
     ALLOWANCE_UNLIMITED, EV_BUDGET_CROSSED, EV_DATA_DIR, EV_HELD_RETRY, EV_PROTECTED_ROOT,
-    EVF_AUDIT, EVF_SIGNALLED, EVF_TRACEPOINT, Event, JOB_ACTIVE, JOB_BLOCKED, JOB_DENIED, JOB_HELD,
-    JobKey, JobState,
+    EVF_AUDIT, EVF_SIGNALLED, EVF_TRACEPOINT, EVF_USERSPACE, Event, JOB_ACTIVE, JOB_BLOCKED,
+    JOB_DENIED, JOB_HELD, JobKey, JobState,
 };
 use nix::{
     poll::{PollFd, PollFlags, PollTimeout, poll},
@@ -29,11 +31,12 @@ use nix::{
 use crate::{
     btf,
     events::{self, Incident},
+    fallback::{self, Fallback},
     ipc::{HoldInfo, Request, Response, StatusInfo},
     policy_glue::{LoadedPolicy, PolicySource},
     probe::{self, Tier},
     procinfo,
-    sensor::Sensor,
+    sensor::{KernelPolicy, Sensor},
 };
 
 #[derive(Debug, Clone, clap::Args)]
@@ -48,7 +51,8 @@ pub struct AgentArgs {
     #[arg(long)]
     pub socket: Option<PathBuf>,
     /// Force a tier instead of probing (for tests of the weaker tiers on a stronger kernel).
-    #[arg(long, value_parser = ["auto", "lsm", "tracepoint"], default_value = "auto")]
+    /// `userspace` is the last resort the probe picks when no BPF program can run.
+    #[arg(long, value_parser = ["auto", "lsm", "tracepoint", "userspace"], default_value = "auto")]
     pub tier: String,
     /// JSON lines event log (default from the policy's [alerts.event_log]).
     #[arg(long)]
@@ -70,16 +74,160 @@ struct Hold {
     timeout: Duration,
 }
 
+/// What enforces: the kernel programs (with their event ring), or the userspace watcher. The
+/// policy, jobs, holds, approve/deny/timeout, summaries and events work the same over either.
+enum Backend {
+    Bpf {
+        sensor: Box<Sensor>,
+        ring: RingBuf<MapData>,
+    },
+    Userspace(Box<Fallback>),
+}
+
+impl Backend {
+    fn install_policy(&mut self, p: &KernelPolicy) -> Result<()> {
+        match self {
+            Backend::Bpf { sensor, .. } => sensor.install_policy(p),
+            Backend::Userspace(f) => f.install_policy(p),
+        }
+    }
+
+    fn job(&mut self, key: &JobKey) -> Result<Option<JobState>> {
+        match self {
+            Backend::Bpf { sensor, .. } => sensor.job(key),
+            Backend::Userspace(f) => Ok(f.job(key)),
+        }
+    }
+
+    fn set_job(&mut self, key: &JobKey, state: &JobState) -> Result<()> {
+        match self {
+            Backend::Bpf { sensor, .. } => sensor.set_job(key, state),
+            Backend::Userspace(f) => {
+                f.set_job(key, state);
+                Ok(())
+            }
+        }
+    }
+
+    fn jobs(&mut self) -> Result<Vec<(JobKey, JobState)>> {
+        match self {
+            Backend::Bpf { sensor, .. } => sensor.jobs(),
+            Backend::Userspace(f) => Ok(f.jobs()),
+        }
+    }
+
+    fn remove_job(&mut self, key: &JobKey) -> Result<()> {
+        match self {
+            Backend::Bpf { sensor, .. } => sensor.remove_job(key),
+            Backend::Userspace(f) => {
+                f.remove_job(key);
+                Ok(())
+            }
+        }
+    }
+
+    /// Programs attached, or what the watcher watches.
+    fn attached(&self) -> Vec<String> {
+        match self {
+            Backend::Bpf { sensor, .. } => {
+                sensor.attached().iter().map(|s| s.to_string()).collect()
+            }
+            Backend::Userspace(f) => f.watching(),
+        }
+    }
+
+    /// A fresh incident id from the counter the enforcement side numbers incidents with.
+    fn next_incident(&mut self) -> u64 {
+        match self {
+            Backend::Bpf { sensor, .. } => {
+                let mut id = 0;
+                if let Some(m) = sensor.ebpf_mut().map_mut("INCIDENTS")
+                    && let Ok(mut a) = aya::maps::Array::<_, u64>::try_from(m)
+                {
+                    id = a.get(&0, 0).unwrap_or(0) + 1;
+                    let _ = a.set(0, id, 0);
+                }
+                id
+            }
+            Backend::Userspace(f) => f.next_incident(),
+        }
+    }
+
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Backend::Bpf { ring, .. } => ring.as_fd(),
+            Backend::Userspace(f) => f.as_fd(),
+        }
+    }
+
+    /// Events ready now (state changes only).
+    fn drain(&mut self) -> Vec<Event> {
+        match self {
+            Backend::Bpf { ring, .. } => {
+                let mut out = Vec::new();
+                while let Some(item) = ring.next() {
+                    if item.len() >= std::mem::size_of::<Event>() {
+                        // SAFETY: the kernel wrote a whole `Event` (same #[repr(C)] layout,
+                        // checked by the layout tests); read_unaligned copes with the ring
+                        // buffer's alignment.
+                        out.push(unsafe {
+                            std::ptr::read_unaligned(item.as_ptr() as *const Event)
+                        });
+                    }
+                }
+                out
+            }
+            Backend::Userspace(f) => f.process(),
+        }
+    }
+}
+
+/// The userspace tier's watcher: fanotify marks on the filesystem of `/` and on every filesystem
+/// holding a path the policy declares (`Fallback::install_policy` adds those). Where fanotify is
+/// unavailable, inotify over the policy's data directories and protected roots other than `/`
+/// (inotify watches are per directory: a whole filesystem is out of reach).
+fn start_userspace(policy: &LoadedPolicy) -> Result<Fallback> {
+    match Fallback::new(
+        &policy.kernel,
+        &[PathBuf::from("/")],
+        fallback::Watch::Fanotify,
+    ) {
+        Ok(f) => Ok(f),
+        Err(e) => {
+            let d = &policy.policy.deletion;
+            let roots: Vec<PathBuf> = policy
+                .compiled
+                .data_dirs
+                .iter()
+                .chain(d.protected_roots.iter())
+                .filter(|p| p.as_os_str() != "/" && p.is_dir())
+                .cloned()
+                .collect();
+            if roots.is_empty() {
+                return Err(e.context(
+                    "fanotify is unavailable and the policy declares no directory inotify could watch",
+                ));
+            }
+            eprintln!(
+                "guardrail: fanotify unavailable ({e:#}); inotify on the declared directories only"
+            );
+            Fallback::new(&policy.kernel, &roots, fallback::Watch::Inotify)
+        }
+    }
+}
+
 struct Agent {
     host: String,
     tier: Tier,
     why: String,
-    sensor: Sensor,
+    backend: Backend,
     policy: LoadedPolicy,
     source: PolicySource,
     last_reload_error: Option<String>,
     holds: BTreeMap<u64, Hold>,
     sink: events::Sink,
+    /// Deletions the watcher's queue dropped, as last reported.
+    lost_reported: u64,
 }
 
 pub fn run(args: AgentArgs) -> Result<()> {
@@ -101,6 +249,7 @@ pub fn run(args: AgentArgs) -> Result<()> {
     let tier = match args.tier.as_str() {
         "lsm" => Tier::Lsm,
         "tracepoint" => Tier::Tracepoint,
+        "userspace" => Tier::Userspace,
         _ => report.tier,
     };
     let why = if args.tier == "auto" {
@@ -108,30 +257,37 @@ pub fn run(args: AgentArgs) -> Result<()> {
     } else {
         format!("forced by --tier {}; probe: {}", args.tier, report.why())
     };
-    if tier == Tier::Userspace {
-        bail!(
-            "no BPF enforcement is possible on this kernel ({why}); the userspace last resort is not implemented yet"
-        );
-    }
-    let offsets = offsets.context("resolving kernel struct offsets from BTF")?;
-    let adopting = Sensor::had_pinned_state(&args.pin_dir);
-    let mut sensor = Sensor::with_pins(&offsets, Some(&args.pin_dir))?;
-    // The policy is in the maps before any program is attached: there is no moment with
-    // programs running and no policy.
-    sensor.install_policy(&policy.kernel)?;
-    sensor.attach(tier)?;
+    let mut adopting = false;
+    let backend = if tier == Tier::Userspace {
+        // The policy is in the watcher's tables before its first event is read.
+        Backend::Userspace(Box::new(start_userspace(&policy)?))
+    } else {
+        let offsets = offsets.context("resolving kernel struct offsets from BTF")?;
+        adopting = Sensor::had_pinned_state(&args.pin_dir);
+        let mut sensor = Sensor::with_pins(&offsets, Some(&args.pin_dir))?;
+        // The policy is in the maps before any program is attached: there is no moment with
+        // programs running and no policy.
+        sensor.install_policy(&policy.kernel)?;
+        sensor.attach(tier)?;
+        let ring = sensor.take_events()?;
+        Backend::Bpf {
+            sensor: Box::new(sensor),
+            ring,
+        }
+    };
     let mut sink = events::Sink::new(&policy, args.event_log.clone(), &host)?;
     sink.set_tier(&tier.to_string());
     let mut agent = Agent {
         host,
         tier,
         why,
-        sensor,
+        backend,
         policy,
         source,
         last_reload_error: None,
         holds: BTreeMap::new(),
         sink,
+        lost_reported: 0,
     };
     agent.announce();
     if adopting {
@@ -140,22 +296,29 @@ pub fn run(args: AgentArgs) -> Result<()> {
     let socket = crate::ipc::socket_path(args.socket.as_deref());
     let result = agent.serve(&socket);
     let _ = std::fs::remove_file(&socket);
-    if args.keep_enforcing_when_stopped || systemd_restart_pending() {
-        agent.sink.agent_event(
-            "agent_stopped",
-            "guardrail agent stopped; programs stay pinned and enforcing until the next agent adopts them",
-        );
-        println!(
-            "guardrail: stopped; programs stay pinned in {} and keep enforcing",
-            args.pin_dir.display()
-        );
-    } else {
-        agent.sensor.unpin_everything();
-        agent.sink.agent_event(
-            "agent_stopped",
-            "guardrail agent stopped; programs detached",
-        );
-        println!("guardrail: stopped; all programs detached");
+    let keep = args.keep_enforcing_when_stopped || systemd_restart_pending();
+    match &mut agent.backend {
+        Backend::Bpf { .. } if keep => {
+            agent.sink.agent_event(
+                "agent_stopped",
+                "guardrail agent stopped; programs stay pinned and enforcing until the next agent adopts them",
+            );
+            println!(
+                "guardrail: stopped; programs stay pinned in {} and keep enforcing",
+                args.pin_dir.display()
+            );
+        }
+        backend => {
+            if let Backend::Bpf { sensor, .. } = backend {
+                sensor.unpin_everything();
+            }
+            // Dropping the backend detaches every program (the watcher: its marks).
+            agent.sink.agent_event(
+                "agent_stopped",
+                "guardrail agent stopped; programs detached",
+            );
+            println!("guardrail: stopped; all programs detached");
+        }
     }
     result
 }
@@ -191,7 +354,9 @@ impl Agent {
     /// Holds left by a previous agent (crash, restart, upgrade) are open holds again: same
     /// incident ids, the job still stopped, the kernel still refusing or re-stopping it.
     fn adopt_holds(&mut self) {
-        let Ok(jobs) = self.sensor.jobs() else { return };
+        let Ok(jobs) = self.backend.jobs() else {
+            return;
+        };
         for (key, job) in jobs {
             if job.state != JOB_HELD || !procinfo::pgid_alive(key.pgid) {
                 continue;
@@ -262,14 +427,29 @@ impl Agent {
         for w in &self.policy.warnings {
             println!("{w}");
         }
-        println!("guardrail: attached {}", self.sensor.attached().join(", "));
-        let ids: Vec<String> = self
-            .sensor
-            .attached_ids()
-            .iter()
-            .map(u32::to_string)
-            .collect();
-        println!("guardrail: program ids {}", ids.join(" "));
+        println!("guardrail: attached {}", self.backend.attached().join(", "));
+        match &self.backend {
+            Backend::Bpf { sensor, .. } => {
+                let ids: Vec<String> = sensor.attached_ids().iter().map(u32::to_string).collect();
+                println!("guardrail: program ids {}", ids.join(" "));
+            }
+            Backend::Userspace(f) => {
+                println!(
+                    "guardrail: userspace tier watching with {}: deletions are seen after they happen",
+                    f.mechanism()
+                );
+                println!(
+                    "guardrail: userspace tier stops a runaway job at most {} files past its budget (measured bound; `guardrail selftest --tier userspace` measures this host)",
+                    fallback::PROMISED_OVERSHOOT
+                );
+                if f.unlocated_protected_roots() > 0 {
+                    println!(
+                        "guardrail: WARNING: {} protected root(s) have no path this tier can watch: their deletion goes unnoticed",
+                        f.unlocated_protected_roots()
+                    );
+                }
+            }
+        }
         self.sink.agent_event(
             "agent_started",
             &format!("guardrail agent started, tier {} ({})", self.tier, self.why),
@@ -293,7 +473,6 @@ impl Agent {
         }
         mask.thread_block()?;
         let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK)?;
-        let mut ring = self.sensor.take_events()?;
         let mut watcher = crate::policy_glue::Watcher::new(&self.source)?;
         println!("guardrail: ready, listening on {}", socket.display());
         crate::notify_ready();
@@ -302,7 +481,7 @@ impl Agent {
         loop {
             let (ring_ready, sock_ready, sig_ready, watch_ready) = {
                 let mut fds = vec![
-                    PollFd::new(ring.as_fd(), PollFlags::POLLIN),
+                    PollFd::new(self.backend.as_fd(), PollFlags::POLLIN),
                     PollFd::new(listener.as_fd(), PollFlags::POLLIN),
                     PollFd::new(signals.as_fd(), PollFlags::POLLIN),
                 ];
@@ -322,16 +501,7 @@ impl Agent {
                 (ready(0), ready(1), ready(2), ready(3))
             };
             if ring_ready {
-                while let Some(item) = ring.next() {
-                    if item.len() >= std::mem::size_of::<Event>() {
-                        // SAFETY: the kernel wrote a whole `Event` (same #[repr(C)] layout, checked by
-                        // the layout tests); read_unaligned copes with the ring buffer's alignment.
-                        let ev: Event =
-                            unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Event) };
-                        drop(item);
-                        self.on_event(&ev);
-                    }
-                }
+                self.drain_events();
             }
             if sock_ready {
                 while let Ok((stream, _)) = listener.accept() {
@@ -363,14 +533,24 @@ impl Agent {
             }
             if last_tick.elapsed() >= Duration::from_millis(500) {
                 last_tick = Instant::now();
+                // The watcher also has timed work (records waiting for their directory).
+                if matches!(self.backend, Backend::Userspace(_)) {
+                    self.drain_events();
+                }
                 self.tick();
             }
         }
     }
 
+    fn drain_events(&mut self) {
+        for ev in self.backend.drain() {
+            self.on_event(&ev);
+        }
+    }
+
     fn reload(&mut self, why: &str) {
         match self.source.load() {
-            Ok(new) => match self.sensor.install_policy(&new.kernel) {
+            Ok(new) => match self.backend.install_policy(&new.kernel) {
                 Ok(()) => {
                     println!("guardrail: policy reloaded ({why}): {}", new.summary());
                     self.sink.agent_event(
@@ -418,7 +598,7 @@ impl Agent {
                     pgid: ev.pgid,
                 };
                 let state = self
-                    .sensor
+                    .backend
                     .job(&key)
                     .ok()
                     .flatten()
@@ -440,6 +620,20 @@ impl Agent {
                 if ev.flags & EVF_AUDIT != 0 {
                     inc.outcome = "would_have_refused".into();
                     self.sink.incident(&inc);
+                } else if ev.flags & EVF_USERSPACE != 0 {
+                    // Seen after the fact: the watcher stopped the job (its state is held, with
+                    // this incident id), unless it could name no job to stop.
+                    let key = JobKey {
+                        sid: ev.sid,
+                        pgid: ev.pgid,
+                    };
+                    if ev.flags & EVF_SIGNALLED != 0 {
+                        inc.outcome = "held".into();
+                        self.hold(inc, key);
+                    } else {
+                        inc.outcome = "reported".into();
+                        self.sink.incident(&inc);
+                    }
                 } else if ev.flags & EVF_TRACEPOINT != 0 && ev.flags & EVF_SIGNALLED != 0 {
                     // The tracepoint tier could not refuse: the job was stopped right after.
                     let key = JobKey {
@@ -448,10 +642,10 @@ impl Agent {
                     };
                     inc.id = self.next_local_incident();
                     inc.outcome = "held".into();
-                    let mut job = self.sensor.job(&key).ok().flatten().unwrap_or_default();
+                    let mut job = self.backend.job(&key).ok().flatten().unwrap_or_default();
                     job.state = JOB_HELD;
                     job.incident = inc.id;
-                    let _ = self.sensor.set_job(&key, &job);
+                    let _ = self.backend.set_job(&key, &job);
                     self.hold(inc, key);
                 } else {
                     inc.outcome = "refused".into();
@@ -478,14 +672,7 @@ impl Agent {
     fn next_local_incident(&mut self) -> u64 {
         // Incidents from the kernel count up from 1; ones the agent makes for tracepoint-tier
         // protected paths take the kernel counter too, so ids never collide.
-        let mut cfg_id = 0;
-        if let Some(m) = self.sensor.ebpf_mut().map_mut("INCIDENTS")
-            && let Ok(mut a) = aya::maps::Array::<_, u64>::try_from(m)
-        {
-            cfg_id = a.get(&0, 0).unwrap_or(0) + 1;
-            let _ = a.set(0, cfg_id, 0);
-        }
-        cfg_id
+        self.backend.next_incident()
     }
 
     fn hold(&mut self, inc: Incident, key: JobKey) {
@@ -514,6 +701,17 @@ impl Agent {
     }
 
     fn tick(&mut self) {
+        if let Backend::Userspace(f) = &self.backend
+            && f.lost_events() > self.lost_reported
+        {
+            self.lost_reported = f.lost_events();
+            let msg = format!(
+                "the userspace watcher's event queue overflowed ({} times): deletions went uncounted",
+                self.lost_reported
+            );
+            eprintln!("guardrail: {msg}");
+            self.sink.agent_event("tier_degraded", &msg);
+        }
         let expired: Vec<u64> = self
             .holds
             .iter()
@@ -524,11 +722,16 @@ impl Agent {
             let _ = self.deny(id, "timed_out", "hold timeout");
         }
         // Jobs whose process group is gone: forget them, so a recycled pgid starts afresh.
-        if let Ok(jobs) = self.sensor.jobs() {
+        if let Ok(jobs) = self.backend.jobs() {
             let now = crate::replay::ktime_ns();
             for (key, job) in jobs {
+                // The watcher's unknown job (deletions by processes it could not name) is no
+                // process group: it lives as long as the agent.
+                if key == fallback::UNKNOWN_JOB && matches!(self.backend, Backend::Userspace(_)) {
+                    continue;
+                }
                 if !procinfo::pgid_alive(key.pgid) && !self.holds.values().any(|h| h.key == key) {
-                    let _ = self.sensor.remove_job(&key);
+                    let _ = self.backend.remove_job(&key);
                     // One summary per job that deleted outside scope, for `policy test`.
                     if job.total >= crate::replay::SUMMARY_MIN_DELETIONS {
                         let summary = crate::replay::JobSummary::new(
@@ -563,7 +766,7 @@ impl Agent {
         let Some(h) = self.holds.remove(&id) else {
             bail!("no open hold with id {id} (see `guardrail status`)")
         };
-        let mut job = self.sensor.job(&h.key)?.unwrap_or(JobState {
+        let mut job = self.backend.job(&h.key)?.unwrap_or(JobState {
             state: JOB_HELD,
             ..Default::default()
         });
@@ -578,7 +781,7 @@ impl Agent {
         job.prev_count = 0;
         job.incident = 0;
         job.state = JOB_ACTIVE;
-        self.sensor.set_job(&h.key, &job)?;
+        self.backend.set_job(&h.key, &job)?;
         procinfo::signal_job(h.key.pgid, Signal::SIGCONT);
         let mut inc = h.incident;
         inc.outcome = "approved".into();
@@ -599,9 +802,9 @@ impl Agent {
         let Some(h) = self.holds.remove(&id) else {
             bail!("no open hold with id {id} (see `guardrail status`)")
         };
-        let mut job = self.sensor.job(&h.key)?.unwrap_or_default();
+        let mut job = self.backend.job(&h.key)?.unwrap_or_default();
         job.state = JOB_DENIED;
-        self.sensor.set_job(&h.key, &job)?;
+        self.backend.set_job(&h.key, &job)?;
         let kill_it = self.policy.deny_kills || self.tier != Tier::Lsm;
         if kill_it {
             procinfo::signal_job(h.key.pgid, Signal::SIGKILL);
@@ -721,12 +924,7 @@ impl Agent {
             policy_in_force: self.policy.fingerprint.clone(),
             policy_on_disk_differs: on_disk.is_some_and(|f| f != self.policy.fingerprint),
             last_reload_error: self.last_reload_error.clone(),
-            attached: self
-                .sensor
-                .attached()
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
+            attached: self.backend.attached(),
             holds: self.hold_infos(),
         }
     }
@@ -734,4 +932,3 @@ impl Agent {
 
 // Silence "unused" for states only read through the kernel.
 const _: [u32; 2] = [JOB_ACTIVE, JOB_DENIED];
-const _: fn(&dyn AsRawFd) = |_| {};

@@ -3,6 +3,7 @@ mod alert;
 mod btf;
 mod daemon;
 mod events;
+mod fallback;
 mod ipc;
 mod policy_glue;
 mod probe;
@@ -66,10 +67,15 @@ enum Command {
     },
     /// Read the event log (incidents and agent events).
     Events(alert::cli::EventsArgs),
-    /// Probe the kernel, prove the offsets, report the tier and its gaps.
+    /// Probe the kernel, prove the offsets, report the tier and its gaps, and stop a runaway
+    /// deletion in a scratch directory with the tier in force.
     Selftest {
         #[arg(long)]
         json: bool,
+        /// Test this tier instead of the probed one (`userspace`: measure the last resort's
+        /// blast radius on this host even where BPF works).
+        #[arg(long, value_parser = ["auto", "userspace"], default_value = "auto")]
+        tier: String,
     },
 }
 
@@ -156,7 +162,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         )?),
         Command::Deny { id } => cli_done(ipc::call(&socket, &ipc::Request::Deny { id })?),
         Command::Policy { command } => cli_policy(command),
-        Command::Selftest { json } => selftest::run(json),
+        Command::Selftest { json, tier } => selftest::run(json, tier == "userspace"),
         Command::Events(args) => alert::cli::run(args),
     }
 }

@@ -55,8 +55,15 @@ impl Tier {
                 "reboot(2) cannot be stopped",
             ],
             Tier::Userspace => &[
-                "no kernel enforcement: deletions are seen after they happen and the job is stopped from userspace",
-                "the blast radius past the budget depends on scheduling (see `guardrail selftest`)",
+                "cannot refuse anything: deletions are seen after they happen (fanotify; inotify where fanotify is unavailable) and the job is stopped by the agent from userspace",
+                "files past the budget before the stop lands: at most 5000 per runaway job (measured on a busy 2-core host with rm -rf, find -delete and 8 forked workers: usually under 250, at worst 2086; more if the agent gets no CPU for tens of milliseconds); `guardrail selftest --tier userspace` measures this host",
+                "a process that exits before the agent reads its deletions (one short-lived `rm` per file) counts for an unknown job under the default rule; at that job's crossing only a live job holding the directory is stopped (as a guess)",
+                "needs fanotify (Linux >= 5.9): it watches the filesystems of / and of every declared path; without it, inotify watches only the data directories and protected roots below /, names no process (every deletion counts for one unknown job under the default rule), and at its crossing only a job holding the directory open is stopped (as a guess)",
+                "a directory deleted before the agent reads its events has no known ancestors: those deletions count against the budget even inside a target",
+                "protected roots are noticed only where their path is found (mount points, top-level directories, watched roots); deleting one is reported and the job stopped after the fact",
+                "a rename counts whenever its destination is outside scope; overwrites in place are not seen",
+                "the sliding window is timed when the agent reads an event, not when the deletion happened",
+                "reboot(2) cannot be stopped",
             ],
         }
     }
@@ -173,4 +180,21 @@ fn probe_tracepoint(offsets: &KernelOffsets) -> Result<()> {
         anyhow::bail!("a tracepoint program attached but never ran");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_userspace_gaps_state_the_promised_bound() {
+        let bound = format!(
+            "at most {} per runaway job",
+            crate::fallback::PROMISED_OVERSHOOT
+        );
+        assert!(
+            Tier::Userspace.gaps().iter().any(|g| g.contains(&bound)),
+            "probe.rs and fallback::PROMISED_OVERSHOOT disagree"
+        );
+    }
 }

@@ -1,13 +1,14 @@
 //! `guardrail selftest`: which tier this kernel supports (by loading and firing a program of each
-//! type), whether the struct offsets resolved from BTF read the right values on this kernel, and
-//! what the tier cannot see. Exits non-zero when no enforcement is possible.
+//! type), whether the struct offsets resolved from BTF read the right values on this kernel, what
+//! the tier cannot see, and a runaway deletion stopped for real by the tier in force (for the
+//! userspace tier: its blast radius measured on this host). Exits non-zero when a check fails.
 use std::{os::unix::fs::MetadataExt, path::Path, process::ExitCode};
 
 use anyhow::{Context, Result};
 use aya::programs::TracePoint;
 use serde::Serialize;
 
-use crate::{btf, probe, sensor};
+use crate::{btf, fallback, probe, sensor};
 
 #[derive(Serialize)]
 struct Check {
@@ -208,10 +209,44 @@ fn runaway_check(offsets: &guardrail_common::KernelOffsets, tier: probe::Tier) -
     result
 }
 
-pub fn run(json: bool) -> Result<ExitCode> {
+/// Files and budget of the userspace tier's measurement (what its promise is made for).
+const USERSPACE_FILES: usize = 10_000;
+const USERSPACE_BUDGET: u64 = 100;
+
+/// The userspace tier has no kernel side to prove: a runaway `rm -rf` in a scratch directory
+/// under /var/tmp, judged alone (nothing else on the host counts), and the files that went past
+/// the budget before the watcher's stop landed, against the tier's promise.
+fn userspace_runaway_check() -> Check {
+    let promised = fallback::PROMISED_OVERSHOOT;
+    match fallback::measure_blast_radius(
+        Path::new("/var/tmp"),
+        USERSPACE_BUDGET,
+        USERSPACE_FILES,
+        false,
+    ) {
+        Ok(past) => Check {
+            name: "runaway deletion".into(),
+            ok: past <= promised,
+            detail: format!(
+                "rm -rf over {USERSPACE_FILES} files with budget {USERSPACE_BUDGET}, stopped from userspace (fanotify): {past} past the budget (this tier promises at most {promised})"
+            ),
+        },
+        Err(e) => Check {
+            name: "runaway deletion".into(),
+            ok: false,
+            detail: format!("{e:#}"),
+        },
+    }
+}
+
+pub fn run(json: bool, force_userspace: bool) -> Result<ExitCode> {
     crate::mount_kernel_filesystems();
     let offsets = btf::resolve_offsets(Path::new(btf::VMLINUX_BTF));
-    let report = probe::probe(offsets.as_ref().ok());
+    let mut report = probe::probe(offsets.as_ref().ok());
+    let probed = report.why();
+    if force_userspace {
+        report.tier = probe::Tier::Userspace;
+    }
     let mut checks = vec![
         Check {
             name: "kernel BTF offsets".into(),
@@ -250,9 +285,9 @@ pub fn run(json: bool) -> Result<ExitCode> {
             }),
         }
     }
-    if let Ok(o) = &offsets
-        && report.tier != probe::Tier::Userspace
-    {
+    if report.tier == probe::Tier::Userspace {
+        checks.push(userspace_runaway_check());
+    } else if let Ok(o) = &offsets {
         match runaway_check(o, report.tier) {
             Ok(c) => checks.push(c),
             Err(e) => checks.push(Check {
@@ -264,7 +299,11 @@ pub fn run(json: bool) -> Result<ExitCode> {
     }
     let out = Report {
         tier: report.tier,
-        why: report.why(),
+        why: if force_userspace {
+            format!("forced by --tier userspace; probe: {probed}")
+        } else {
+            probed
+        },
         gaps: report.tier.gaps().iter().map(|s| s.to_string()).collect(),
         checks,
     };
@@ -272,6 +311,11 @@ pub fn run(json: bool) -> Result<ExitCode> {
         .checks
         .iter()
         .filter(|c| c.name.starts_with("offset "))
+        .all(|c| c.ok);
+    let runaway_ok = out
+        .checks
+        .iter()
+        .filter(|c| c.name == "runaway deletion")
         .all(|c| c.ok);
     if json {
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -293,9 +337,21 @@ pub fn run(json: bool) -> Result<ExitCode> {
         }
     }
     if out.tier == probe::Tier::Userspace {
-        eprintln!("guardrail selftest: no kernel enforcement is possible here");
-        return Ok(ExitCode::from(2));
+        eprintln!(
+            "guardrail selftest: no kernel enforcement{}; the userspace last resort stops runaways after the fact",
+            if force_userspace {
+                " tested (forced)"
+            } else {
+                " is possible here"
+            }
+        );
+        return Ok(if runaway_ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
     }
+    // The BPF tiers' runaway check is reported, as before; their exit status is the offsets'.
     Ok(if offsets_ok {
         ExitCode::SUCCESS
     } else {

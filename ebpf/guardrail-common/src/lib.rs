@@ -220,6 +220,12 @@ pub const EVF_AUDIT: u32 = 1 << 2;
 pub const EVF_SIGNALLED: u32 = 1 << 3;
 /// The deletion came through io_uring (no path is known in the tracepoint tier).
 pub const EVF_IO_URING: u32 = 1 << 4;
+/// Seen from userspace after the deletion happened (the `userspace` tier: fanotify or inotify);
+/// any stop was sent by the agent, later than a kernel tier would have.
+pub const EVF_USERSPACE: u32 = 1 << 5;
+/// The job was inferred, not reported by the kernel: inotify names no process, and a process may
+/// exit before the agent reads who it was. `pgid`/`sid` are a guess (or 0: nobody).
+pub const EVF_GUESSED: u32 = 1 << 6;
 
 /// Path components carried by an event (innermost first), each up to `NAME_LEN` bytes.
 pub const EVENT_PATH_DEPTH: usize = 6;

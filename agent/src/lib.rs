@@ -1,0 +1,8 @@
+//! The agent's modules that tests drive directly, without a daemon. The `guardrail` binary
+//! declares its own copies of these modules (main.rs), so nothing here changes the binary.
+//! `fallback` (the `userspace` tier) needs no BPF at all; `sensor` comes along for
+//! `KernelPolicy`, the tables both the kernel and the fallback judge by.
+pub mod btf;
+pub mod fallback;
+pub mod probe;
+pub mod sensor;
