@@ -473,7 +473,7 @@ impl Agent {
         }
         mask.thread_block()?;
         let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK)?;
-        let mut watcher = crate::policy_glue::Watcher::new(&self.source)?;
+        let mut watcher = crate::policy_glue::Watcher::new(&self.source, self.policy.unit_names())?;
         println!("guardrail: ready, listening on {}", socket.display());
         crate::notify_ready();
 
@@ -529,7 +529,7 @@ impl Agent {
                 && let Some(w) = watcher.as_mut()
                 && w.changed()
             {
-                self.reload("policy file changed");
+                self.reload("policy file changed, or a unit it names started");
             }
             if last_tick.elapsed() >= Duration::from_millis(500) {
                 last_tick = Instant::now();

@@ -106,8 +106,11 @@ enum PolicyCommand {
         json: bool,
     },
     /// Which rule applies to a deletion of PATH by a job.
+    /// With --shutdown: what a shutdown request from a session of that class gets.
     Explain {
-        path: PathBuf,
+        /// The path whose deletion to explain (not with --shutdown).
+        #[arg(required_unless_present = "shutdown")]
+        path: Option<PathBuf>,
         #[arg(long)]
         policy: Option<PathBuf>,
         #[arg(long)]
@@ -116,6 +119,12 @@ enum PolicyCommand {
         exe: Option<String>,
         #[arg(long)]
         user: Option<String>,
+        /// Explain a shutdown request instead of a deletion.
+        #[arg(long, requires = "session_class", conflicts_with = "path")]
+        shutdown: bool,
+        /// remote | local | none | unknown | serial-console
+        #[arg(long, value_parser = ["remote", "local", "none", "unknown", "serial-console"])]
+        session_class: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -305,12 +314,32 @@ fn cli_policy(cmd: PolicyCommand) -> Result<ExitCode> {
             unit,
             exe,
             user,
+            shutdown,
+            session_class,
             json,
         } => {
             let source = policy_glue::PolicySource::from_args(policy.as_deref(), None);
             let loaded = source
                 .load()
                 .map_err(|r| anyhow::anyhow!("the policy has errors:\n{r}"))?;
+            if shutdown {
+                let class = match session_class.as_deref() {
+                    Some("remote") => gp::SessionClass::Remote,
+                    Some("local") => gp::SessionClass::Local,
+                    Some("none") => gp::SessionClass::None,
+                    Some("serial-console") => gp::SessionClass::SerialConsole,
+                    _ => gp::SessionClass::Unknown,
+                };
+                let d =
+                    gp::explain_shutdown(&loaded.policy, class, unit.as_deref(), exe.as_deref());
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&d)?);
+                } else {
+                    println!("{d}");
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            let path = path.context("a path to explain")?;
             let job = gp::JobSpec {
                 unit,
                 exe,

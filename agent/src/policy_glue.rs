@@ -215,20 +215,72 @@ pub fn dropin_files(dir: &Path) -> Vec<PathBuf> {
 pub struct Watcher {
     inotify: Inotify,
     names: Vec<(PathBuf, Option<String>)>,
+    /// Units the policy names: a rule matched by unit applies through the unit's cgroup id,
+    /// which exists only while the unit runs, so the policy is compiled again when one starts.
+    units: Vec<String>,
+}
+
+impl LoadedPolicy {
+    /// Every systemd unit the policy names (job rules, exemptions, data directory owners).
+    pub fn unit_names(&self) -> Vec<String> {
+        let d = &self.policy.deletion;
+        let mut units: Vec<String> = d
+            .rules
+            .iter()
+            .filter_map(|r| match &r.matcher {
+                gp::JobMatch::Unit(u) => Some(u.clone()),
+                _ => None,
+            })
+            .chain(
+                d.exemptions
+                    .iter()
+                    .flat_map(|e| e.who.units.iter().cloned()),
+            )
+            .chain(
+                d.data_dirs
+                    .iter()
+                    .flat_map(|dd| dd.owners.units.iter().cloned()),
+            )
+            .collect();
+        units.sort();
+        units.dedup();
+        units
+    }
 }
 
 impl Watcher {
-    pub fn new(source: &PolicySource) -> Result<Option<Self>> {
-        let PolicySource::File { main, dropins } = source else {
-            return Ok(None);
-        };
+    pub fn new(source: &PolicySource, units: Vec<String>) -> Result<Option<Self>> {
         let inotify = Inotify::init().context("inotify_init")?;
+        let mut names = Vec::new();
+        if !units.is_empty() {
+            // Services and transient units live in system.slice; the cgroup appears before the
+            // unit's first process runs (a deletion in the moment between is judged by the rule
+            // the job would have without the unit: a documented race).
+            let root = gp::cgroup2_root();
+            for dir in [root.join("system.slice"), root.clone()] {
+                if dir.is_dir() {
+                    let _ = inotify
+                        .watches()
+                        .add(&dir, WatchMask::CREATE | WatchMask::ONLYDIR);
+                }
+            }
+        }
+        let PolicySource::File { main, dropins } = source else {
+            return Ok(if units.is_empty() {
+                None
+            } else {
+                Some(Watcher {
+                    inotify,
+                    names,
+                    units,
+                })
+            });
+        };
         let mask = WatchMask::CLOSE_WRITE
             | WatchMask::MOVED_TO
             | WatchMask::DELETE
             | WatchMask::MOVED_FROM
             | WatchMask::CREATE;
-        let mut names = Vec::new();
         let main_dir = main.parent().unwrap_or(Path::new("/")).to_path_buf();
         inotify
             .watches()
@@ -247,7 +299,11 @@ impl Watcher {
                 .with_context(|| format!("watching {}", d.display()))?;
             names.push((d.clone(), None));
         }
-        Ok(Some(Watcher { inotify, names }))
+        Ok(Some(Watcher {
+            inotify,
+            names,
+            units,
+        }))
     }
 
     pub fn as_fd(&self) -> BorrowedFd<'_> {
@@ -265,6 +321,7 @@ impl Watcher {
                 let Some(name) = ev.name.map(|n| n.to_string_lossy().into_owned()) else {
                     continue;
                 };
+                relevant |= self.units.iter().any(|u| *u == name);
                 relevant |= self.names.iter().any(|(_, want)| match want {
                     Some(w) => *w == name,
                     None => name.ends_with(".toml") && !name.starts_with('.'),

@@ -305,6 +305,19 @@ impl TestCgroup {
     }
 }
 
+impl TestCgroup {
+    /// A cgroup at `rel` below the cgroup2 root (e.g. "system.slice/x.service"), created now.
+    pub fn at(rel: &str) -> TestCgroup {
+        let path = cgroup2_root().join(rel);
+        std::fs::create_dir_all(&path)
+            .unwrap_or_else(|e| panic!("creating cgroup {}: {e}", path.display()));
+        TestCgroup {
+            path,
+            name: format!("/{rel}"),
+        }
+    }
+}
+
 impl Default for TestCgroup {
     fn default() -> Self {
         Self::new()

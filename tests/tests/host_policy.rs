@@ -325,3 +325,98 @@ fn policy_test_replays_job_summaries_through_a_candidate_budget() {
         "budget 5000 would not:\n{loose}"
     );
 }
+
+#[test]
+fn policy_explain_shutdown_per_session_class() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let p = dir.path().join("policy.toml");
+    let default = Command::new(guardrail_bin())
+        .args(["policy", "default"])
+        .output()
+        .expect("run");
+    std::fs::write(&p, &default.stdout).expect("write the shipped default");
+    let explain = |class: &str| {
+        let out = Command::new(guardrail_bin())
+            .args([
+                "policy",
+                "explain",
+                "--shutdown",
+                "--session-class",
+                class,
+                "--policy",
+            ])
+            .arg(&p)
+            .output()
+            .expect("run");
+        assert!(
+            out.status.success(),
+            "explain --shutdown: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_lowercase()
+    };
+    // The shipped default: remote sessions confirm, local ones are allowed.
+    assert!(
+        explain("remote").contains("confirm"),
+        "{}",
+        explain("remote")
+    );
+    assert!(explain("local").contains("allow"), "{}", explain("local"));
+    assert!(
+        explain("unknown").contains("confirm"),
+        "{}",
+        explain("unknown")
+    );
+}
+
+#[test]
+fn a_unit_rule_applies_to_a_unit_started_after_the_agent() {
+    require_root();
+    let _k = kernel_lock();
+    let s = scratch();
+    let unit = format!("guardrail-test-{}.service", std::process::id());
+    // Only the slice exists when the agent starts: the unit's cgroup appears later, the way
+    // systemd creates it when the unit starts.
+    let slice = cgroup2_root().join("system.slice");
+    let made_slice = !slice.exists();
+    std::fs::create_dir_all(&slice).expect("system.slice");
+    let other = TestCgroup::new();
+    let text = policy_with(
+        100_000_000,
+        &[],
+        &[],
+        &other,
+        &format!(
+            "[[deletion.rule]]\nname = \"nightly-update\"\nmatch = {{ unit = \"{unit}\" }}\nbudget = 50\n"
+        ),
+    );
+    let agent = Agent::start(&text).expect("agent");
+    let cg = TestCgroup::at(&format!("system.slice/{unit}"));
+    assert!(
+        wait_until(Duration::from_secs(3), || agent
+            .saw("a unit it names started")),
+        "the agent noticed the unit's cgroup:\n{}",
+        agent.log()
+    );
+    let victim = s.path().join("victim");
+    fill(&victim, 1000);
+    let _job = Job::spawn_in("rm -rf victim", s.path(), Some(&cg));
+    agent
+        .wait_hold(Duration::from_secs(30))
+        .expect("the unit's job is held");
+    let gone = 1000 - settle(&victim, Duration::from_millis(500));
+    assert!(
+        (50..=51).contains(&gone),
+        "the unit rule's budget (50) applied: {gone} gone"
+    );
+    assert!(
+        agent.holds()[0]["rule"] == "nightly-update",
+        "held under the unit's rule: {:?}",
+        agent.holds()
+    );
+    drop(_job);
+    drop(cg);
+    if made_slice {
+        let _ = std::fs::remove_dir(&slice);
+    }
+}
