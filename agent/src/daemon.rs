@@ -73,6 +73,7 @@ struct Agent {
     last_reload_error: Option<String>,
     holds: BTreeMap<u64, Hold>,
     sink: events::Sink,
+    shutdown: crate::shutdown::Guard,
 }
 
 pub fn run(args: AgentArgs) -> Result<()> {
@@ -111,7 +112,12 @@ pub fn run(args: AgentArgs) -> Result<()> {
     // The policy is in the maps before any program is attached: there is no moment with
     // programs running and no policy.
     sensor.install_policy(&policy.kernel)?;
+    let mut shutdown = crate::shutdown::Guard::new(&host, tier, &policy);
+    shutdown.install(&mut sensor, &policy)?;
     sensor.attach(tier)?;
+    for prog in shutdown.attach(&mut sensor, tier)? {
+        sensor.note_attached(prog);
+    }
     let sink = events::Sink::new(&policy, args.event_log.clone(), &host)?;
     let mut agent = Agent {
         host,
@@ -123,6 +129,7 @@ pub fn run(args: AgentArgs) -> Result<()> {
         last_reload_error: None,
         holds: BTreeMap::new(),
         sink,
+        shutdown,
     };
     agent.announce();
     let socket = crate::ipc::socket_path(args.socket.as_deref());
@@ -183,14 +190,22 @@ impl Agent {
 
         let mut last_tick = Instant::now();
         loop {
-            let (ring_ready, sock_ready, sig_ready, watch_ready) = {
+            let (ring_ready, sock_ready, sig_ready, watch_ready, sessions_ready) = {
                 let mut fds = vec![
                     PollFd::new(ring.as_fd(), PollFlags::POLLIN),
                     PollFd::new(listener.as_fd(), PollFlags::POLLIN),
                     PollFd::new(signals.as_fd(), PollFlags::POLLIN),
                 ];
+                let mut watch_index = usize::MAX;
                 if let Some(w) = watcher.as_ref() {
+                    watch_index = fds.len();
                     fds.push(PollFd::new(w.as_fd(), PollFlags::POLLIN));
+                }
+                // Logins (utmp, logind's session files) for the shutdown guard's classifier.
+                let mut sessions_index = usize::MAX;
+                if let Some(fd) = self.shutdown.inotify_fd() {
+                    sessions_index = fds.len();
+                    fds.push(PollFd::new(fd, PollFlags::POLLIN));
                 }
                 match poll(&mut fds, PollTimeout::from(250u16)) {
                     Ok(_) => {}
@@ -202,10 +217,22 @@ impl Agent {
                         .and_then(|f| f.revents())
                         .is_some_and(|r| !r.is_empty())
                 };
-                (ready(0), ready(1), ready(2), ready(3))
+                (
+                    ready(0),
+                    ready(1),
+                    ready(2),
+                    ready(watch_index),
+                    ready(sessions_index),
+                )
             };
             if ring_ready {
                 while let Some(item) = ring.next() {
+                    if let Some(ev) = crate::shutdown::parse_event(&item) {
+                        drop(item);
+                        self.shutdown
+                            .on_event(&ev, &mut self.sensor, &mut self.sink);
+                        continue;
+                    }
                     if item.len() >= std::mem::size_of::<Event>() {
                         // SAFETY: the kernel wrote a whole `Event` (same #[repr(C)] layout, checked by
                         // the layout tests); read_unaligned copes with the ring buffer's alignment.
@@ -244,6 +271,9 @@ impl Agent {
             {
                 self.reload("policy file changed");
             }
+            if sessions_ready {
+                self.shutdown.tick(&mut self.sensor, true);
+            }
             if last_tick.elapsed() >= Duration::from_millis(500) {
                 last_tick = Instant::now();
                 self.tick();
@@ -255,6 +285,9 @@ impl Agent {
         match self.source.load() {
             Ok(new) => match self.sensor.install_policy(&new.kernel) {
                 Ok(()) => {
+                    if let Err(e) = self.shutdown.install(&mut self.sensor, &new) {
+                        eprintln!("guardrail: shutdown tables not updated: {e:#}");
+                    }
                     println!("guardrail: policy reloaded ({why}): {}", new.summary());
                     self.sink.agent_event(
                         "policy_reloaded",
@@ -396,6 +429,7 @@ impl Agent {
     }
 
     fn tick(&mut self) {
+        self.shutdown.tick(&mut self.sensor, false);
         let expired: Vec<u64> = self
             .holds
             .iter()
@@ -530,7 +564,7 @@ impl Agent {
             Err(e) => Response::Error {
                 message: format!("malformed request: {e}"),
             },
-            Ok(req) => self.answer(req, cred.uid()),
+            Ok(req) => self.answer(req, cred.uid(), cred.pid()),
         };
         let mut out = serde_json::to_string(&resp)?;
         out.push('\n');
@@ -538,7 +572,7 @@ impl Agent {
         Ok(())
     }
 
-    fn answer(&mut self, req: Request, uid: u32) -> Response {
+    fn answer(&mut self, req: Request, uid: u32, pid: i32) -> Response {
         let admin_only = matches!(
             req,
             Request::Approve { .. } | Request::Deny { .. } | Request::Reload
@@ -561,6 +595,10 @@ impl Agent {
                 for_job,
             } => self.approve(id, budget, for_job, uid),
             Request::Deny { id } => self.deny(id, "denied", &format!("uid {uid}")),
+            Request::Confirm { host, session } => {
+                self.shutdown
+                    .confirm(&host, session, pid, uid, &mut self.sensor, &mut self.sink)
+            }
             Request::Reload => {
                 self.reload("guardrail reload");
                 match &self.last_reload_error {

@@ -80,6 +80,7 @@ pub fn load(offsets: &KernelOffsets) -> Result<Ebpf> {
     }
     EbpfLoader::new()
         .override_global("OFFSETS", offsets, true)
+        .override_global("SD_OFFSETS", &crate::shutdown::offsets(), true)
         .load(BPF_OBJECT)
         .context("loading the embedded BPF object")
 }
@@ -134,6 +135,11 @@ impl Sensor {
             Tier::Userspace => {}
         }
         Ok(())
+    }
+
+    /// Records a program attached by another module (the shutdown guard).
+    pub fn note_attached(&mut self, prog: &'static str) {
+        self.attached.push(prog);
     }
 
     pub fn attached(&self) -> &[&'static str] {

@@ -41,7 +41,9 @@ use aya_ebpf::{
 };
 use guardrail_common::*;
 
-const EPERM: i32 = 1;
+mod shutdown;
+
+pub(crate) const EPERM: i32 = 1;
 const SIGKILL: u32 = 9;
 const SIGSTOP: u32 = 19;
 const AT_FDCWD: i64 = -100;
@@ -105,7 +107,7 @@ static JOBS: LruHashMap<JobKey, JobState> = LruHashMap::with_max_entries(16384, 
 #[map]
 static INCIDENTS: Array<u64> = Array::with_max_entries(1, 0);
 #[map]
-static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 /// Scratch space for the user path of a tracepoint-tier deletion (too big for the BPF stack).
 #[map]
 static PATHBUF: PerCpuArray<[u8; 256]> = PerCpuArray::with_max_entries(1, 0);
@@ -118,7 +120,7 @@ static SELFTEST: Array<SelftestAnswer> = Array::with_max_entries(1, 0);
 static PROBE_LSM_HITS: Array<u64> = Array::with_max_entries(1, 0);
 
 #[inline(always)]
-fn offsets() -> KernelOffsets {
+pub(crate) fn offsets() -> KernelOffsets {
     // SAFETY: OFFSETS is a plain read-only global; the volatile read stops the compiler from
     // folding the zero initialiser, since the loader rewrites .rodata before load.
     unsafe { read_volatile(&OFFSETS) }
@@ -126,14 +128,14 @@ fn offsets() -> KernelOffsets {
 
 /// Reads a `T` at `base + off` from kernel memory.
 #[inline(always)]
-fn kread<T>(base: *const u8, off: u32) -> Result<T, i32> {
+pub(crate) fn kread<T>(base: *const u8, off: u32) -> Result<T, i32> {
     // SAFETY: bpf_probe_read_kernel copies with fault handling; a bad address is an Err, never
     // a fault.
     unsafe { bpf_probe_read_kernel(base.wrapping_add(off as usize) as *const T) }
 }
 
 #[inline(always)]
-fn kptr(base: *const u8, off: u32) -> Result<*const u8, i32> {
+pub(crate) fn kptr(base: *const u8, off: u32) -> Result<*const u8, i32> {
     let p: *const u8 = kread(base, off)?;
     if p.is_null() { Err(-1) } else { Ok(p) }
 }
@@ -147,7 +149,7 @@ fn task_pid_of_type(o: &KernelOffsets, task: *const u8, pidtype: u32) -> Result<
 }
 
 #[inline(always)]
-fn current_task() -> *const u8 {
+pub(crate) fn current_task() -> *const u8 {
     // SAFETY: helper without preconditions.
     unsafe { bpf_get_current_task() as *const u8 }
 }
