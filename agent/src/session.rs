@@ -179,6 +179,16 @@ fn is_serial(tty: &str) -> bool {
     t.starts_with("ttyS") || t.starts_with("hvc") || t.starts_with("ttyAMA")
 }
 
+/// The client address of a remote session: SSH_CONNECTION in a session process's environment,
+/// else utmp's host for its terminal.
+pub fn remote_host(pids: &[u32]) -> Option<String> {
+    ssh_client(pids).or_else(|| {
+        pids.iter()
+            .find_map(|p| crate::procinfo::tty_name(*p))
+            .and_then(|t| utmp_host(&t))
+    })
+}
+
 /// The client address of an SSH connection, from a session process's environment.
 fn ssh_client(pids: &[u32]) -> Option<String> {
     for pid in pids {

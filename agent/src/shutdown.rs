@@ -463,6 +463,7 @@ impl Guard {
         if ev.op == 0 {
             return;
         }
+        self.refine_host(session);
         let origin = self.origin(session);
         let (cmd, verb) = request_text(ev);
         let class_name = match ev.class {
@@ -502,6 +503,22 @@ impl Guard {
         let mut inc = self.incident(ev, "shutdown", outcome, &reason, &cmd, sensor);
         inc.op = op_name(ev.op).to_string();
         sink.incident(&inc);
+    }
+
+    /// A remote session classified at its first exec may not have shown its client address yet
+    /// (sshd's environment has none; the shell's appears after exec): look again.
+    fn refine_host(&mut self, session: u32) {
+        let Some(o) = self.known.get(&session) else {
+            return;
+        };
+        if o.class != Class::Remote || o.host.is_some() {
+            return;
+        }
+        let pids = session::live_sessions().remove(&session).unwrap_or_default();
+        let host = session::remote_host(&pids);
+        if let Some(o) = self.known.get_mut(&session) {
+            o.host = host;
+        }
     }
 
     fn origin(&self, session: u32) -> Origin {
@@ -703,10 +720,12 @@ fn request_text(ev: &ShutdownEvent) -> (String, String) {
             {
                 *first = base.to_string();
             }
-            let cmd = if words.is_empty() {
-                cstr(&ev.comm)
-            } else {
-                words.join(" ")
+            // A dedicated command is named by itself ("reboot"); a multi-call one by its verb
+            // and target ("systemctl reboot -i", "init 0").
+            let cmd = match words.first().map(String::as_str) {
+                None => cstr(&ev.comm),
+                Some("systemctl" | "init" | "telinit") => words.join(" "),
+                Some(first) => first.to_string(),
             };
             (cmd, verb_of(&words))
         }

@@ -51,6 +51,12 @@ fn assert_refusal(text: &str, from: &str, what: &str) {
     );
 }
 
+/// How many times the stand-in printed its line (bash's "Killed <command line>" report also
+/// contains the words, so whole lines are counted).
+fn ran(text: &str) -> usize {
+    text.lines().filter(|l| l.trim() == RAN).count()
+}
+
 fn text(out: &Output) -> (String, String) {
     (
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -206,7 +212,10 @@ fn gr(agent: &Agent) -> String {
 fn remote_shutdown_is_refused_until_confirmed_by_host_name() {
     let _k = kernel_lock();
     let Setup {
-        agent, standin, s, ..
+        agent,
+        standin,
+        s,
+        _cg,
     } = setup();
     let sshd = Sshd::start();
     let reboot = format!("{} {RAN}", standin.display());
@@ -216,21 +225,21 @@ fn remote_shutdown_is_refused_until_confirmed_by_host_name() {
     let out = sshd.run(true, &format!("{reboot}; echo rc=$?"));
     let (o, e) = text(&out);
     assert_refusal(&o, from, "ssh -tt");
-    assert!(!o.contains(RAN), "the stand-in ran over ssh:\n{o}");
+    assert!(ran(&o) == 0, "the stand-in ran over ssh:\n{o}");
     assert!(o.contains("rc=137"), "the stand-in was not killed (rc):\n{o}\n{e}");
 
     // Under sudo: SSH_CONNECTION is stripped, the audit session is not.
     let out = sshd.run(true, &format!("sudo {reboot}; echo rc=$?"));
     let (o, e) = text(&out);
     assert_refusal(&o, from, "sudo over ssh");
-    assert!(!o.contains(RAN), "the stand-in ran under sudo:\n{o}\n{e}");
+    assert!(ran(&o) == 0, "the stand-in ran under sudo:\n{o}\n{e}");
     assert!(!o.contains("rc=0"), "sudo reported success:\n{o}");
 
     // `ssh host cmd` without a terminal (Ansible, scripts): the message goes to stderr.
     let out = sshd.run(false, &reboot);
     let (o, e) = text(&out);
     assert_refusal(&e, from, "ssh host cmd");
-    assert!(!o.contains(RAN), "the stand-in ran without a tty:\n{o}");
+    assert!(ran(&o) == 0, "the stand-in ran without a tty:\n{o}");
     assert!(!out.status.success(), "ssh host cmd exited 0");
 
     // A tmux server started over ssh keeps the session's audit id after the ssh connection is
@@ -266,7 +275,7 @@ fn remote_shutdown_is_refused_until_confirmed_by_host_name() {
         .into_owned();
     let _ = tmux(&["kill-server"]);
     assert_refusal(&screen, from, "tmux started over ssh");
-    assert!(!screen.contains(RAN), "the stand-in ran in tmux:\n{screen}");
+    assert!(ran(&screen) == 0, "the stand-in ran in tmux:\n{screen}");
     assert_eq!(rc.trim(), "rc=137", "the stand-in in tmux was not killed");
 
     // Confirmation: a wrong name is refused with a clear message and exit 1.
@@ -298,7 +307,7 @@ fn remote_shutdown_is_refused_until_confirmed_by_host_name() {
         host()
     );
     assert_eq!(
-        o.matches(RAN).count(),
+        ran(&o),
         1,
         "after one confirmation the stand-in runs exactly once:\n{o}\n{e}"
     );
@@ -335,7 +344,9 @@ fn remote_shutdown_is_refused_until_confirmed_by_host_name() {
 #[test]
 fn local_session_and_no_session_run_the_stand_in_freely() {
     let _k = kernel_lock();
-    let Setup { agent, standin, .. } = setup();
+    let Setup {
+        agent, standin, s: _s, _cg, ..
+    } = setup();
 
     // A local login: a new audit session (what pam_loginuid does) started by a local process.
     let mut child = Command::new("/bin/sh")
@@ -370,7 +381,7 @@ fn local_session_and_no_session_run_the_stand_in_freely() {
     let mut rest = String::new();
     let _ = std::io::Read::read_to_string(&mut stdout, &mut rest);
     assert!(
-        out.status.success() && rest.contains(RAN),
+        out.status.success() && ran(&rest) == 1,
         "the stand-in did not run in a local session: {:?} {rest} {}",
         out.status,
         String::from_utf8_lossy(&out.stderr)
@@ -386,7 +397,7 @@ fn local_session_and_no_session_run_the_stand_in_freely() {
         .output()
         .expect("no session");
     assert!(
-        out.status.success() && String::from_utf8_lossy(&out.stdout).contains(RAN),
+        out.status.success() && ran(&String::from_utf8_lossy(&out.stdout)) == 1,
         "the stand-in did not run without a session: {:?}",
         text(&out)
     );
