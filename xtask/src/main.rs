@@ -26,6 +26,11 @@ const APT_PACKAGES: &[&str] = &[
     // Scenarios the tests replay.
     "python3",
     "findutils",
+    // The remote-shutdown tests: a real sshd (PAM sets the audit session id), sudo and tmux.
+    "openssh-server",
+    "openssh-client",
+    "sudo",
+    "tmux",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
