@@ -101,7 +101,10 @@ fn words() -> Vec<(&'static str, u32)> {
         "hibernate",
     ] {
         // `isolate` adds .target itself; `start` needs it written.
-        v.push((Box::leak(format!("{t}.target").into_boxed_str()), SD_W_TARGET));
+        v.push((
+            Box::leak(format!("{t}.target").into_boxed_str()),
+            SD_W_TARGET,
+        ));
         v.push((t, SD_W_TARGET));
     }
     v.push(("0", SD_W_RUNLEVEL));
@@ -203,10 +206,9 @@ impl Guard {
         let inotify = Inotify::init().ok().inspect(|i| {
             // Logins appear here before their first command (sshd writes utmp for a pty; logind
             // creates its session file).
-            let _ = i.watches().add(
-                session::UTMP,
-                WatchMask::MODIFY | WatchMask::CLOSE_WRITE,
-            );
+            let _ = i
+                .watches()
+                .add(session::UTMP, WatchMask::MODIFY | WatchMask::CLOSE_WRITE);
             let _ = i.watches().add(
                 session::LOGIND_SESSIONS,
                 WatchMask::CREATE | WatchMask::MOVED_TO | WatchMask::CLOSE_WRITE,
@@ -233,8 +235,10 @@ impl Guard {
         self.audit = policy.policy.mode == gp::Mode::Audit;
         let ebpf = sensor.ebpf_mut();
         {
-            let mut m: BpfHashMap<_, u64, u32> =
-                BpfHashMap::try_from(ebpf.map_mut("SD_WORDS").ok_or_else(|| anyhow!("no SD_WORDS"))?)?;
+            let mut m: BpfHashMap<_, u64, u32> = BpfHashMap::try_from(
+                ebpf.map_mut("SD_WORDS")
+                    .ok_or_else(|| anyhow!("no SD_WORDS"))?,
+            )?;
             let mut flags: HashMap<u64, u32> = HashMap::new();
             for (w, f) in words() {
                 *flags.entry(word_hash(w.as_bytes())).or_default() |= f;
@@ -244,8 +248,10 @@ impl Guard {
             }
         }
         {
-            let mut m: BpfHashMap<_, FileId, u32> =
-                BpfHashMap::try_from(ebpf.map_mut("SD_EXES").ok_or_else(|| anyhow!("no SD_EXES"))?)?;
+            let mut m: BpfHashMap<_, FileId, u32> = BpfHashMap::try_from(
+                ebpf.map_mut("SD_EXES")
+                    .ok_or_else(|| anyhow!("no SD_EXES"))?,
+            )?;
             let old: Vec<FileId> = m.keys().filter_map(|k| k.ok()).collect();
             for k in old {
                 let _ = m.remove(&k);
@@ -455,7 +461,9 @@ impl Guard {
     pub fn on_event(&mut self, ev: &ShutdownEvent, sensor: &mut Sensor, sink: &mut Sink) {
         let session = ev.audit_session;
         if session != AUDIT_SESSION_UNSET && !self.known.contains_key(&session) {
-            let pids = session::live_sessions().remove(&session).unwrap_or_default();
+            let pids = session::live_sessions()
+                .remove(&session)
+                .unwrap_or_default();
             if let Some(o) = session::classify(session, &pids) {
                 self.push(sensor, session, o);
             }
@@ -514,7 +522,9 @@ impl Guard {
         if o.class != Class::Remote || o.host.is_some() {
             return;
         }
-        let pids = session::live_sessions().remove(&session).unwrap_or_default();
+        let pids = session::live_sessions()
+            .remove(&session)
+            .unwrap_or_default();
         let host = session::remote_host(&pids);
         if let Some(o) = self.known.get_mut(&session) {
             o.host = host;
@@ -628,9 +638,7 @@ impl Guard {
             .and_then(|s| s.trim().parse::<u32>().ok())
             .ok_or_else(|| anyhow!("cannot read the caller's audit session id"))?;
         if actual != claimed {
-            bail!(
-                "the caller runs in audit session {actual}, not {claimed}; nothing confirmed"
-            );
+            bail!("the caller runs in audit session {actual}, not {claimed}; nothing confirmed");
         }
         if actual == AUDIT_SESSION_UNSET {
             bail!("this process has no login session (no audit session id); nothing to confirm");
@@ -675,7 +683,14 @@ impl Guard {
             words: [[0; SD_WORD_LEN]; SD_ARGV_WORDS],
         };
         let cmd = procinfo::cmdline(peer_pid as u32).unwrap_or_else(|| "guardrail confirm".into());
-        let mut inc = self.incident(&ev, "shutdown_confirmation", "granted", &reason, &cmd, sensor);
+        let mut inc = self.incident(
+            &ev,
+            "shutdown_confirmation",
+            "granted",
+            &reason,
+            &cmd,
+            sensor,
+        );
         inc.decided_by = Some(uid);
         sink.incident(&inc);
         Ok(format!(
@@ -759,7 +774,11 @@ fn verb_of(words: &[String]) -> String {
     };
     let first = words.first().map(String::as_str).unwrap_or("");
     if matches!(first, "systemctl" | "init" | "telinit") {
-        if let Some(x) = words[1..].iter().filter(|w| !w.starts_with('-')).find_map(|w| v(w)) {
+        if let Some(x) = words[1..]
+            .iter()
+            .filter(|w| !w.starts_with('-'))
+            .find_map(|w| v(w))
+        {
             return x.to_string();
         }
     } else if let Some(x) = v(first) {

@@ -127,12 +127,18 @@ impl Sshd {
 
     fn ssh(&self, tty: bool) -> Command {
         let mut c = Command::new("ssh");
-        c.args(["-q", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no"])
-            .args(["-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"])
-            .arg("-i")
-            .arg(self.dir.path().join("id"))
-            .arg("-p")
-            .arg(self.port.to_string());
+        c.args([
+            "-q",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+        ])
+        .args(["-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"])
+        .arg("-i")
+        .arg(self.dir.path().join("id"))
+        .arg("-p")
+        .arg(self.port.to_string());
         if tty {
             c.arg("-tt");
         } else {
@@ -144,10 +150,7 @@ impl Sshd {
 
     /// Runs `cmd` (a shell command line on the "remote" side) over ssh.
     fn run(&self, tty: bool, cmd: &str) -> Output {
-        self.ssh(tty)
-            .arg(cmd)
-            .output()
-            .expect("running ssh")
+        self.ssh(tty).arg(cmd).output().expect("running ssh")
     }
 }
 
@@ -191,7 +194,8 @@ commands = ["{}"]
 "#,
         standin.display()
     );
-    let agent = Agent::start(&policy_with(100, &[&target], &[], &cg, &extra)).expect("agent starts");
+    let agent =
+        Agent::start(&policy_with(100, &[&target], &[], &cg, &extra)).expect("agent starts");
     Setup {
         agent,
         _cg: cg,
@@ -226,7 +230,10 @@ fn remote_shutdown_is_refused_until_confirmed_by_host_name() {
     let (o, e) = text(&out);
     assert_refusal(&o, from, "ssh -tt");
     assert!(ran(&o) == 0, "the stand-in ran over ssh:\n{o}");
-    assert!(o.contains("rc=137"), "the stand-in was not killed (rc):\n{o}\n{e}");
+    assert!(
+        o.contains("rc=137"),
+        "the stand-in was not killed (rc):\n{o}\n{e}"
+    );
 
     // Under sudo: SSH_CONNECTION is stripped, the audit session is not.
     let out = sshd.run(true, &format!("sudo {reboot}; echo rc=$?"));
@@ -255,7 +262,10 @@ fn remote_shutdown_is_refused_until_confirmed_by_host_name() {
     };
     let out = sshd.run(
         false,
-        &format!("tmux -S {} new-session -d -s g -x 250 -y 20 'sleep 600'", sock.display()),
+        &format!(
+            "tmux -S {} new-session -d -s g -x 250 -y 20 'sleep 600'",
+            sock.display()
+        ),
     );
     assert!(out.status.success(), "tmux over ssh: {:?}", text(&out));
     let pane = s.path().join("pane.done");
@@ -345,7 +355,11 @@ fn remote_shutdown_is_refused_until_confirmed_by_host_name() {
 fn local_session_and_no_session_run_the_stand_in_freely() {
     let _k = kernel_lock();
     let Setup {
-        agent, standin, s: _s, _cg, ..
+        agent,
+        standin,
+        s: _s,
+        _cg,
+        ..
     } = setup();
 
     // A local login: a new audit session (what pam_loginuid does) started by a local process.
@@ -402,13 +416,16 @@ fn local_session_and_no_session_run_the_stand_in_freely() {
         text(&out)
     );
     assert!(
-        wait_until(Duration::from_secs(10), || agent
-            .events()
-            .iter()
-            .filter(|v| v["incident"]["kind"] == "shutdown"
-                && v["incident"]["outcome"] == "allowed")
-            .count()
-            >= 2),
+        wait_until(Duration::from_secs(10), || {
+            agent
+                .events()
+                .iter()
+                .filter(|v| {
+                    v["incident"]["kind"] == "shutdown" && v["incident"]["outcome"] == "allowed"
+                })
+                .count()
+                >= 2
+        }),
         "allowed requests are not alerted: {:#?}",
         agent.events()
     );

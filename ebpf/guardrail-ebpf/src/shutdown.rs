@@ -200,8 +200,8 @@ fn capture(argv: *const u64) -> u32 {
     let mut w = 1usize;
     while w < SD_ARGV_WORDS {
         // SAFETY: user memory read with fault handling.
-        let p = unsafe { aya_ebpf::helpers::bpf_probe_read_user(argv.wrapping_add(w)) }
-            .unwrap_or(0);
+        let p =
+            unsafe { aya_ebpf::helpers::bpf_probe_read_user(argv.wrapping_add(w)) }.unwrap_or(0);
         if p == 0 {
             break;
         }
@@ -253,7 +253,13 @@ fn note_session() {
         return;
     }
     let _ = SD_SEEN.insert(&session, &1, 0);
-    report(0, SD_OUT_ALLOWED, pack(SD_CLASS_UNKNOWN, SD_ALLOW, 0), 0, None);
+    report(
+        0,
+        SD_OUT_ALLOWED,
+        pack(SD_CLASS_UNKNOWN, SD_ALLOW, 0),
+        0,
+        None,
+    );
 }
 
 /// Syscall tracepoint records: 8 bytes of common fields, the syscall number, then the arguments.
@@ -377,7 +383,13 @@ fn judge(op: u32, signal: u32, tid: u32, tracepoint: bool) -> bool {
         None
     };
     if action == SD_ALLOW {
-        report(op, SD_OUT_ALLOWED, pack(class, action, exception), signal, words);
+        report(
+            op,
+            SD_OUT_ALLOWED,
+            pack(class, action, exception),
+            signal,
+            words,
+        );
         return false;
     }
     let t = now();
@@ -409,7 +421,13 @@ fn judge(op: u32, signal: u32, tid: u32, tracepoint: bool) -> bool {
         return false;
     }
     if cfg.mode == MODE_AUDIT {
-        report(op, SD_OUT_WOULD_REFUSE, pack(class, action, 0), signal, words);
+        report(
+            op,
+            SD_OUT_WOULD_REFUSE,
+            pack(class, action, 0),
+            signal,
+            words,
+        );
         return false;
     }
     let outcome = if tracepoint {
@@ -497,7 +515,11 @@ pub fn sd_bprm_check(ctx: LsmContext) -> i32 {
     if !exec_is_shutdown(file, tid) {
         return 0;
     }
-    if judge(SD_OP_EXEC, 0, tid, false) { -EPERM } else { 0 }
+    if judge(SD_OP_EXEC, 0, tid, false) {
+        -EPERM
+    } else {
+        0
+    }
 }
 
 /// `int capable(const struct cred *cred, struct user_namespace *ns, int cap, unsigned int opts)`:
@@ -510,7 +532,11 @@ pub fn sd_capable(ctx: LsmContext) -> i32 {
         return 0;
     }
     let tid = bpf_get_current_pid_tgid() as u32;
-    if judge(SD_OP_REBOOT, 0, tid, false) { -EPERM } else { 0 }
+    if judge(SD_OP_REBOOT, 0, tid, false) {
+        -EPERM
+    } else {
+        0
+    }
 }
 
 /// `int file_open(struct file *file)`: a write open of /proc/sysrq-trigger (matched by procfs
@@ -546,7 +572,11 @@ pub fn sd_file_open(ctx: LsmContext) -> i32 {
         return 0;
     }
     let tid = bpf_get_current_pid_tgid() as u32;
-    if judge(SD_OP_SYSRQ, 0, tid, false) { -EPERM } else { 0 }
+    if judge(SD_OP_SYSRQ, 0, tid, false) {
+        -EPERM
+    } else {
+        0
+    }
 }
 
 /// Signals that make systemd (PID 1) shut down: SIGINT (ctrl-alt-del.target), SIGRTMIN+3..+6 and
