@@ -163,6 +163,21 @@ fn action(a: gp::ShutdownAction) -> u32 {
     }
 }
 
+/// The kernel's per-class answers, indexed by `SD_CLASS_*`: what `explain_shutdown` says for
+/// each class when no exception applies (exceptions are matched in the kernel separately).
+fn class_actions(policy: &gp::Policy) -> [u32; SD_CLASSES] {
+    let mut a = [SD_CONFIRM; SD_CLASSES];
+    for (i, class) in [
+        (SD_CLASS_LOCAL, gp::SessionClass::Local),
+        (SD_CLASS_REMOTE, gp::SessionClass::Remote),
+        (SD_CLASS_NONE, gp::SessionClass::None),
+        (SD_CLASS_UNKNOWN, gp::SessionClass::Unknown),
+    ] {
+        a[i as usize] = action(gp::explain_shutdown(policy, class, None, None).action);
+    }
+    a
+}
+
 fn monotonic_ns() -> u64 {
     // bpf_ktime_get_ns() is CLOCK_MONOTONIC: pass expiries are compared with it in the kernel.
     let mut t = libc::timespec {
@@ -278,14 +293,8 @@ impl Guard {
             }
         }
         self.refresh_exception_units(sensor);
-        let s = &self.policy;
         let cfg = ShutdownConfig {
-            action: [
-                action(s.local),
-                action(s.remote),
-                action(s.none),
-                action(s.unknown),
-            ],
+            action: class_actions(&policy.policy),
             enabled: 1,
             mode: if self.audit { MODE_AUDIT } else { MODE_ENFORCE },
             agent_tgid: std::process::id(),
@@ -301,11 +310,11 @@ impl Guard {
                 .ok_or_else(|| anyhow!("no SD_CONFIG"))?,
         )?;
         a.set(0, cfg, 0)?;
-        // Serial consoles may have been mapped differently: classify again.
-        let sessions: Vec<u32> = self.known.keys().copied().collect();
-        self.known.clear();
-        for s in sessions {
-            self.forget(sensor, s);
+        // Serial consoles may map differently now: push every known session again (overwriting,
+        // never removing, so no session is unclassified for a moment).
+        let known: Vec<(u32, Origin)> = self.known.drain().collect();
+        for (s, o) in known {
+            self.push(sensor, s, o);
         }
         self.scan(sensor);
         Ok(())
@@ -841,6 +850,22 @@ mod tests {
         assert_eq!(verb_of(&w("my-fleet-job")), "shut down");
         assert_eq!(window_text(Duration::from_secs(120)), "2 minutes");
         assert_eq!(window_text(Duration::from_secs(90)), "90 seconds");
+    }
+
+    #[test]
+    fn kernel_actions_follow_the_shipped_policy() {
+        let checked = gp::check_str(
+            "(embedded default)",
+            gp::DEFAULT_POLICY,
+            &gp::SystemResolver,
+        );
+        let policy = checked.policy.expect("the default policy is valid");
+        let a = class_actions(&policy);
+        // Shipped default: remote → confirm, local → allow, none → allow, unknown → like remote.
+        assert_eq!(a[SD_CLASS_REMOTE as usize], SD_CONFIRM);
+        assert_eq!(a[SD_CLASS_LOCAL as usize], SD_ALLOW);
+        assert_eq!(a[SD_CLASS_NONE as usize], SD_ALLOW);
+        assert_eq!(a[SD_CLASS_UNKNOWN as usize], SD_CONFIRM);
     }
 
     #[test]
