@@ -87,6 +87,16 @@ const REMOTE_LEADERS: &[(&str, &str)] = &[
     ("cockpit-ws", "cockpit"),
 ];
 const NO_LOGIN_LEADERS: &[&str] = &["cron", "crond", "atd"];
+/// Local logins whose leader PID 1 started directly (so "started by a live local process" does not
+/// tell): the console's login, display managers.
+const LOCAL_LEADERS: &[&str] = &[
+    "login",
+    "agetty",
+    "gdm-session-worker",
+    "lightdm",
+    "sddm-helper",
+    "xdm",
+];
 
 #[derive(Debug, Clone)]
 struct Proc {
@@ -276,8 +286,12 @@ pub fn classify(session: u32, pids: &[u32]) -> Option<Origin> {
             });
         }
     }
-    // Started by something still there that is not PID 1: a local login.
-    if leader_parents.iter().any(|pp| *pp > 1) {
+    let local_leader = seen
+        .iter()
+        .any(|p| LOCAL_LEADERS.iter().any(|n| p.names.iter().any(|x| x == n)));
+    // A console or display-manager login, or a session started by something still there that is
+    // not PID 1: a local login.
+    if local_leader || leader_parents.iter().any(|pp| *pp > 1) {
         let class = if tty.as_deref().is_some_and(is_serial) {
             Class::Serial
         } else {

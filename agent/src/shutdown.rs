@@ -209,6 +209,9 @@ pub struct Guard {
     known: HashMap<u32, Origin>,
     inotify: Option<Inotify>,
     last_scan: std::time::Instant,
+    /// Process groups of callers that may have stopped themselves in sympathy with the task the
+    /// kernel stopped (sudo suspends itself when its command stops), with when to give up.
+    resume: Vec<(u32, std::time::Instant)>,
 }
 
 fn cstr(b: &[u8]) -> String {
@@ -237,6 +240,7 @@ impl Guard {
             known: HashMap::new(),
             inotify,
             last_scan: std::time::Instant::now(),
+            resume: Vec::new(),
         }
     }
 
@@ -450,8 +454,28 @@ impl Guard {
         }
     }
 
+    /// The kernel's SIGSTOP is only meant to hold the refused task while the agent writes to its
+    /// terminal, but a caller that waits with WUNTRACED (sudo, with or without its own pty) sees
+    /// the stop and suspends itself and its process group. For a few seconds after a refusal,
+    /// continue the caller's process group if it stopped.
+    fn resume_callers(&mut self) {
+        let now = std::time::Instant::now();
+        self.resume.retain(|(_, until)| *until > now);
+        for (pgid, _) in &self.resume {
+            let stopped = procinfo::pids_in_group(*pgid)
+                .iter()
+                .any(|p| state_of(*p).is_some_and(|c| c == 'T'));
+            if stopped {
+                let _ = nix::sys::signal::killpg(Pid::from_raw(*pgid as i32), Signal::SIGCONT);
+            }
+        }
+    }
+
     /// Periodic work: drain inotify, rescan sessions, refresh unit exceptions.
     pub fn tick(&mut self, sensor: &mut Sensor, woken: bool) {
+        if !self.resume.is_empty() {
+            self.resume_callers();
+        }
         if let Some(i) = self.inotify.as_mut() {
             let mut buf = [0u8; 4096];
             while let Ok(mut evs) = i.read_events(&mut buf) {
@@ -503,6 +527,23 @@ impl Guard {
                 let _ = kill(pid, Signal::SIGCONT);
             }
             println!("{msg}");
+            // The callers up the tree, within the same audit session: sudo's pty monitor is the
+            // parent, sudo itself (which suspends) the grandparent.
+            let until = std::time::Instant::now() + Duration::from_secs(3);
+            let mut p = ev.ppid;
+            for _ in 0..4 {
+                let Some((_, ppid, pgid)) = stat_of(p) else {
+                    break;
+                };
+                if p <= 1 || session_of(p) != Some(ev.audit_session) {
+                    break;
+                }
+                if pgid > 1 && !self.resume.iter().any(|(g, _)| *g == pgid) {
+                    self.resume.push((pgid, until));
+                }
+                p = ppid;
+            }
+            self.resume_callers();
         }
         let outcome = match ev.outcome {
             SD_OUT_REFUSED => "refused",
@@ -708,6 +749,29 @@ impl Guard {
             window_text(window)
         ))
     }
+}
+
+/// (state, ppid, pgid) from /proc/PID/stat.
+fn stat_of(pid: u32) -> Option<(char, u32, u32)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    let mut f = rest.split_whitespace();
+    let state = f.next()?.chars().next()?;
+    let ppid = f.next()?.parse().ok()?;
+    let pgid = f.next()?.parse().ok()?;
+    Some((state, ppid, pgid))
+}
+
+fn state_of(pid: u32) -> Option<char> {
+    stat_of(pid).map(|s| s.0)
+}
+
+fn session_of(pid: u32) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/sessionid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 fn session_text(s: u32) -> String {

@@ -108,10 +108,13 @@ impl Sshd {
         std::fs::write(d.join("sshd_config"), config).expect("sshd_config");
         // Privilege separation directory, created by the package's service unit normally.
         std::fs::create_dir_all("/run/sshd").expect("/run/sshd");
+        // Its log (-e: to stderr) goes to a file: the readiness probe below makes it complain.
+        let log = std::fs::File::create(d.join("sshd.log")).expect("sshd.log");
         let child = Command::new("/usr/sbin/sshd")
             .args(["-D", "-e", "-f"])
             .arg(d.join("sshd_config"))
             .stdin(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("starting /usr/sbin/sshd");
         assert!(
@@ -126,19 +129,21 @@ impl Sshd {
     }
 
     fn ssh(&self, tty: bool) -> Command {
-        let mut c = Command::new("ssh");
-        c.args([
-            "-q",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "StrictHostKeyChecking=no",
-        ])
-        .args(["-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"])
-        .arg("-i")
-        .arg(self.dir.path().join("id"))
-        .arg("-p")
-        .arg(self.port.to_string());
+        // A caller left stopped would hang the test: fail it instead.
+        let mut c = Command::new("timeout");
+        c.args(["120", "ssh"])
+            .args([
+                "-q",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "StrictHostKeyChecking=no",
+            ])
+            .args(["-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"])
+            .arg("-i")
+            .arg(self.dir.path().join("id"))
+            .arg("-p")
+            .arg(self.port.to_string());
         if tty {
             c.arg("-tt");
         } else {
@@ -238,9 +243,21 @@ fn remote_shutdown_is_refused_until_confirmed_by_host_name() {
     // Under sudo: SSH_CONNECTION is stripped, the audit session is not.
     let out = sshd.run(true, &format!("sudo {reboot}; echo rc=$?"));
     let (o, e) = text(&out);
+    assert_ne!(out.status.code(), Some(124), "sudo over ssh hung:\n{o}");
     assert_refusal(&o, from, "sudo over ssh");
     assert!(ran(&o) == 0, "the stand-in ran under sudo:\n{o}\n{e}");
     assert!(!o.contains("rc=0"), "sudo reported success:\n{o}");
+
+    // sudo without a terminal (Ansible's become): sudo waits for its command itself.
+    let out = sshd.run(false, &format!("sudo {reboot}"));
+    let (o, e) = text(&out);
+    assert_ne!(out.status.code(), Some(124), "sudo without a tty hung");
+    assert_refusal(&e, from, "sudo over ssh without a tty");
+    assert!(
+        ran(&o) == 0,
+        "the stand-in ran under sudo without a tty:\n{o}"
+    );
+    assert!(!out.status.success(), "sudo without a tty exited 0");
 
     // `ssh host cmd` without a terminal (Ansible, scripts): the message goes to stderr.
     let out = sshd.run(false, &reboot);
@@ -336,7 +353,7 @@ fn remote_shutdown_is_refused_until_confirmed_by_host_name() {
             .filter(|i| i["kind"] == kind && i["outcome"] == outcome)
             .count()
     };
-    assert!(count("shutdown", "killed") >= 5, "refusals: {incidents:#?}");
+    assert!(count("shutdown", "killed") >= 6, "refusals: {incidents:#?}");
     assert_eq!(count("shutdown_confirmation", "granted"), 1);
     assert_eq!(count("shutdown", "confirmed"), 1);
     assert!(
