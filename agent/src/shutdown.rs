@@ -513,38 +513,6 @@ impl Guard {
             SD_CLASS_NONE => "none",
             _ => "unknown",
         };
-        let refused = matches!(ev.outcome, SD_OUT_REFUSED | SD_OUT_STOPPED);
-        if refused {
-            let msg = self.refusal_message(&cmd, &verb, &origin, session, ev.action, class_name);
-            // The kernel stopped the task: it still holds its terminal and stderr.
-            procinfo::tell_job(ev.tgid, &format!("\r\n{msg}\r\n"));
-            let pid = Pid::from_raw(ev.tgid as i32);
-            if ev.outcome == SD_OUT_STOPPED {
-                // Tracepoint tier: the program was loaded but never ran; it must not.
-                let _ = kill(pid, Signal::SIGKILL);
-            } else {
-                // LSM tier: the request already failed with EPERM; let the caller report it.
-                let _ = kill(pid, Signal::SIGCONT);
-            }
-            println!("{msg}");
-            // The callers up the tree, within the same audit session: sudo's pty monitor is the
-            // parent, sudo itself (which suspends) the grandparent.
-            let until = std::time::Instant::now() + Duration::from_secs(3);
-            let mut p = ev.ppid;
-            for _ in 0..4 {
-                let Some((_, ppid, pgid)) = stat_of(p) else {
-                    break;
-                };
-                if p <= 1 || session_of(p) != Some(ev.audit_session) {
-                    break;
-                }
-                if pgid > 1 && !self.resume.iter().any(|(g, _)| *g == pgid) {
-                    self.resume.push((pgid, until));
-                }
-                p = ppid;
-            }
-            self.resume_callers();
-        }
         let outcome = match ev.outcome {
             SD_OUT_REFUSED => "refused",
             SD_OUT_STOPPED => "killed",
@@ -558,9 +526,43 @@ impl Guard {
             origin.describe(),
             session_text(session)
         );
+        // Recorded while the task still exists (its terminal is read from /proc) and before the
+        // caller can see the outcome.
         let mut inc = self.incident(ev, "shutdown", outcome, &reason, &cmd, sensor);
         inc.op = op_name(ev.op).to_string();
         sink.incident(&inc);
+        if !matches!(ev.outcome, SD_OUT_REFUSED | SD_OUT_STOPPED) {
+            return;
+        }
+        let msg = self.refusal_message(&cmd, &verb, session, ev.action, class_name);
+        // The kernel stopped the task: it still holds its terminal and stderr.
+        procinfo::tell_job(ev.tgid, &format!("\r\n{msg}\r\n"));
+        println!("{msg}");
+        let pid = Pid::from_raw(ev.tgid as i32);
+        if ev.outcome == SD_OUT_STOPPED {
+            // Tracepoint tier: the program was loaded but never ran; it must not.
+            let _ = kill(pid, Signal::SIGKILL);
+        } else {
+            // LSM tier: the request already failed with EPERM; let the caller report it.
+            let _ = kill(pid, Signal::SIGCONT);
+        }
+        // The callers up the tree, within the same audit session: sudo's pty monitor is the
+        // parent, sudo itself (which suspends) the grandparent.
+        let until = std::time::Instant::now() + Duration::from_secs(3);
+        let mut p = ev.ppid;
+        for _ in 0..4 {
+            let Some((_, ppid, pgid)) = stat_of(p) else {
+                break;
+            };
+            if p <= 1 || session_of(p) != Some(ev.audit_session) {
+                break;
+            }
+            if pgid > 1 && !self.resume.iter().any(|(g, _)| *g == pgid) {
+                self.resume.push((pgid, until));
+            }
+            p = ppid;
+        }
+        self.resume_callers();
     }
 
     /// A remote session classified at its first exec may not have shown its client address yet
@@ -602,7 +604,6 @@ impl Guard {
         &self,
         cmd: &str,
         verb: &str,
-        origin: &Origin,
         session: u32,
         action: u32,
         class: &str,
@@ -612,7 +613,6 @@ impl Guard {
             (Some(o), s) => format!("{} (session {s})", o.describe()),
             (None, s) => format!("an unclassified session (session {s})"),
         };
-        let _ = origin;
         let h = &self.host;
         if action == SD_BLOCK {
             format!(

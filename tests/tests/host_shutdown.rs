@@ -342,6 +342,18 @@ fn remote_shutdown_is_refused_until_confirmed_by_host_name() {
     assert_refusal(&e, from, "second run after one confirmation");
 
     // Every refusal and confirmation is an incident, with the session's origin.
+    let killed = |agent: &Agent| {
+        agent
+            .events()
+            .iter()
+            .filter(|v| v["incident"]["outcome"] == "killed")
+            .count()
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || killed(&agent) >= 6),
+        "six refusals are recorded: {:#?}",
+        agent.events()
+    );
     let incidents: Vec<serde_json::Value> = agent
         .events()
         .into_iter()
