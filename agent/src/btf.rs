@@ -133,6 +133,23 @@ pub fn resolve_offsets(path: &Path) -> Result<KernelOffsets> {
     })
 }
 
+/// Shutdown offsets of this kernel, resolved once (the probe loads the object too).
+pub fn shutdown_offsets() -> guardrail_common::SdOffsets {
+    static O: std::sync::OnceLock<guardrail_common::SdOffsets> = std::sync::OnceLock::new();
+    *O.get_or_init(|| resolve_shutdown_offsets().unwrap_or_default())
+}
+
+fn resolve_shutdown_offsets() -> Result<guardrail_common::SdOffsets> {
+    let btf = btf_rs::Btf::from_file(VMLINUX_BTF)?;
+    let o = |s: &str, m: &str| offset_of(&btf, s, m).with_context(|| format!("offset of {s}.{m}"));
+    Ok(guardrail_common::SdOffsets {
+        bprm_file: o("linux_binprm", "file")?,
+        file_f_mode: o("file", "f_mode")?,
+        sb_s_magic: o("super_block", "s_magic")?,
+        valid: 1,
+    })
+}
+
 /// Where tracefs is (mounted by the agent if needed).
 pub fn tracefs() -> Option<&'static Path> {
     ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]

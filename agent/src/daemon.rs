@@ -161,12 +161,16 @@ impl Backend {
     }
 
     /// Events ready now (state changes only).
-    fn drain(&mut self) -> Vec<Event> {
+    /// Deletion events, and the shutdown guard's records (same ring buffer, told apart by kind).
+    fn drain(&mut self) -> (Vec<Event>, Vec<guardrail_common::ShutdownEvent>) {
         match self {
             Backend::Bpf { ring, .. } => {
                 let mut out = Vec::new();
+                let mut shutdowns = Vec::new();
                 while let Some(item) = ring.next() {
-                    if item.len() >= std::mem::size_of::<Event>() {
+                    if let Some(ev) = crate::shutdown::parse_event(&item) {
+                        shutdowns.push(ev);
+                    } else if item.len() >= std::mem::size_of::<Event>() {
                         // SAFETY: the kernel wrote a whole `Event` (same #[repr(C)] layout,
                         // checked by the layout tests); read_unaligned copes with the ring
                         // buffer's alignment.
@@ -175,9 +179,9 @@ impl Backend {
                         });
                     }
                 }
-                out
+                (out, shutdowns)
             }
-            Backend::Userspace(f) => f.process(),
+            Backend::Userspace(f) => (f.process(), Vec::new()),
         }
     }
 }
@@ -228,6 +232,7 @@ struct Agent {
     sink: events::Sink,
     /// Deletions the watcher's queue dropped, as last reported.
     lost_reported: u64,
+    shutdown: crate::shutdown::Guard,
 }
 
 pub fn run(args: AgentArgs) -> Result<()> {
@@ -258,6 +263,8 @@ pub fn run(args: AgentArgs) -> Result<()> {
         format!("forced by --tier {}; probe: {}", args.tier, report.why())
     };
     let mut adopting = false;
+    // The shutdown guard decides in the kernel: it has no userspace tier.
+    let mut shutdown = crate::shutdown::Guard::new(&host, tier, &policy);
     let backend = if tier == Tier::Userspace {
         // The policy is in the watcher's tables before its first event is read.
         Backend::Userspace(Box::new(start_userspace(&policy)?))
@@ -268,7 +275,11 @@ pub fn run(args: AgentArgs) -> Result<()> {
         // The policy is in the maps before any program is attached: there is no moment with
         // programs running and no policy.
         sensor.install_policy(&policy.kernel)?;
+        shutdown.install(&mut sensor, &policy)?;
         sensor.attach(tier)?;
+        for prog in shutdown.attach(&mut sensor, tier)? {
+            sensor.note_attached(prog);
+        }
         let ring = sensor.take_events()?;
         Backend::Bpf {
             sensor: Box::new(sensor),
@@ -288,6 +299,7 @@ pub fn run(args: AgentArgs) -> Result<()> {
         holds: BTreeMap::new(),
         sink,
         lost_reported: 0,
+        shutdown,
     };
     agent.announce();
     if adopting {
@@ -479,14 +491,22 @@ impl Agent {
 
         let mut last_tick = Instant::now();
         loop {
-            let (ring_ready, sock_ready, sig_ready, watch_ready) = {
+            let (ring_ready, sock_ready, sig_ready, watch_ready, sessions_ready) = {
                 let mut fds = vec![
                     PollFd::new(self.backend.as_fd(), PollFlags::POLLIN),
                     PollFd::new(listener.as_fd(), PollFlags::POLLIN),
                     PollFd::new(signals.as_fd(), PollFlags::POLLIN),
                 ];
+                let mut watch_index = usize::MAX;
                 if let Some(w) = watcher.as_ref() {
+                    watch_index = fds.len();
                     fds.push(PollFd::new(w.as_fd(), PollFlags::POLLIN));
+                }
+                // Logins (utmp, logind's session files) for the shutdown guard's classifier.
+                let mut sessions_index = usize::MAX;
+                if let Some(fd) = self.shutdown.inotify_fd() {
+                    sessions_index = fds.len();
+                    fds.push(PollFd::new(fd, PollFlags::POLLIN));
                 }
                 match poll(&mut fds, PollTimeout::from(250u16)) {
                     Ok(_) => {}
@@ -498,7 +518,13 @@ impl Agent {
                         .and_then(|f| f.revents())
                         .is_some_and(|r| !r.is_empty())
                 };
-                (ready(0), ready(1), ready(2), ready(3))
+                (
+                    ready(0),
+                    ready(1),
+                    ready(2),
+                    ready(watch_index),
+                    ready(sessions_index),
+                )
             };
             if ring_ready {
                 self.drain_events();
@@ -531,6 +557,9 @@ impl Agent {
             {
                 self.reload("policy file changed, or a unit it names started");
             }
+            if sessions_ready && let Backend::Bpf { sensor, .. } = &mut self.backend {
+                self.shutdown.tick(sensor, true);
+            }
             if last_tick.elapsed() >= Duration::from_millis(500) {
                 last_tick = Instant::now();
                 // The watcher also has timed work (records waiting for their directory).
@@ -543,7 +572,13 @@ impl Agent {
     }
 
     fn drain_events(&mut self) {
-        for ev in self.backend.drain() {
+        let (events, shutdowns) = self.backend.drain();
+        if let Backend::Bpf { sensor, .. } = &mut self.backend {
+            for ev in &shutdowns {
+                self.shutdown.on_event(ev, sensor, &mut self.sink);
+            }
+        }
+        for ev in events {
             self.on_event(&ev);
         }
     }
@@ -552,6 +587,11 @@ impl Agent {
         match self.source.load() {
             Ok(new) => match self.backend.install_policy(&new.kernel) {
                 Ok(()) => {
+                    if let Backend::Bpf { sensor, .. } = &mut self.backend
+                        && let Err(e) = self.shutdown.install(sensor, &new)
+                    {
+                        eprintln!("guardrail: shutdown tables not updated: {e:#}");
+                    }
                     println!("guardrail: policy reloaded ({why}): {}", new.summary());
                     self.sink.agent_event(
                         "policy_reloaded",
@@ -712,6 +752,9 @@ impl Agent {
             eprintln!("guardrail: {msg}");
             self.sink.agent_event("tier_degraded", &msg);
         }
+        if let Backend::Bpf { sensor, .. } = &mut self.backend {
+            self.shutdown.tick(sensor, false);
+        }
         let expired: Vec<u64> = self
             .holds
             .iter()
@@ -862,7 +905,7 @@ impl Agent {
             Err(e) => Response::Error {
                 message: format!("malformed request: {e}"),
             },
-            Ok(req) => self.answer(req, cred.uid()),
+            Ok(req) => self.answer(req, cred.uid(), cred.pid()),
         };
         let mut out = serde_json::to_string(&resp)?;
         out.push('\n');
@@ -870,7 +913,7 @@ impl Agent {
         Ok(())
     }
 
-    fn answer(&mut self, req: Request, uid: u32) -> Response {
+    fn answer(&mut self, req: Request, uid: u32, pid: i32) -> Response {
         let admin_only = matches!(
             req,
             Request::Approve { .. } | Request::Deny { .. } | Request::Reload
@@ -893,6 +936,15 @@ impl Agent {
                 for_job,
             } => self.approve(id, budget, for_job, uid),
             Request::Deny { id } => self.deny(id, "denied", &format!("uid {uid}")),
+            Request::Confirm { host, session } => match &mut self.backend {
+                Backend::Bpf { sensor, .. } => {
+                    self.shutdown
+                        .confirm(&host, session, pid, uid, sensor, &mut self.sink)
+                }
+                Backend::Userspace(_) => Err(anyhow::anyhow!(
+                    "the shutdown guard needs BPF, and this host runs the userspace tier: nothing to confirm"
+                )),
+            },
             Request::Reload => {
                 self.reload("guardrail reload");
                 match &self.last_reload_error {

@@ -33,6 +33,12 @@ pub enum Request {
         id: u64,
     },
     Reload,
+    /// `guardrail confirm HOST`: one shutdown pass for the caller's audit session (the daemon
+    /// checks `session` against the caller's own, found through SO_PEERCRED).
+    Confirm {
+        host: String,
+        session: u32,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

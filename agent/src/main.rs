@@ -11,6 +11,8 @@ mod procinfo;
 mod replay;
 mod selftest;
 mod sensor;
+mod session;
+mod shutdown;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -60,6 +62,9 @@ enum Command {
     },
     /// End a held job.
     Deny { id: u64 },
+    /// Let this session shut HOST down once, within the policy's confirm_window (name the host
+    /// to prove you know where you are).
+    Confirm { host: String },
     /// Check the policy, explain a decision.
     Policy {
         #[command(subcommand)]
@@ -170,6 +175,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
             },
         )?),
         Command::Deny { id } => cli_done(ipc::call(&socket, &ipc::Request::Deny { id })?),
+        Command::Confirm { host } => {
+            // Our own audit session; the agent checks it against the kernel's view of us.
+            let session = std::fs::read_to_string("/proc/self/sessionid")
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok())
+                .unwrap_or(u32::MAX);
+            cli_done(ipc::call(
+                &socket,
+                &ipc::Request::Confirm { host, session },
+            )?)
+        }
         Command::Policy { command } => cli_policy(command),
         Command::Selftest { json, tier } => selftest::run(json, tier == "userspace"),
         Command::Events(args) => alert::cli::run(args),

@@ -321,7 +321,7 @@ impl Watcher {
                 let Some(name) = ev.name.map(|n| n.to_string_lossy().into_owned()) else {
                     continue;
                 };
-                relevant |= self.units.iter().any(|u| *u == name);
+                relevant |= self.units.contains(&name);
                 relevant |= self.names.iter().any(|(_, want)| match want {
                     Some(w) => *w == name,
                     None => name.ends_with(".toml") && !name.starts_with('.'),

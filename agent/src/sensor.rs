@@ -101,8 +101,10 @@ fn load_pinned(offsets: &KernelOffsets, pin_dir: Option<&Path>) -> Result<Ebpf> 
             "this guardrail binary was built without its kernel programs (run `cargo xtask setup`, then rebuild)"
         );
     }
+    let sd_offsets = crate::btf::shutdown_offsets();
     let mut loader = EbpfLoader::new();
     loader.override_global("OFFSETS", offsets, true);
+    loader.override_global("SD_OFFSETS", &sd_offsets, true);
     let paths: Vec<(&str, PathBuf)> = match pin_dir {
         Some(dir) => PINNED_MAPS
             .iter()
@@ -256,6 +258,11 @@ impl Sensor {
         }
         let _ = std::fs::remove_dir(dir.join("maps"));
         let _ = std::fs::remove_dir(&dir);
+    }
+
+    /// Records a program attached by another module (the shutdown guard).
+    pub fn note_attached(&mut self, prog: &'static str) {
+        self.attached.push(prog);
     }
 
     pub fn attached(&self) -> &[&'static str] {

@@ -31,6 +31,11 @@ const APT_PACKAGES: &[&str] = &[
     // The monitoring daemons the alert tests deliver to (tests/tests/alerts.rs).
     "rsyslog",
     "prometheus-alertmanager",
+    // The remote-shutdown tests: a real sshd (PAM sets the audit session id), sudo and tmux.
+    "openssh-server",
+    "openssh-client",
+    "sudo",
+    "tmux",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 

@@ -41,7 +41,9 @@ use aya_ebpf::{
 };
 use guardrail_common::*;
 
-const EPERM: i32 = 1;
+mod shutdown;
+
+pub(crate) const EPERM: i32 = 1;
 /// Restart the syscall after the signal that is pending (our SIGSTOP) has been dealt with: the
 /// deletion waits, stopped before it happens, and is judged again when the job continues.
 /// Never seen by userspace as long as a signal is pending when the syscall returns.
@@ -114,7 +116,7 @@ static JOB_INIT: PerCpuArray<JobState> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static INCIDENTS: Array<u64> = Array::with_max_entries(1, 0);
 #[map]
-static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 /// Scratch space for the user path of a tracepoint-tier deletion (too big for the BPF stack).
 #[map]
 static PATHBUF: PerCpuArray<[u8; 256]> = PerCpuArray::with_max_entries(1, 0);
@@ -127,7 +129,7 @@ static SELFTEST: Array<SelftestAnswer> = Array::with_max_entries(1, 0);
 static PROBE_LSM_HITS: Array<u64> = Array::with_max_entries(1, 0);
 
 #[inline(always)]
-fn offsets() -> KernelOffsets {
+pub(crate) fn offsets() -> KernelOffsets {
     // SAFETY: OFFSETS is a plain read-only global; the volatile read stops the compiler from
     // folding the zero initialiser, since the loader rewrites .rodata before load.
     unsafe { read_volatile(&OFFSETS) }
@@ -135,14 +137,14 @@ fn offsets() -> KernelOffsets {
 
 /// Reads a `T` at `base + off` from kernel memory.
 #[inline(always)]
-fn kread<T>(base: *const u8, off: u32) -> Result<T, i32> {
+pub(crate) fn kread<T>(base: *const u8, off: u32) -> Result<T, i32> {
     // SAFETY: bpf_probe_read_kernel copies with fault handling; a bad address is an Err, never
     // a fault.
     unsafe { bpf_probe_read_kernel(base.wrapping_add(off as usize) as *const T) }
 }
 
 #[inline(always)]
-fn kptr(base: *const u8, off: u32) -> Result<*const u8, i32> {
+pub(crate) fn kptr(base: *const u8, off: u32) -> Result<*const u8, i32> {
     let p: *const u8 = kread(base, off)?;
     if p.is_null() { Err(-1) } else { Ok(p) }
 }
@@ -169,7 +171,7 @@ fn job_key(o: &KernelOffsets, task: *const u8, tgid: u32) -> JobKey {
 }
 
 #[inline(always)]
-fn current_task() -> *const u8 {
+pub(crate) fn current_task() -> *const u8 {
     // SAFETY: helper without preconditions.
     unsafe { bpf_get_current_task() as *const u8 }
 }

@@ -1,0 +1,463 @@
+//! Remote-shutdown guard, tracepoint tier on the host kernel, with a real sshd (Debian's
+//! openssh-server, UsePAM yes: pam_loginuid gives each login its audit session id) started by
+//! the test on 127.0.0.1. No real shutdown command ever runs: the policy's `[shutdown] commands`
+//! names a stand-in, a copy of /bin/echo called `reboot` in a scratch directory, which prints
+//! "stand-in ran" when it is allowed to run.
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{TcpListener, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, Output, Stdio},
+    time::Duration,
+};
+
+use guardrail_integration::*;
+
+const RAN: &str = "stand-in ran";
+
+fn host() -> String {
+    nix::unistd::gethostname()
+        .expect("gethostname")
+        .into_string()
+        .expect("utf-8 host name")
+}
+
+/// The refusal message, up to the session id (which the test cannot know in advance) and after.
+fn message_parts(from: &str) -> (String, String) {
+    let h = host();
+    (
+        format!("guardrail: refused \"reboot\" on {h}, requested from {from} (session "),
+        format!(
+            "). To reboot {h}, run: guardrail confirm {h}, then repeat the command within 2 minutes."
+        ),
+    )
+}
+
+/// Asserts that `text` holds the exact refusal message for a request from `from`.
+fn assert_refusal(text: &str, from: &str, what: &str) {
+    let (head, tail) = message_parts(from);
+    let Some(start) = text.find(&head) else {
+        panic!("{what}: no refusal message starting {head:?} in:\n{text}");
+    };
+    let rest = &text[start + head.len()..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    assert!(
+        !digits.is_empty(),
+        "{what}: no session id in the message:\n{text}"
+    );
+    assert!(
+        rest[digits.len()..].starts_with(&tail),
+        "{what}: the message does not end {tail:?}:\n{text}"
+    );
+}
+
+/// How many times the stand-in printed its line (bash's "Killed <command line>" report also
+/// contains the words, so whole lines are counted).
+fn ran(text: &str) -> usize {
+    text.lines().filter(|l| l.trim() == RAN).count()
+}
+
+fn text(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// sshd on 127.0.0.1:port with its own config, host key and authorized key in a temp dir.
+struct Sshd {
+    child: Child,
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl Sshd {
+    fn start() -> Sshd {
+        let pam = std::fs::read_to_string("/etc/pam.d/sshd")
+            .expect("/etc/pam.d/sshd: install openssh-server (cargo xtask setup)");
+        assert!(
+            pam.lines()
+                .any(|l| !l.trim_start().starts_with('#') && l.contains("pam_loginuid")),
+            "/etc/pam.d/sshd does not run pam_loginuid: logins would get no audit session id"
+        );
+        let dir = tempfile::Builder::new()
+            .prefix("guardrail-sshd-")
+            .tempdir()
+            .expect("tempdir");
+        let d = dir.path();
+        for (key, kind) in [("host_key", "ed25519"), ("id", "ed25519")] {
+            let st = Command::new("ssh-keygen")
+                .args(["-q", "-t", kind, "-N", "", "-f"])
+                .arg(d.join(key))
+                .status()
+                .expect("ssh-keygen");
+            assert!(st.success(), "ssh-keygen failed");
+        }
+        std::fs::copy(d.join("id.pub"), d.join("authorized_keys")).expect("authorized_keys");
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let config = format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nPidFile {d}/sshd.pid\n\
+             AuthorizedKeysFile {d}/authorized_keys\nPermitRootLogin prohibit-password\n\
+             PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM yes\n\
+             StrictModes no\nPrintMotd no\nPrintLastLog no\nLogLevel ERROR\n",
+            d = d.display()
+        );
+        std::fs::write(d.join("sshd_config"), config).expect("sshd_config");
+        // Privilege separation directory, created by the package's service unit normally.
+        std::fs::create_dir_all("/run/sshd").expect("/run/sshd");
+        // Its log (-e: to stderr) goes to a file: the readiness probe below makes it complain.
+        let log = std::fs::File::create(d.join("sshd.log")).expect("sshd.log");
+        let child = Command::new("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f"])
+            .arg(d.join("sshd_config"))
+            .stdin(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting /usr/sbin/sshd");
+        assert!(
+            wait_until(Duration::from_secs(20), || TcpStream::connect((
+                "127.0.0.1",
+                port
+            ))
+            .is_ok()),
+            "sshd does not listen on 127.0.0.1:{port}"
+        );
+        Sshd { child, dir, port }
+    }
+
+    fn ssh(&self, tty: bool) -> Command {
+        // A caller left stopped would hang the test: fail it instead.
+        let mut c = Command::new("timeout");
+        c.args(["120", "ssh"])
+            .args([
+                "-q",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "StrictHostKeyChecking=no",
+            ])
+            .args(["-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"])
+            .arg("-i")
+            .arg(self.dir.path().join("id"))
+            .arg("-p")
+            .arg(self.port.to_string());
+        if tty {
+            c.arg("-tt");
+        } else {
+            c.arg("-T");
+        }
+        c.arg("root@127.0.0.1").stdin(Stdio::null());
+        c
+    }
+
+    /// Runs `cmd` (a shell command line on the "remote" side) over ssh.
+    fn run(&self, tty: bool, cmd: &str) -> Output {
+        self.ssh(tty).arg(cmd).output().expect("running ssh")
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        // Only the sshd this test started, by its pid.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Setup {
+    agent: Agent,
+    _cg: TestCgroup,
+    s: tempfile::TempDir,
+    standin: PathBuf,
+}
+
+/// An agent whose policy guards shutdowns (remote → confirm) and treats the stand-in as a
+/// shutdown command; its deletion rules are the usual cgroup-scoped test rules, so it never holds
+/// anything else on the machine.
+fn setup() -> Setup {
+    require_root();
+    let s = scratch();
+    let bin = s.path().join("bin");
+    std::fs::create_dir_all(&bin).expect("mkdir bin");
+    let standin = bin.join("reboot");
+    std::fs::copy("/bin/echo", &standin).expect("copying /bin/echo as the stand-in");
+    let target = s.path().join("target");
+    std::fs::create_dir_all(&target).expect("mkdir target");
+    let cg = TestCgroup::new();
+    let extra = format!(
+        r#"
+[shutdown]
+remote = "confirm"
+local = "allow"
+none = "allow"
+unknown = "confirm"
+confirm_window = "2m"
+commands = ["{}"]
+"#,
+        standin.display()
+    );
+    let agent =
+        Agent::start(&policy_with(100, &[&target], &[], &cg, &extra)).expect("agent starts");
+    Setup {
+        agent,
+        _cg: cg,
+        s,
+        standin,
+    }
+}
+
+fn gr(agent: &Agent) -> String {
+    format!(
+        "{} --socket {}",
+        guardrail_bin().display(),
+        agent.socket.display()
+    )
+}
+
+#[test]
+fn remote_shutdown_is_refused_until_confirmed_by_host_name() {
+    let _k = kernel_lock();
+    let Setup {
+        agent,
+        standin,
+        s,
+        _cg,
+    } = setup();
+    let sshd = Sshd::start();
+    let reboot = format!("{} {RAN}", standin.display());
+    let from = "ssh 127.0.0.1";
+
+    // Interactive ssh as root, with a terminal: the message lands on the terminal.
+    let out = sshd.run(true, &format!("{reboot}; echo rc=$?"));
+    let (o, e) = text(&out);
+    assert_refusal(&o, from, "ssh -tt");
+    assert!(ran(&o) == 0, "the stand-in ran over ssh:\n{o}");
+    assert!(
+        o.contains("rc=137"),
+        "the stand-in was not killed (rc):\n{o}\n{e}"
+    );
+
+    // Under sudo: SSH_CONNECTION is stripped, the audit session is not.
+    let out = sshd.run(true, &format!("sudo {reboot}; echo rc=$?"));
+    let (o, e) = text(&out);
+    assert_ne!(out.status.code(), Some(124), "sudo over ssh hung:\n{o}");
+    assert_refusal(&o, from, "sudo over ssh");
+    assert!(ran(&o) == 0, "the stand-in ran under sudo:\n{o}\n{e}");
+    assert!(!o.contains("rc=0"), "sudo reported success:\n{o}");
+
+    // sudo without a terminal (Ansible's become): sudo waits for its command itself.
+    let out = sshd.run(false, &format!("sudo {reboot}"));
+    let (o, e) = text(&out);
+    assert_ne!(out.status.code(), Some(124), "sudo without a tty hung");
+    assert_refusal(&e, from, "sudo over ssh without a tty");
+    assert!(
+        ran(&o) == 0,
+        "the stand-in ran under sudo without a tty:\n{o}"
+    );
+    assert!(!out.status.success(), "sudo without a tty exited 0");
+
+    // `ssh host cmd` without a terminal (Ansible, scripts): the message goes to stderr.
+    let out = sshd.run(false, &reboot);
+    let (o, e) = text(&out);
+    assert_refusal(&e, from, "ssh host cmd");
+    assert!(ran(&o) == 0, "the stand-in ran without a tty:\n{o}");
+    assert!(!out.status.success(), "ssh host cmd exited 0");
+
+    // A tmux server started over ssh keeps the session's audit id after the ssh connection is
+    // gone; a window opened later (here by the test, from outside) is still a remote request.
+    let sock = s.path().join("tmux.sock");
+    let tmux = |args: &[&str]| {
+        Command::new("tmux")
+            .arg("-S")
+            .arg(&sock)
+            .args(args)
+            .output()
+            .expect("tmux")
+    };
+    let out = sshd.run(
+        false,
+        &format!(
+            "tmux -S {} new-session -d -s g -x 250 -y 20 'sleep 600'",
+            sock.display()
+        ),
+    );
+    assert!(out.status.success(), "tmux over ssh: {:?}", text(&out));
+    let pane = s.path().join("pane.done");
+    let out = tmux(&[
+        "new-window",
+        "-t",
+        "g",
+        &format!("{reboot}; echo rc=$? > {}; sleep 600", pane.display()),
+    ]);
+    assert!(out.status.success(), "tmux new-window: {:?}", text(&out));
+    assert!(
+        wait_until(Duration::from_secs(30), || pane.exists()),
+        "the command in the tmux window never finished"
+    );
+    let rc = std::fs::read_to_string(&pane).unwrap_or_default();
+    let screen = String::from_utf8_lossy(&tmux(&["capture-pane", "-p", "-J", "-t", "g:1"]).stdout)
+        .into_owned();
+    let _ = tmux(&["kill-server"]);
+    assert_refusal(&screen, from, "tmux started over ssh");
+    assert!(ran(&screen) == 0, "the stand-in ran in tmux:\n{screen}");
+    assert_eq!(rc.trim(), "rc=137", "the stand-in in tmux was not killed");
+
+    // Confirmation: a wrong name is refused with a clear message and exit 1.
+    let out = sshd.run(false, &format!("{} confirm wrong-name", gr(&agent)));
+    let (_, e) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "confirm wrong-name: {e}");
+    assert!(
+        e.contains(&format!(
+            "guardrail: \"wrong-name\" is not this host's name (this is {}); nothing confirmed",
+            host()
+        )),
+        "confirm wrong-name said:\n{e}"
+    );
+
+    // The host's name grants this session one pass: the stand-in runs once, then is refused
+    // again.
+    let out = sshd.run(
+        false,
+        &format!(
+            "{gr} confirm {h} && {reboot} && {reboot}; echo rc=$?",
+            gr = gr(&agent),
+            h = host()
+        ),
+    );
+    let (o, e) = text(&out);
+    assert!(
+        o.contains("confirmed: the next shutdown request from this session"),
+        "confirm {}: {o}\n{e}",
+        host()
+    );
+    assert_eq!(
+        ran(&o),
+        1,
+        "after one confirmation the stand-in runs exactly once:\n{o}\n{e}"
+    );
+    assert!(o.contains("rc=137"), "the second run was not killed:\n{o}");
+    assert_refusal(&e, from, "second run after one confirmation");
+
+    // Every refusal and confirmation is an incident, with the session's origin.
+    let killed = |agent: &Agent| {
+        agent
+            .events()
+            .iter()
+            .filter(|v| v["incident"]["outcome"] == "killed")
+            .count()
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || killed(&agent) >= 6),
+        "six refusals are recorded: {:#?}",
+        agent.events()
+    );
+    let incidents: Vec<serde_json::Value> = agent
+        .events()
+        .into_iter()
+        .filter_map(|v| v.get("incident").cloned())
+        .collect();
+    let count = |kind: &str, outcome: &str| {
+        incidents
+            .iter()
+            .filter(|i| i["kind"] == kind && i["outcome"] == outcome)
+            .count()
+    };
+    assert!(count("shutdown", "killed") >= 6, "refusals: {incidents:#?}");
+    assert_eq!(count("shutdown_confirmation", "granted"), 1);
+    assert_eq!(count("shutdown", "confirmed"), 1);
+    assert!(
+        incidents
+            .iter()
+            .filter(|i| i["outcome"] == "killed")
+            .all(|i| i["reason"].as_str().unwrap_or("").contains(from)),
+        "a refusal incident lacks the origin: {incidents:#?}"
+    );
+    drop(sshd);
+    let status = agent.stop().expect("agent stops");
+    assert!(status.success(), "agent exits 0, got {status}");
+}
+
+#[test]
+fn local_session_and_no_session_run_the_stand_in_freely() {
+    let _k = kernel_lock();
+    let Setup {
+        agent,
+        standin,
+        s: _s,
+        _cg,
+        ..
+    } = setup();
+
+    // A local login: a new audit session (what pam_loginuid does) started by a local process.
+    let mut child = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(format!(
+            "echo 0 > /proc/self/loginuid && cat /proc/self/sessionid && echo && read _ && exec {} {RAN}",
+            standin.display()
+        ))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("local session");
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("session id");
+    let session: u32 = line.trim().parse().expect("a session id");
+    assert_ne!(session, u32::MAX, "writing loginuid gave no session id");
+    assert!(
+        wait_until(Duration::from_secs(20), || agent
+            .saw(&format!("session {session} is local"))),
+        "the agent did not classify session {session} as local:\n{}",
+        agent.log()
+    );
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"\n")
+        .expect("go");
+    let out = child.wait_with_output().expect("wait");
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut stdout, &mut rest);
+    assert!(
+        out.status.success() && ran(&rest) == 1,
+        "the stand-in did not run in a local session: {:?} {rest} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // No login session at all (a service): allowed, with an alert.
+    let out = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(format!(
+            "echo 4294967295 > /proc/self/loginuid; exec {} {RAN}",
+            standin.display()
+        ))
+        .output()
+        .expect("no session");
+    assert!(
+        out.status.success() && ran(&String::from_utf8_lossy(&out.stdout)) == 1,
+        "the stand-in did not run without a session: {:?}",
+        text(&out)
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            agent
+                .events()
+                .iter()
+                .filter(|v| {
+                    v["incident"]["kind"] == "shutdown" && v["incident"]["outcome"] == "allowed"
+                })
+                .count()
+                >= 2
+        }),
+        "allowed requests are not alerted: {:#?}",
+        agent.events()
+    );
+    let status = agent.stop().expect("agent stops");
+    assert!(status.success(), "agent exits 0, got {status}");
+}

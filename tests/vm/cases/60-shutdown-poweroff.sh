@@ -1,0 +1,67 @@
+#!/bin/sh
+# vm-timeout: 300
+# The remote-shutdown guard in the LSM tier. A session classified remote is built the way the
+# agent's classifier recognises one without logind: a process named `sshd-session` (a script of
+# that name, so the kernel names the process after it) takes a new audit session id by writing
+# /proc/self/loginuid, exactly what pam_loginuid does in OpenSSH's per-connection process, and
+# runs the "user's" commands as its children. From there `reboot -f` and `poweroff -f` (busybox
+# applets: reboot(2), refused through capable(CAP_SYS_BOOT)) and `echo o > /proc/sysrq-trigger`
+# (file_open) are refused and the VM keeps running; after `guardrail confirm guardrail-vm`,
+# `poweroff -f` powers the VM off, which the harness counts as the pass.
+. /cases/lib.inc
+mkdir -p "$S/target" "$S/root"
+policy 100000000 "$S/target" "$S/root" '
+[shutdown]
+remote = "confirm"
+local = "allow"
+none = "allow"
+unknown = "confirm"
+confirm_window = "2m"' >"$S/policy.toml"
+start_agent "$S/policy.toml"
+gr status | grep -q '^tier:    lsm' || fail "status does not say tier lsm"
+gr status | grep -q 'sd_capable' || fail "the shutdown LSM programs are not attached"
+
+cat >"$S/sshd-session" <<'EOS'
+#!/bin/sh
+# Stands in for OpenSSH's per-connection process (see the case's header).
+echo 0 >/proc/self/loginuid || exit 90
+sh "$1"
+exit $?
+EOS
+chmod +x "$S/sshd-session"
+
+cat >"$S/remote.sh" <<'EOS'
+. /cases/lib.inc
+sid=$(cat /proc/self/sessionid)
+echo "remote session $sid"
+i=0
+until grep -q "session $sid is remote" "$S/agent.log"; do
+    i=$((i + 1)); [ $i -gt 300 ] && { echo "REMOTE-FAIL: session $sid never classified remote"; exit 1; }
+    sleep 0.1
+done
+tail="To [a-z ]* guardrail-vm, run: guardrail confirm guardrail-vm, then repeat the command within 2 minutes."
+# `reboot -f` and `poweroff -f` exec busybox through their /bin links (bprm_check_security, by
+# argv[0]); `busybox poweroff -f` is not a shutdown exec by its name, so it reaches reboot(2)
+# (capable CAP_SYS_BOOT); the sysrq write is refused at file_open.
+for cmd in "reboot -f" "poweroff -f" "busybox poweroff -f" "busybox reboot -f" "echo o >/proc/sysrq-trigger"; do
+    out=$( (eval "$cmd") 2>&1 ) && { echo "REMOTE-FAIL: '$cmd' succeeded"; exit 1; }
+    echo "$cmd -> $out"
+    echo "$out" | grep -q "Operation not permitted" || { echo "REMOTE-FAIL: '$cmd' not refused with EPERM"; exit 1; }
+    echo "$out" | grep -q "guardrail: refused \"[^\"]*\" on guardrail-vm, requested from ssh (session $sid). $tail" \
+        || { echo "REMOTE-FAIL: '$cmd' printed no refusal message"; exit 1; }
+done
+echo "still running after five refused shutdowns"
+/bin/guardrail --socket "$S/gr.sock" confirm wrong-name && { echo "REMOTE-FAIL: confirm wrong-name succeeded"; exit 1; }
+/bin/guardrail --socket "$S/gr.sock" confirm guardrail-vm || { echo "REMOTE-FAIL: confirm guardrail-vm failed"; exit 1; }
+echo "REMOTE-POWEROFF"
+sync
+poweroff -f
+echo "REMOTE-FAIL: poweroff -f returned after the confirmation"
+exit 1
+EOS
+
+"$S/sshd-session" "$S/remote.sh" 2>&1 | tee "$S/remote.out"
+grep -q "REMOTE-FAIL" "$S/remote.out" && fail "$(grep REMOTE-FAIL "$S/remote.out")"
+grep -q "incident .* refused" "$S/agent.log" || fail "no refusal incident"
+grep -q 'op":"reboot(2)' "$S/events.jsonl" || fail "no reboot(2) refusal recorded"
+fail "the VM did not power off after the confirmation"
