@@ -2,6 +2,7 @@
 mod btf;
 mod daemon;
 mod events;
+mod generate;
 mod ipc;
 mod policy_glue;
 mod probe;
@@ -66,6 +67,12 @@ enum Command {
     Selftest {
         #[arg(long)]
         json: bool,
+    },
+    /// Write the man pages or shell completions (the package build runs this).
+    #[command(hide = true)]
+    Generate {
+        #[command(subcommand)]
+        what: generate::Generate,
     },
 }
 
@@ -134,6 +141,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Deny { id } => cli_done(ipc::call(&socket, &ipc::Request::Deny { id })?),
         Command::Policy { command } => cli_policy(command),
         Command::Selftest { json } => selftest::run(json),
+        Command::Generate { what } => {
+            generate::run(<Cli as clap::CommandFactory>::command(), what)?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
