@@ -1,7 +1,9 @@
-//! `cargo xtask setup | run | test | vm`: the README's two commands and their parts.
+//! `cargo xtask setup | run | test | vm | package | sysvm`: the README's two commands and their parts.
 //!
 //! Everything a fresh Debian 12 machine needs is installed here, idempotently: Debian's packages,
 //! bpf-linker from crates.io, and the test VM's kernel. Nothing installed by hand is assumed.
+mod package;
+mod sysvm;
 mod vm;
 
 use std::{
@@ -58,6 +60,11 @@ enum Task {
     },
     /// Run only the VM (LSM tier) tests.
     Vm(vm::VmCli),
+    /// Build the .deb and the .rpm into target/package/ (lintian and systemd-analyze checked).
+    Package,
+    /// Build the packages, boot Debian 12 with systemd under qemu, install the .deb and test
+    /// the service over SSH.
+    Sysvm(sysvm::SysVmCli),
 }
 
 fn root() -> PathBuf {
@@ -185,6 +192,12 @@ fn main() -> Result<()> {
             let bin = build_release()?;
             vm::cli_main(with_binaries(args, &bin))
         }
+        Task::Package => {
+            let p = package::package()?;
+            println!("{}\n{}", p.deb.display(), p.rpm.display());
+            Ok(())
+        }
+        Task::Sysvm(args) => sysvm::cli_main(args),
     }
 }
 
