@@ -49,11 +49,14 @@ enum Task {
         args: Vec<String>,
     },
     /// Set up, build, and run the whole test suite: lints, unit tests, host (tracepoint tier)
-    /// tests, and VM (LSM tier) tests.
+    /// tests, VM (LSM tier) tests, and the packages on a booted Debian 12 (sysvm).
     Test {
         /// Skip the VM (LSM tier) tests.
         #[arg(long)]
         no_vm: bool,
+        /// Skip the packages' end-to-end test on Debian 12 with systemd (`cargo xtask sysvm`).
+        #[arg(long)]
+        no_sysvm: bool,
         /// Only run tests whose name contains this.
         #[arg(long)]
         filter: Option<String>,
@@ -186,7 +189,11 @@ fn main() -> Result<()> {
             };
             Err(err).with_context(|| format!("executing {}", bin.display()))
         }
-        Task::Test { no_vm, filter } => test(no_vm, filter),
+        Task::Test {
+            no_vm,
+            no_sysvm,
+            filter,
+        } => test(no_vm, no_sysvm, filter),
         Task::Vm(args) => {
             setup()?;
             let bin = build_release()?;
@@ -219,7 +226,7 @@ fn vm_binaries(agent: &Path) -> Vec<PathBuf> {
     v
 }
 
-fn test(no_vm: bool, filter: Option<String>) -> Result<()> {
+fn test(no_vm: bool, no_sysvm: bool, filter: Option<String>) -> Result<()> {
     let t = Instant::now();
     setup()?;
     let mut failures = Vec::new();
@@ -265,6 +272,21 @@ fn test(no_vm: bool, filter: Option<String>) -> Result<()> {
         step(
             "VM tests (LSM tier)",
             vm::cli_main(with_binaries(args, &bin)),
+        );
+    }
+    // A filter names cases of the other suites; this one runs with none, or with "sysvm".
+    if !no_sysvm && filter.as_deref().is_none_or(|f| "sysvm".contains(f)) {
+        let args = sysvm::SysVmCli {
+            cache_dir: None,
+            deb: None,
+            timeout_secs: 1200,
+            memory_mb: 2048,
+            cpus: 2,
+            keep: false,
+        };
+        step(
+            "packages on Debian 12 with systemd (sysvm)",
+            sysvm::cli_main(args),
         );
     }
     println!("test: finished in {:.0}s", t.elapsed().as_secs_f64());
