@@ -1,4 +1,4 @@
-//! `cargo xtask setup | run | test | vm | package | sysvm`: the README's two commands and their parts.
+//! `cargo xtask setup | run | test | vm | package | sysvm`: the README's commands and their parts.
 //!
 //! Everything a fresh Debian 12 machine needs is installed here, idempotently: Debian's packages,
 //! bpf-linker from crates.io, and the test VM's kernel. Nothing installed by hand is assumed.
