@@ -4,6 +4,7 @@ mod btf;
 mod daemon;
 mod events;
 mod fallback;
+mod generate;
 mod ipc;
 mod policy_glue;
 mod probe;
@@ -81,6 +82,12 @@ enum Command {
         /// blast radius on this host even where BPF works).
         #[arg(long, value_parser = ["auto", "userspace"], default_value = "auto")]
         tier: String,
+    },
+    /// Write the man pages or shell completions (the package build runs this).
+    #[command(hide = true)]
+    Generate {
+        #[command(subcommand)]
+        what: generate::Generate,
     },
 }
 
@@ -189,6 +196,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Policy { command } => cli_policy(command),
         Command::Selftest { json, tier } => selftest::run(json, tier == "userspace"),
         Command::Events(args) => alert::cli::run(args),
+        Command::Generate { what } => {
+            generate::run(<Cli as clap::CommandFactory>::command(), what)?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -1,8 +1,10 @@
-//! `cargo xtask setup | run | test | vm`: the README's two commands and their parts.
+//! `cargo xtask setup | run | test | vm | package | sysvm`: the README's commands and their parts.
 //!
 //! Everything a fresh Debian 12 machine needs is installed here, idempotently: Debian's packages,
 //! bpf-linker from crates.io, and the test VM's kernel. Nothing installed by hand is assumed.
 mod bench;
+mod package;
+mod sysvm;
 mod vm;
 
 use std::{
@@ -57,11 +59,14 @@ enum Task {
         args: Vec<String>,
     },
     /// Set up, build, and run the whole test suite: lints, unit tests, host (tracepoint tier)
-    /// tests, and VM (LSM tier) tests.
+    /// tests, VM (LSM tier) tests, and the packages on a booted Debian 12 (sysvm).
     Test {
         /// Skip the VM (LSM tier) tests.
         #[arg(long)]
         no_vm: bool,
+        /// Skip the packages' end-to-end test on Debian 12 with systemd (`cargo xtask sysvm`).
+        #[arg(long)]
+        no_sysvm: bool,
         /// Only run tests whose name contains this.
         #[arg(long)]
         filter: Option<String>,
@@ -70,6 +75,11 @@ enum Task {
     Vm(vm::VmCli),
     /// Measure what guardrail costs (side by side, ratios) and write BENCHMARKS.md.
     Bench,
+    /// Build the .deb and the .rpm into target/package/ (lintian and systemd-analyze checked).
+    Package,
+    /// Build the packages, boot Debian 12 with systemd under qemu, install the .deb and test
+    /// the service over SSH.
+    Sysvm(sysvm::SysVmCli),
 }
 
 fn root() -> PathBuf {
@@ -191,7 +201,11 @@ fn main() -> Result<()> {
             };
             Err(err).with_context(|| format!("executing {}", bin.display()))
         }
-        Task::Test { no_vm, filter } => test(no_vm, filter),
+        Task::Test {
+            no_vm,
+            no_sysvm,
+            filter,
+        } => test(no_vm, no_sysvm, filter),
         Task::Bench => {
             setup()?;
             let bin = build_release()?;
@@ -202,6 +216,12 @@ fn main() -> Result<()> {
             let bin = build_release()?;
             vm::cli_main(with_binaries(args, &bin))
         }
+        Task::Package => {
+            let p = package::package()?;
+            println!("{}\n{}", p.deb.display(), p.rpm.display());
+            Ok(())
+        }
+        Task::Sysvm(args) => sysvm::cli_main(args),
     }
 }
 
@@ -229,7 +249,7 @@ fn vm_binaries(agent: &Path) -> Vec<PathBuf> {
     v
 }
 
-fn test(no_vm: bool, filter: Option<String>) -> Result<()> {
+fn test(no_vm: bool, no_sysvm: bool, filter: Option<String>) -> Result<()> {
     let t = Instant::now();
     setup()?;
     let mut failures = Vec::new();
@@ -277,6 +297,21 @@ fn test(no_vm: bool, filter: Option<String>) -> Result<()> {
         step(
             "VM tests (LSM tier)",
             vm::cli_main(with_binaries(args, &bin)),
+        );
+    }
+    // A filter names cases of the other suites; this one runs with none, or with "sysvm".
+    if !no_sysvm && filter.as_deref().is_none_or(|f| "sysvm".contains(f)) {
+        let args = sysvm::SysVmCli {
+            cache_dir: None,
+            deb: None,
+            timeout_secs: 1200,
+            memory_mb: 2048,
+            cpus: 2,
+            keep: false,
+        };
+        step(
+            "packages on Debian 12 with systemd (sysvm)",
+            sysvm::cli_main(args),
         );
     }
     println!("test: finished in {:.0}s", t.elapsed().as_secs_f64());
