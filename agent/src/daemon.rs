@@ -825,7 +825,9 @@ impl Agent {
         job.incident = 0;
         job.state = JOB_ACTIVE;
         self.backend.set_job(&h.key, &job)?;
+        let wrappers = procinfo::stopped_ancestors(h.key.pgid);
         procinfo::signal_job(h.key.pgid, Signal::SIGCONT);
+        procinfo::continue_pids(&wrappers);
         let mut inc = h.incident;
         inc.outcome = "approved".into();
         inc.decided_by = Some(by);
@@ -849,12 +851,15 @@ impl Agent {
         job.state = JOB_DENIED;
         self.backend.set_job(&h.key, &job)?;
         let kill_it = self.policy.deny_kills || self.tier != Tier::Lsm;
+        // Found before the job goes: a wrapper stopped in sympathy (sudo) is continued after.
+        let wrappers = procinfo::stopped_ancestors(h.key.pgid);
         if kill_it {
             procinfo::signal_job(h.key.pgid, Signal::SIGKILL);
         } else {
             // Keep refusing in the kernel while it runs on.
             procinfo::signal_job(h.key.pgid, Signal::SIGCONT);
         }
+        procinfo::continue_pids(&wrappers);
         let mut inc = h.incident;
         inc.outcome = outcome.into();
         inc.decided_by_text = Some(by.to_string());

@@ -119,3 +119,41 @@ pub fn tell_job(pid: u32, msg: &str) {
         let _ = f.write_all(msg.as_bytes());
     }
 }
+
+/// The stopped ancestors of a job within its session: sudo with `use_pty` (Debian's default) and
+/// similar wrappers stop themselves when the command they run is stopped, and only the job's own
+/// process group is signalled on approve or deny. Continuing them is what `fg` would do.
+pub fn stopped_ancestors(pgid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Some(leader) = pids_in_group(pgid).first().copied() else {
+        return out;
+    };
+    let Some((_, mut parent, _, sid, _)) = stat_fields(leader) else {
+        return out;
+    };
+    for _ in 0..16 {
+        if parent <= 1 || parent == std::process::id() {
+            break;
+        }
+        let Some((state, next, _, psid, _)) = stat_fields(parent) else {
+            break;
+        };
+        if psid != sid {
+            break;
+        }
+        if state == 'T' {
+            out.push(parent);
+        }
+        parent = next;
+    }
+    out
+}
+
+pub fn continue_pids(pids: &[u32]) {
+    for pid in pids {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid as i32),
+            nix::sys::signal::Signal::SIGCONT,
+        );
+    }
+}

@@ -378,3 +378,37 @@ fn a_crashed_agents_hold_survives_and_the_next_agent_adopts_it() {
         pins.display()
     );
 }
+
+#[test]
+fn approve_also_continues_a_wrapper_stopped_in_sympathy() {
+    // sudo with use_pty (Debian's default) runs the command in its own process group and stops
+    // itself when the command stops: approve must continue it too, or the admin's shell keeps
+    // showing a stopped job.
+    let _k = kernel_lock();
+    let Setup { agent, cg, s } = setup(BUDGET);
+    let victim = s.path().join("victim");
+    fill(&victim, 1000);
+    let kit = testkit_bin();
+    let mut job = Job::spawn_in(
+        &format!("exec {} mirror-stop rm -rf victim", kit.display()),
+        s.path(),
+        Some(&cg),
+    );
+    let id = agent.wait_hold(Duration::from_secs(60)).expect("held");
+    assert!(
+        wait_until(Duration::from_secs(10), || job.stopped()),
+        "the wrapper stopped in sympathy"
+    );
+    let out = agent.cli(&["approve", &id.to_string(), "--for-job"]);
+    assert!(
+        out.status.success(),
+        "approve: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = job.wait(Duration::from_secs(60));
+    assert!(
+        status.is_some(),
+        "the wrapper was continued and the job finished"
+    );
+    assert_eq!(count_files(&victim), 0);
+}

@@ -5,6 +5,8 @@
 //!   guardrail-testkit fill N DIR              create N small files f00000.. in DIR (fast, for the VM)
 //!   guardrail-testkit count DIR               print the number of regular files below DIR
 //!   guardrail-testkit rm-rf PATH              remove PATH recursively; prints what was refused
+//!   guardrail-testkit mirror-stop CMD...      run CMD in a process group of its own and stop
+//!                                             when it stops, like sudo with use_pty
 //! Each prints how many operations succeeded and failed, and exits 0.
 use std::{
     ffi::CString,
@@ -122,6 +124,40 @@ fn count(dir: &Path) -> usize {
         .sum()
 }
 
+/// What sudo does with `use_pty`: the command runs in its own process group; when it stops, the
+/// wrapper stops itself (so the shell sees the job as stopped), and when the wrapper is continued
+/// it continues the command.
+fn mirror_stop(cmd: &[&str]) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let (prog, args) = cmd.split_first().context("mirror-stop needs a command")?;
+    let child = std::process::Command::new(prog)
+        .args(args)
+        .process_group(0)
+        .spawn()?;
+    let pid = child.id() as i32;
+    loop {
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WUNTRACED) };
+        if r < 0 {
+            bail!("waitpid failed");
+        }
+        if libc::WIFSTOPPED(status) {
+            // SAFETY: signalling ourselves, then our own child's group.
+            unsafe {
+                libc::raise(libc::SIGSTOP);
+                libc::kill(-pid, libc::SIGCONT);
+            }
+            continue;
+        }
+        std::process::exit(if libc::WIFEXITED(status) {
+            libc::WEXITSTATUS(status)
+        } else {
+            1
+        });
+    }
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args
@@ -134,6 +170,7 @@ fn main() -> Result<()> {
         ["fork-unlink", n, dir] => fork_unlink(n.parse().context("worker count")?, Path::new(dir)),
         ["rename-over", src, dst] => rename_over(Path::new(src), Path::new(dst)),
         ["fill", n, dir] => fill(n.parse().context("file count")?, Path::new(dir)),
+        ["mirror-stop", cmd @ ..] => mirror_stop(cmd),
         ["rm-rf", path] => match std::fs::remove_dir_all(path) {
             Ok(()) => {
                 println!("rm-rf: removed {path}");
