@@ -632,6 +632,20 @@ impl Agent {
                 inc.outcome = "would_have_held".into();
                 self.sink.incident(&inc);
             }
+            // An `alert` rule: reported once per job, nothing stopped (the rule's action is
+            // checked too, for event sources that do not set the flag).
+            EV_BUDGET_CROSSED
+                if ev.flags & guardrail_common::EVF_ALERT != 0
+                    || self
+                        .policy
+                        .kernel
+                        .rules
+                        .get(ev.rule as usize)
+                        .is_some_and(|r| r.action == guardrail_common::ACTION_ALERT) =>
+            {
+                inc.outcome = "alerted".into();
+                self.sink.incident(&inc);
+            }
             EV_BUDGET_CROSSED => {
                 let key = JobKey {
                     sid: ev.sid,
@@ -813,15 +827,20 @@ impl Agent {
             state: JOB_HELD,
             ..Default::default()
         });
+        // `--budget N`: exactly N more deletions before the next hold; plain approve: one more
+        // budget's worth; `--for-job`: no budget for the rest of the job. The window counts
+        // afresh from here: the kernel holds again when count > budget + allowance, so start the
+        // count where N more reach that line.
+        let rule_budget = self.policy.rule_budget(job.rule);
         let extra = if for_job {
             ALLOWANCE_UNLIMITED
         } else {
-            budget.unwrap_or_else(|| self.policy.rule_budget(job.rule).max(1))
+            budget.unwrap_or(rule_budget.max(1))
         };
-        job.allowance = job.allowance.saturating_add(extra).min(ALLOWANCE_UNLIMITED);
-        // The budget counts again from here; what it did before the hold was approved.
-        job.count = 0;
+        job.allowance = extra.saturating_sub(rule_budget).min(ALLOWANCE_UNLIMITED);
+        job.count = rule_budget.saturating_sub(extra);
         job.prev_count = 0;
+        job.window_start_ns = crate::replay::ktime_ns();
         job.incident = 0;
         job.state = JOB_ACTIVE;
         self.backend.set_job(&h.key, &job)?;

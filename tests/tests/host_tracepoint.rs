@@ -412,3 +412,93 @@ fn approve_also_continues_a_wrapper_stopped_in_sympathy() {
     );
     assert_eq!(count_files(&victim), 0);
 }
+
+/// A policy whose test rule uses `action`.
+fn setup_action(budget: u64, action: &str) -> Setup {
+    require_root();
+    let s = scratch();
+    let cg = TestCgroup::new();
+    let text = policy(budget, &[], &[], &cg).replace(
+        &format!("budget = {budget}\n"),
+        &format!("budget = {budget}\naction = \"{action}\"\n"),
+    );
+    let agent = Agent::start(&text).expect("agent starts");
+    Setup { agent, cg, s }
+}
+
+#[test]
+fn block_kills_the_job_at_the_budget_without_a_hold() {
+    let _k = kernel_lock();
+    let Setup { agent, cg, s } = setup_action(BUDGET, "block");
+    let victim = s.path().join("victim");
+    fill(&victim, 2000);
+    let mut job = Job::spawn_in("rm -rf victim", s.path(), Some(&cg));
+    let status = job
+        .wait(Duration::from_secs(60))
+        .expect("the blocked job ends");
+    assert!(!status.success(), "the blocked job was killed: {status:?}");
+    let gone = 2000 - count_files(&victim);
+    assert!(
+        (100..=101).contains(&gone),
+        "block stops it at the budget: {gone} gone"
+    );
+    assert!(agent.holds().is_empty(), "block opens no hold");
+    assert!(
+        wait_until(Duration::from_secs(3), || agent
+            .events()
+            .iter()
+            .any(|e| e["incident"]["outcome"] == "killed")),
+        "the event log has the blocked incident"
+    );
+}
+
+#[test]
+fn alert_counts_and_reports_but_stops_nothing() {
+    let _k = kernel_lock();
+    let Setup { agent, cg, s } = setup_action(BUDGET, "alert");
+    let victim = s.path().join("victim");
+    fill(&victim, 1000);
+    let mut job = Job::spawn_in("rm -rf victim", s.path(), Some(&cg));
+    assert!(
+        job.wait(Duration::from_secs(60))
+            .is_some_and(|st| st.success()),
+        "the job runs to its end"
+    );
+    assert_eq!(count_files(&victim), 0);
+    assert!(agent.holds().is_empty(), "alert opens no hold");
+    assert!(
+        wait_until(Duration::from_secs(3), || agent
+            .events()
+            .iter()
+            .any(|e| e["incident"]["kind"] == "budget_crossed")),
+        "the crossing is reported:\n{}",
+        std::fs::read_to_string(&agent.event_log).unwrap_or_default()
+    );
+}
+
+#[test]
+fn approve_with_a_budget_lets_exactly_that_many_more_go() {
+    let _k = kernel_lock();
+    let Setup { agent, cg, s } = setup(BUDGET);
+    let victim = s.path().join("victim");
+    fill(&victim, 2000);
+    let _job = Job::spawn_in("rm -rf victim", s.path(), Some(&cg));
+    let first = agent.wait_hold(Duration::from_secs(60)).expect("held");
+    let at_first = settle(&victim, Duration::from_millis(500));
+    let out = agent.cli(&["approve", &first.to_string(), "--budget", "300"]);
+    assert!(
+        out.status.success(),
+        "approve --budget: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let second = agent
+        .wait_hold(Duration::from_secs(60))
+        .expect("held again after 300 more");
+    assert_ne!(first, second, "a new incident");
+    let at_second = settle(&victim, Duration::from_millis(500));
+    let more = at_first - at_second;
+    assert!(
+        (300..=301).contains(&more),
+        "exactly the granted 300 more went (tracepoint tier: +1): {more}"
+    );
+}

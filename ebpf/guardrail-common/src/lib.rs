@@ -226,6 +226,8 @@ pub const EVF_USERSPACE: u32 = 1 << 5;
 /// The job was inferred, not reported by the kernel: inotify names no process, and a process may
 /// exit before the agent reads who it was. `pgid`/`sid` are a guess (or 0: nobody).
 pub const EVF_GUESSED: u32 = 1 << 6;
+/// The crossing is under an `alert` rule: reported, nothing stopped.
+pub const EVF_ALERT: u32 = 1 << 7;
 
 /// Path components carried by an event (innermost first), each up to `NAME_LEN` bytes.
 pub const EVENT_PATH_DEPTH: usize = 6;

@@ -509,7 +509,7 @@ fn judge(d: &Deletion) -> Verdict {
             let inc = next_incident();
             // SAFETY: as above.
             unsafe { (*job).incident = inc };
-            let flags = if rule_audit { EVF_AUDIT } else { 0 };
+            let flags = if rule_audit { EVF_AUDIT } else { EVF_ALERT };
             emit(
                 d,
                 &Report {
