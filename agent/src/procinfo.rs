@@ -120,27 +120,26 @@ pub fn tell_job(pid: u32, msg: &str) {
     }
 }
 
-/// The stopped ancestors of a job within its session: sudo with `use_pty` (Debian's default) and
-/// similar wrappers stop themselves when the command they run is stopped, and only the job's own
-/// process group is signalled on approve or deny. Continuing them is what `fg` would do.
+/// The stopped ancestors of a job: sudo with `use_pty` (Debian's default) runs the command in a
+/// session of its own on a new pty and stops itself (both its processes) when the command stops,
+/// and only the job's own process group is signalled on approve or deny. Continuing them is what
+/// `fg` would do. Only the parent chain, at most four levels up, and only processes that are
+/// stopped; never PID 1 or the agent.
 pub fn stopped_ancestors(pgid: u32) -> Vec<u32> {
     let mut out = Vec::new();
     let Some(leader) = pids_in_group(pgid).first().copied() else {
         return out;
     };
-    let Some((_, mut parent, _, sid, _)) = stat_fields(leader) else {
+    let Some((_, mut parent, _, _, _)) = stat_fields(leader) else {
         return out;
     };
-    for _ in 0..16 {
+    for _ in 0..4 {
         if parent <= 1 || parent == std::process::id() {
             break;
         }
-        let Some((state, next, _, psid, _)) = stat_fields(parent) else {
+        let Some((state, next, _, _, _)) = stat_fields(parent) else {
             break;
         };
-        if psid != sid {
-            break;
-        }
         if state == 'T' {
             out.push(parent);
         }
