@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 
-use crate::{cargo, cargo_bin, installed, root, run_cmd};
+use crate::{apt_install, cargo, cargo_bin, root, run_cmd};
 
 const CARGO_DEB_VERSION: &str = "3.8.0";
 const CARGO_GENERATE_RPM_VERSION: &str = "0.21.1";
@@ -81,21 +81,7 @@ fn path_with_cargo_bin() -> std::ffi::OsString {
 }
 
 fn setup_tools() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| !installed(p))
-        .collect();
-    if !missing.is_empty() {
-        println!("package: installing Debian packages: {}", missing.join(" "));
-        run_cmd(Command::new("apt-get").args(["update", "-qq"]))?;
-        run_cmd(
-            Command::new("apt-get")
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .args(["install", "-y", "-qq", "--no-install-recommends"])
-                .args(&missing),
-        )?;
-    }
+    apt_install("package", APT_PACKAGES)?;
     for (krate, bin, version) in [
         ("cargo-deb", "cargo-deb", CARGO_DEB_VERSION),
         (

@@ -28,7 +28,7 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 
-use crate::{installed, run_cmd};
+use crate::{apt_install, run_cmd};
 
 const SUITE: &str = "bookworm";
 /// What the VM runs, and what the checks use (busybox-static: the chroot's shell and rm;
@@ -185,21 +185,7 @@ pub fn cli_main(args: SysVmCli) -> Result<()> {
 }
 
 fn setup_host() -> Result<()> {
-    let missing: Vec<&str> = HOST_PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| !installed(p))
-        .collect();
-    if !missing.is_empty() {
-        println!("sysvm: installing Debian packages: {}", missing.join(" "));
-        run_cmd(Command::new("apt-get").args(["update", "-qq"]))?;
-        run_cmd(
-            Command::new("apt-get")
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .args(["install", "-y", "-qq", "--no-install-recommends"])
-                .args(&missing),
-        )?;
-    }
+    apt_install("sysvm", HOST_PACKAGES)?;
     Ok(())
 }
 
