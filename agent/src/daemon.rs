@@ -277,9 +277,10 @@ pub fn run(args: AgentArgs) -> Result<()> {
         sensor.install_policy(&policy.kernel)?;
         shutdown.install(&mut sensor, &policy)?;
         sensor.attach(tier)?;
-        for prog in shutdown.attach(&mut sensor, tier)? {
-            sensor.note_attached(prog);
-        }
+        shutdown.attach(&mut sensor, tier)?;
+        // The shutdown programs are pinned with the deletion hooks: a restart leaves neither
+        // guard down.
+        sensor.pin_links()?;
         let ring = sensor.take_events()?;
         Backend::Bpf {
             sensor: Box::new(sensor),
@@ -305,12 +306,21 @@ pub fn run(args: AgentArgs) -> Result<()> {
     if adopting {
         agent.adopt_holds();
     }
+    if let Backend::Bpf { sensor, .. } = &mut agent.backend {
+        let answered = agent.shutdown.adopt_stopped(sensor, &mut agent.sink);
+        if answered > 0 {
+            println!("guardrail: answered {answered} shutdown callers stopped while no agent ran");
+        }
+    }
     let socket = crate::ipc::socket_path(args.socket.as_deref());
     let result = agent.serve(&socket);
     let _ = std::fs::remove_file(&socket);
     let keep = args.keep_enforcing_when_stopped || systemd_restart_pending();
     match &mut agent.backend {
-        Backend::Bpf { .. } if keep => {
+        Backend::Bpf { sensor, .. } if keep => {
+            // From now on no agent writes refusal messages: the pinned shutdown programs refuse
+            // without stopping the caller to wait for one.
+            agent.shutdown.set_alive_until(sensor, 0);
             agent.sink.agent_event(
                 "agent_stopped",
                 "guardrail agent stopped; programs stay pinned and enforcing until the next agent adopts them",
@@ -486,6 +496,9 @@ impl Agent {
         mask.thread_block()?;
         let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK)?;
         let mut watcher = crate::policy_glue::Watcher::new(&self.source, self.policy.unit_names())?;
+        if let Backend::Bpf { sensor, .. } = &mut self.backend {
+            self.shutdown.promise_to_answer(sensor);
+        }
         println!("guardrail: ready, listening on {}", socket.display());
         crate::notify_ready();
 

@@ -71,8 +71,9 @@ pub struct KernelPolicy {
 }
 
 /// Maps whose contents must outlive one agent process: job counters and holds, the incident
-/// counter, and the executable tags of running processes.
-pub const PINNED_MAPS: &[&str] = &["JOBS", "INCIDENTS", "TASK_RULE"];
+/// counter, the executable tags of running processes, and shutdown callers stopped to wait for
+/// their refusal message.
+pub const PINNED_MAPS: &[&str] = &["JOBS", "INCIDENTS", "TASK_RULE", "SD_STOPPED"];
 
 pub struct Sensor {
     ebpf: Ebpf,
@@ -208,12 +209,14 @@ impl Sensor {
             }
             Tier::Userspace => {}
         }
-        self.pin_links()
+        Ok(())
     }
 
-    /// Pins the new links, then unpins (detaches) the previous agent's: both run for a moment,
-    /// so there is never a moment with none (a deletion in that moment may be counted twice).
-    fn pin_links(&mut self) -> Result<()> {
+    /// Pins every link attached so far (the deletion hooks and the shutdown guard's), then
+    /// unpins (detaches) the previous agent's: both run for a moment, so there is never a moment
+    /// with none (a deletion in that moment may be counted twice). Call once, after every
+    /// program is attached.
+    pub fn pin_links(&mut self) -> Result<()> {
         let Some(dir) = self.pin_dir.clone() else {
             return Ok(());
         };
@@ -260,11 +263,6 @@ impl Sensor {
         let _ = std::fs::remove_dir(&dir);
     }
 
-    /// Records a program attached by another module (the shutdown guard).
-    pub fn note_attached(&mut self, prog: &'static str) {
-        self.attached.push(prog);
-    }
-
     pub fn attached(&self) -> &[&'static str] {
         &self.attached
     }
@@ -273,7 +271,9 @@ impl Sensor {
         &self.ids
     }
 
-    fn record_attached(&mut self, prog: &'static str, link: FdLink) {
+    /// Takes over the link of a program attached here or by another module (the shutdown
+    /// guard), so that [`Sensor::pin_links`] pins it with the rest.
+    pub fn record_attached(&mut self, prog: &'static str, link: FdLink) {
         self.links.push((prog, link));
         self.attached.push(prog);
         if let Some(id) = self

@@ -17,7 +17,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Btf,
     maps::{Array, HashMap as BpfHashMap},
-    programs::{Lsm, RawTracePoint, TracePoint},
+    programs::{Lsm, Program, RawTracePoint, TracePoint, links::FdLink},
 };
 use guardrail_common::*;
 use guardrail_policy as gp;
@@ -39,6 +39,11 @@ use crate::{
 /// How long the process that used a pass may finish its own request (`poweroff` execs, then
 /// calls reboot(2)).
 const CLEARED: Duration = Duration::from_secs(10);
+
+/// How far ahead each tick (every 500 ms) promises the kernel that an agent is running to write
+/// refusal messages (`ShutdownConfig::alive_until_ns`). Long enough for a busy main loop, short
+/// enough that after a crash refused callers are not stopped for long.
+const ALIVE_FOR: Duration = Duration::from_secs(5);
 
 const SHUTDOWN_NAMES: &[&str] = &["shutdown", "reboot", "poweroff", "halt"];
 const MULTICALL_NAMES: &[&str] = &["systemctl", "init", "telinit"];
@@ -286,6 +291,7 @@ impl Guard {
                 .map(|m| m.ino() as u32)
                 .unwrap_or(0),
             cleared_ns: CLEARED.as_nanos() as u64,
+            alive_until_ns: monotonic_ns() + ALIVE_FOR.as_nanos() as u64,
         };
         let mut a: Array<_, ShutdownConfig> = Array::try_from(
             sensor
@@ -302,6 +308,24 @@ impl Guard {
         }
         self.scan(sensor);
         Ok(())
+    }
+
+    /// Renews the promise that an agent answers refused callers for the next [`ALIVE_FOR`]: at
+    /// ready (loading the programs can take longer than that under emulation) and every tick.
+    pub fn promise_to_answer(&self, sensor: &mut Sensor) {
+        self.set_alive_until(sensor, monotonic_ns() + ALIVE_FOR.as_nanos() as u64);
+    }
+
+    /// Tells the pinned programs until when an agent will answer their events; `0` when this
+    /// agent exits and leaves them enforcing.
+    pub fn set_alive_until(&self, sensor: &mut Sensor, until_ns: u64) {
+        if let Some(m) = sensor.ebpf_mut().map_mut("SD_CONFIG")
+            && let Ok(mut a) = Array::<_, ShutdownConfig>::try_from(m)
+            && let Ok(mut cfg) = a.get(&0, 0)
+        {
+            cfg.alive_until_ns = until_ns;
+            let _ = a.set(0, cfg, 0);
+        }
     }
 
     /// Unit exceptions are matched by the unit's cgroup, which exists only while it runs.
@@ -328,22 +352,21 @@ impl Guard {
         }
     }
 
-    /// Loads and attaches the shutdown programs of `tier`; returns their names.
-    pub fn attach(&self, sensor: &mut Sensor, tier: Tier) -> Result<Vec<&'static str>> {
-        let ebpf = sensor.ebpf_mut();
-        let mut done = Vec::new();
+    /// Loads and attaches the shutdown programs of `tier`, handing their links to the sensor so
+    /// they are pinned (and survive an agent restart) with the deletion hooks.
+    pub fn attach(&self, sensor: &mut Sensor, tier: Tier) -> Result<()> {
         for (prog, name) in [
             ("sd_execve", "sys_enter_execve"),
             ("sd_execveat", "sys_enter_execveat"),
         ] {
-            let p: &mut TracePoint = ebpf
-                .program_mut(prog)
-                .ok_or_else(|| anyhow!("no program {prog}"))?
-                .try_into()?;
+            let p: &mut TracePoint = program(sensor, prog)?.try_into()?;
             p.load().with_context(|| format!("loading {prog}"))?;
-            p.attach("syscalls", name)
+            let id = p
+                .attach("syscalls", name)
                 .with_context(|| format!("attaching {prog}"))?;
-            done.push(prog);
+            let link = FdLink::try_from(p.take_link(id)?)
+                .with_context(|| format!("{prog}: the kernel gave no bpf_link"))?;
+            sensor.record_attached(prog, link);
         }
         match tier {
             Tier::Lsm => {
@@ -354,30 +377,28 @@ impl Guard {
                     ("sd_file_open", "file_open"),
                     ("sd_task_kill", "task_kill"),
                 ] {
-                    let p: &mut Lsm = ebpf
-                        .program_mut(prog)
-                        .ok_or_else(|| anyhow!("no program {prog}"))?
-                        .try_into()?;
+                    let p: &mut Lsm = program(sensor, prog)?.try_into()?;
                     p.load(hook, &btf)
                         .with_context(|| format!("loading LSM program {prog}"))?;
-                    p.attach()
+                    let id = p
+                        .attach()
                         .with_context(|| format!("attaching LSM program {prog}"))?;
-                    done.push(prog);
+                    let link = FdLink::from(p.take_link(id)?);
+                    sensor.record_attached(prog, link);
                 }
             }
             Tier::Tracepoint => {
-                let p: &mut RawTracePoint = ebpf
-                    .program_mut("sd_exec_tp")
-                    .ok_or_else(|| anyhow!("no program sd_exec_tp"))?
-                    .try_into()?;
+                let p: &mut RawTracePoint = program(sensor, "sd_exec_tp")?.try_into()?;
                 p.load().context("loading sd_exec_tp")?;
-                p.attach("sched_process_exec")
+                let id = p
+                    .attach("sched_process_exec")
                     .context("attaching sd_exec_tp")?;
-                done.push("sd_exec_tp");
+                let link = FdLink::from(p.take_link(id)?);
+                sensor.record_attached("sd_exec_tp", link);
             }
             Tier::Userspace => {}
         }
-        Ok(done)
+        Ok(())
     }
 
     fn push(&mut self, sensor: &mut Sensor, session: u32, origin: Origin) {
@@ -453,6 +474,7 @@ impl Guard {
 
     /// Periodic work: drain inotify, rescan sessions, refresh unit exceptions.
     pub fn tick(&mut self, sensor: &mut Sensor, woken: bool) {
+        self.promise_to_answer(sensor);
         if !self.resume.is_empty() {
             self.resume_callers();
         }
@@ -514,6 +536,7 @@ impl Guard {
         if !matches!(ev.outcome, SD_OUT_REFUSED | SD_OUT_STOPPED) {
             return;
         }
+        forget_stopped(sensor, ev.tgid);
         let msg = self.refusal_message(&cmd, &verb, session, ev.action, class_name);
         // The kernel stopped the task: it still holds its terminal and stderr.
         procinfo::tell_job(ev.tgid, &format!("\r\n{msg}\r\n"));
@@ -543,6 +566,31 @@ impl Guard {
             p = ppid;
         }
         self.resume_callers();
+    }
+
+    /// Answers callers that pinned programs stopped while no agent read their events (the previous
+    /// agent crashed or was restarting): message, incident, then kill or continue, as if the
+    /// event had just arrived. Entries whose process is gone or running are dropped.
+    pub fn adopt_stopped(&mut self, sensor: &mut Sensor, sink: &mut Sink) -> usize {
+        let entries: Vec<(u32, ShutdownEvent)> = match stopped_map(sensor) {
+            Some(m) => m.iter().filter_map(|r| r.ok()).collect(),
+            None => return 0,
+        };
+        let mut answered = 0;
+        for (tgid, ev) in entries {
+            // The same task, still waiting: stopped, with the command name the kernel saw (a
+            // reused pid would have to be stopped and have the same name to be mistaken).
+            let waiting = state_of(tgid) == Some('T')
+                && std::fs::read(format!("/proc/{tgid}/comm")).is_ok_and(|c| {
+                    c.strip_suffix(b"\n").unwrap_or(&c) == cstr(&ev.comm).as_bytes()
+                });
+            if waiting {
+                self.on_event(&ev, sensor, sink);
+                answered += 1;
+            }
+            forget_stopped(sensor, tgid);
+        }
+        answered
     }
 
     /// A remote session classified at its first exec may not have shown its client address yet
@@ -733,6 +781,27 @@ impl Guard {
 }
 
 /// (state, ppid, pgid) from /proc/PID/stat.
+fn program<'a>(sensor: &'a mut Sensor, name: &str) -> Result<&'a mut Program> {
+    sensor
+        .ebpf_mut()
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("the BPF object has no program {name}"))
+}
+
+fn stopped_map(
+    sensor: &mut Sensor,
+) -> Option<BpfHashMap<&mut aya::maps::MapData, u32, ShutdownEvent>> {
+    let m = sensor.ebpf_mut().map_mut("SD_STOPPED")?;
+    BpfHashMap::try_from(m).ok()
+}
+
+/// The caller was answered: the next agent must not answer it again.
+fn forget_stopped(sensor: &mut Sensor, tgid: u32) {
+    if let Some(mut m) = stopped_map(sensor) {
+        let _ = m.remove(&tgid);
+    }
+}
+
 fn stat_of(pid: u32) -> Option<(char, u32, u32)> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &s[s.rfind(')')? + 2..];

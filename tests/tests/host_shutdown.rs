@@ -172,12 +172,18 @@ struct Setup {
     _cg: TestCgroup,
     s: tempfile::TempDir,
     standin: PathBuf,
+    /// The agent's policy, to start another agent on the same pins.
+    policy: String,
 }
 
 /// An agent whose policy guards shutdowns (remote → confirm) and treats the stand-in as a
 /// shutdown command; its deletion rules are the usual cgroup-scoped test rules, so it never holds
 /// anything else on the machine.
 fn setup() -> Setup {
+    setup_with(&[])
+}
+
+fn setup_with(agent_args: &[&str]) -> Setup {
     require_root();
     let s = scratch();
     let bin = s.path().join("bin");
@@ -199,13 +205,14 @@ commands = ["{}"]
 "#,
         standin.display()
     );
-    let agent =
-        Agent::start(&policy_with(100, &[&target], &[], &cg, &extra)).expect("agent starts");
+    let policy = policy_with(100, &[&target], &[], &cg, &extra);
+    let agent = Agent::start_with(&policy, agent_args).expect("agent starts");
     Setup {
         agent,
         _cg: cg,
         s,
         standin,
+        policy,
     }
 }
 
@@ -225,6 +232,7 @@ fn remote_shutdown_is_refused_until_confirmed_by_host_name() {
         standin,
         s,
         _cg,
+        ..
     } = setup();
     let sshd = Sshd::start();
     let reboot = format!("{} {RAN}", standin.display());
@@ -460,4 +468,90 @@ fn local_session_and_no_session_run_the_stand_in_freely() {
     );
     let status = agent.stop().expect("agent stops");
     assert!(status.success(), "agent exits 0, got {status}");
+}
+
+/// Processes running `exe` that are stopped (state T).
+fn stopped_running(exe: &std::path::Path) -> Vec<u32> {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|p| p == exe))
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            stat.rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('T'))
+        })
+        .collect()
+}
+
+/// The shutdown programs are pinned with the deletion hooks: with no agent running (crashed, or
+/// between the two halves of a restart) remote shutdowns are still refused. A caller the kernel
+/// stopped just before the crash is answered by the next agent (message, then killed); once the
+/// crashed agent's promise to answer has run out, the kernel kills the program itself.
+#[test]
+fn pinned_guard_refuses_while_no_agent_runs() {
+    let _k = kernel_lock();
+    let pins = unique_pin_dir();
+    let pins_arg = pins.display().to_string();
+    let Setup {
+        agent,
+        standin,
+        s: _s,
+        _cg,
+        policy,
+    } = setup_with(&["--pin-dir", &pins_arg]);
+    let sshd = Sshd::start();
+    let reboot = format!("{} {RAN}", standin.display());
+    let from = "ssh 127.0.0.1";
+    agent.crash();
+
+    // Right after the crash the agent's promise to answer still holds: the kernel stops the
+    // stand-in before its first instruction and waits.
+    let waiting = sshd
+        .ssh(false)
+        .arg(format!("{reboot}; echo rc=$?"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("ssh");
+    assert!(
+        wait_until(Duration::from_secs(30), || !stopped_running(&standin)
+            .is_empty()),
+        "the stand-in was not stopped by the pinned programs"
+    );
+    let second = Agent::start_with(&policy, &["--pin-dir", &pins_arg]).expect("second agent");
+    let out = waiting.wait_with_output().expect("ssh output");
+    let (o, e) = text(&out);
+    assert_refusal(&e, from, "a caller stopped while no agent ran");
+    assert_eq!(ran(&o), 0, "the stand-in ran:\n{o}");
+    assert!(
+        o.contains("rc=137"),
+        "the stand-in was not killed:\n{o}\n{e}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || second
+            .saw("answered 1 shutdown callers stopped while no agent ran")),
+        "the second agent did not report the caller it answered:\n{}",
+        second.log()
+    );
+    second.crash();
+
+    // Once the promise has run out (5 s), the kernel kills the program at once: refused, with
+    // no message (no agent writes one) and without hanging the caller.
+    std::thread::sleep(Duration::from_secs(6));
+    let out = sshd.run(false, &format!("{reboot}; echo rc=$?"));
+    let (o, e) = text(&out);
+    assert_ne!(out.status.code(), Some(124), "the caller hung:\n{o}\n{e}");
+    assert_eq!(ran(&o), 0, "the stand-in ran with no agent:\n{o}");
+    assert!(
+        o.contains("rc=137"),
+        "the stand-in was not killed:\n{o}\n{e}"
+    );
+
+    // A normal stop of the next agent detaches everything.
+    let third = Agent::start_with(&policy, &["--pin-dir", &pins_arg]).expect("third agent");
+    assert!(third.stop().expect("stops").success());
+    assert!(!pins.exists(), "the pins are gone: {}", pins.display());
 }

@@ -520,6 +520,11 @@ pub struct ShutdownConfig {
     /// How long a process that used a confirmation pass may go on shutting down (ns): `poweroff`
     /// execs, then calls reboot(2); one confirmation covers both.
     pub cleared_ns: u64,
+    /// Monotonic time (ns) until which the agent counts as running; it pushes this forward every
+    /// tick. Past it (the agent crashed or is restarting and these programs stay pinned), a
+    /// refused caller is not stopped to wait for a message no agent will write: the LSM tier
+    /// just refuses, the tracepoint tier kills the program before its first instruction.
+    pub alive_until_ns: u64,
 }
 
 /// Key of `SD_EXES` and `SD_EXCEPT_EXES`: an executable's identity.
@@ -641,6 +646,7 @@ mod pod {
         super::SdArgs,
         super::ShutdownConfig,
         super::FileId,
-        super::SdOffsets
+        super::SdOffsets,
+        super::ShutdownEvent
     );
 }

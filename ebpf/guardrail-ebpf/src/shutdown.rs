@@ -15,7 +15,9 @@
 //!
 //! A refused task also gets SIGSTOP from the kernel: the agent writes the refusal message to its
 //! terminal (or stderr) while the task still holds it, then continues it (LSM: the task goes on
-//! with EPERM) or kills it (tracepoint tier).
+//! with EPERM) or kills it (tracepoint tier). These programs are pinned and outlive a crashed or
+//! restarting agent; while no agent renews `ShutdownConfig::alive_until_ns`, a refused task is
+//! not stopped (LSM: plain EPERM) or is killed by the kernel (tracepoint tier).
 use aya_ebpf::{
     EbpfContext,
     helpers::{
@@ -32,6 +34,7 @@ use guardrail_common::*;
 
 use crate::{EPERM, EVENTS, current_task, kptr, kread, offsets};
 
+const SIGKILL: u32 = 9;
 const SIGSTOP: u32 = 19;
 const CAP_SYS_BOOT: i32 = 22;
 const FMODE_WRITE: u32 = 0x2;
@@ -84,6 +87,11 @@ static SD_SCRATCH: PerCpuArray<SdArgs> = PerCpuArray::with_max_entries(1, 0);
 static SD_BUF: PerCpuArray<[u8; 128]> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static SD_EVSCRATCH: PerCpuArray<ShutdownEvent> = PerCpuArray::with_max_entries(1, 0);
+/// Callers stopped to wait for their refusal message, by tgid, with the event that told the
+/// agent. Pinned: if the agent dies before it answered, the next one finds them here, writes the
+/// message and ends (or continues) them. The agent deletes an entry once it answered.
+#[map]
+static SD_STOPPED: LruHashMap<u32, ShutdownEvent> = LruHashMap::with_max_entries(1024, 0);
 
 #[inline(always)]
 fn sd_offsets() -> SdOffsets {
@@ -435,26 +443,44 @@ fn judge(op: u32, signal: u32, tid: u32, tracepoint: bool) -> bool {
     } else {
         SD_OUT_REFUSED
     };
-    report(op, outcome, pack(class, action, 0), signal, words);
-    // Held until the agent has written the message to the task's terminal (see module docs).
-    // SAFETY: signals the current task; failure (kernel thread) leaves only the message late.
-    let _ = unsafe { bpf_send_signal(SIGSTOP) };
+    let agent_running = t < cfg.alive_until_ns;
+    report(
+        op,
+        outcome,
+        pack(class, action, 0) | if agent_running { PACK_STOPPED } else { 0 },
+        signal,
+        words,
+    );
+    if agent_running {
+        // Held until the agent has written the message to the task's terminal (see module
+        // docs).
+        // SAFETY: signals the current task; failure (kernel thread) leaves only the message late.
+        let _ = unsafe { bpf_send_signal(SIGSTOP) };
+    } else if tracepoint {
+        // No agent runs (these programs outlive it, pinned): nobody would write the message or
+        // end a stopped program, so the kernel ends it before its first instruction.
+        // SAFETY: as above.
+        let _ = unsafe { bpf_send_signal(SIGKILL) };
+    }
     true
 }
 
 /// Class, action and exception flag in one argument (BPF calls take at most five).
 #[inline(always)]
 fn pack(class: u32, action: u32, exception: u32) -> u32 {
-    class | action << 8 | exception << 16
+    class | action << 8 | (exception & 1) << 16
 }
+
+/// Flag beside [`pack`]'s fields: the caller is being stopped for the agent to answer; remember
+/// it in `SD_STOPPED`.
+const PACK_STOPPED: u32 = 1 << 24;
 
 /// Sends one [`ShutdownEvent`]; `packed` comes from [`pack`].
 #[inline(never)]
 fn report(op: u32, outcome: u32, packed: u32, signal: u32, words: Option<&SdArgs>) {
-    let Some(mut entry) = EVENTS.reserve::<ShutdownEvent>(0) else {
+    let Some(ev) = SD_EVSCRATCH.get_ptr_mut(0) else {
         return;
     };
-    let ev = entry.as_mut_ptr();
     let o = offsets();
     let task = current_task();
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -466,7 +492,7 @@ fn report(op: u32, outcome: u32, packed: u32, signal: u32, words: Option<&SdArgs
         (*ev).outcome = outcome;
         (*ev).class = packed & 0xff;
         (*ev).action = (packed >> 8) & 0xff;
-        (*ev).exception = packed >> 16;
+        (*ev).exception = (packed >> 16) & 1;
         (*ev).signal = signal;
         (*ev).tgid = (pid_tgid >> 32) as u32;
         (*ev).pid = pid_tgid as u32;
@@ -490,8 +516,11 @@ fn report(op: u32, outcome: u32, packed: u32, signal: u32, words: Option<&SdArgs
                 }
             }
         }
+        if packed & PACK_STOPPED != 0 {
+            let _ = SD_STOPPED.insert(&(*ev).tgid, &*ev, 0);
+        }
+        let _ = EVENTS.output::<ShutdownEvent>(&*ev, 0);
     }
-    entry.submit(0);
 }
 
 // --- LSM tier ----------------------------------------------------------------------------------
@@ -611,9 +640,8 @@ pub fn sd_task_kill(ctx: LsmContext) -> i32 {
 
 /// `sched_process_exec(struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm)`: the
 /// new program is loaded but has not run an instruction. A refused one is stopped here by the
-/// kernel; the agent writes the message to its terminal and kills it (the tracepoint programs
-/// live only as long as the agent, so a stopped program never outlives the guard that stopped it
-/// unnoticed).
+/// kernel; the agent writes the message to its terminal and kills it. With no agent running, the
+/// kernel kills it at once (see `judge`), so a stopped program never waits for an agent.
 #[raw_tracepoint(tracepoint = "sched_process_exec")]
 pub fn sd_exec_tp(ctx: RawTracePointContext) -> i32 {
     if sd_config().is_none() {

@@ -21,24 +21,12 @@ start_agent "$S/policy.toml"
 gr status | grep -q '^tier:    lsm' || fail "status does not say tier lsm"
 gr status | grep -q 'sd_capable' || fail "the shutdown LSM programs are not attached"
 
-cat >"$S/sshd-session" <<'EOS'
-#!/bin/sh
-# Stands in for OpenSSH's per-connection process (see the case's header).
-echo 0 >/proc/self/loginuid || exit 90
-sh "$1"
-exit $?
-EOS
-chmod +x "$S/sshd-session"
+fake_sshd_session
 
 cat >"$S/remote.sh" <<'EOS'
 . /cases/lib.inc
-sid=$(cat /proc/self/sessionid)
+wait_remote
 echo "remote session $sid"
-i=0
-until grep -q "session $sid is remote" "$S/agent.log"; do
-    i=$((i + 1)); [ $i -gt 300 ] && { echo "REMOTE-FAIL: session $sid never classified remote"; exit 1; }
-    sleep 0.1
-done
 tail="To [a-z ]* guardrail-vm, run: guardrail confirm guardrail-vm, then repeat the command within 2 minutes."
 # `reboot -f` and `poweroff -f` exec busybox through their /bin links (bprm_check_security, by
 # argv[0]); `busybox poweroff -f` is not a shutdown exec by its name, so it reaches reboot(2)

@@ -1,0 +1,199 @@
+//! The kernel/user ABI: every type that crosses a map or the ring buffer has no implicit padding
+//! (a hole would hold whatever the writer's stack held, and differ between `bpfel-unknown-none`
+//! and x86_64), and its size and field order are pinned here, so a change to the ABI is a
+//! deliberate edit of this file too.
+use core::mem::{align_of, offset_of, size_of};
+
+use guardrail_common::*;
+
+fn field_size<T, F>(_: fn(&T) -> &F) -> usize {
+    size_of::<F>()
+}
+
+/// Asserts that the fields, in this order, tile the whole struct with no gap and that the size is
+/// `$size`.
+macro_rules! layout {
+    ($t:ty, $size:expr, [$($f:ident),+ $(,)?]) => {{
+        let mut end = 0usize;
+        $(
+            assert_eq!(
+                offset_of!($t, $f),
+                end,
+                "{}::{} does not start right after the previous field (implicit padding?)",
+                stringify!($t),
+                stringify!($f)
+            );
+            end += field_size(|x: &$t| &x.$f);
+        )+
+        assert_eq!(size_of::<$t>(), end, "{} has trailing padding", stringify!($t));
+        assert_eq!(size_of::<$t>(), $size, "{} changed size", stringify!($t));
+        // BPF maps and the ring buffer align records to 8 bytes at most.
+        assert!(align_of::<$t>() <= 8, "{} is over-aligned", stringify!($t));
+    }};
+}
+
+#[test]
+fn deletion_guard_tables() {
+    layout!(DirKey, 24, [dev, ino, slot, _pad]);
+    layout!(
+        DirRule,
+        24,
+        [kind, data_dir_id, target_rules, data_owner_rules]
+    );
+    layout!(RuleParams, 24, [budget, window_ns, action, flags]);
+    layout!(ExeKey, 24, [dev, ino, slot, _pad]);
+    layout!(CgroupKey, 16, [cgroup_id, slot, _pad]);
+    layout!(UidKey, 8, [uid, slot]);
+    layout!(
+        Config,
+        24,
+        [active_slot, mode, agent_tgid, policy_loaded, incident_base]
+    );
+    layout!(JobKey, 8, [sid, pgid]);
+    layout!(
+        JobState,
+        112,
+        [
+            state,
+            rule,
+            window_start_ns,
+            count,
+            prev_count,
+            allowance,
+            refused,
+            total,
+            incident,
+            peak,
+            cgroup_id,
+            first_ns,
+            uid,
+            _pad,
+            comm
+        ]
+    );
+}
+
+#[test]
+fn deletion_event() {
+    layout!(
+        Event,
+        80 + 16 + NAME_LEN * EVENT_PATH_DEPTH,
+        [
+            kind,
+            flags,
+            rule,
+            data_dir_id,
+            tgid,
+            pid,
+            pgid,
+            sid,
+            uid,
+            loginuid,
+            audit_session,
+            op,
+            count,
+            incident,
+            cgroup_id,
+            ktime_ns,
+            comm,
+            path
+        ]
+    );
+}
+
+#[test]
+fn offsets_and_selftest() {
+    layout!(
+        KernelOffsets,
+        4 * 32,
+        [
+            task_tgid,
+            task_pid,
+            task_loginuid,
+            task_sessionid,
+            task_signal,
+            task_fs,
+            task_files,
+            task_mm,
+            task_real_parent,
+            signal_pids,
+            pidtype_pgid,
+            pidtype_sid,
+            pid_numbers_nr,
+            fs_pwd,
+            fs_root,
+            path_dentry,
+            path_mnt,
+            files_fdt,
+            fdt_fd,
+            fdt_max_fds,
+            file_f_path,
+            file_f_inode,
+            dentry_d_parent,
+            dentry_d_inode,
+            dentry_d_name_name,
+            inode_i_ino,
+            inode_i_sb,
+            sb_s_dev,
+            mm_exe_file,
+            io_uring_opcode,
+            valid,
+            task_flags
+        ]
+    );
+    layout!(
+        SelftestAnswer,
+        64,
+        [
+            tgid, pid, pgid, sid, loginuid, sessionid, cwd_dev, cwd_ino, exe_dev, exe_ino, hits
+        ]
+    );
+}
+
+#[test]
+fn shutdown_guard() {
+    layout!(
+        SdArgs,
+        16 + SD_WORD_LEN * SD_ARGV_WORDS,
+        [argv0, verb, target, _pad, words]
+    );
+    layout!(
+        ShutdownConfig,
+        4 * SD_CLASSES + 16 + 16,
+        [
+            action,
+            enabled,
+            mode,
+            agent_tgid,
+            sysrq_ino,
+            cleared_ns,
+            alive_until_ns
+        ]
+    );
+    layout!(FileId, 16, [dev, ino]);
+    layout!(
+        ShutdownEvent,
+        56 + 16 + 16 + SD_WORD_LEN * SD_ARGV_WORDS,
+        [
+            kind,
+            op,
+            outcome,
+            class,
+            action,
+            exception,
+            tgid,
+            pid,
+            ppid,
+            uid,
+            loginuid,
+            audit_session,
+            signal,
+            _pad,
+            cgroup_id,
+            ktime_ns,
+            comm,
+            words
+        ]
+    );
+    layout!(SdOffsets, 16, [bprm_file, file_f_mode, sb_s_magic, valid]);
+}
