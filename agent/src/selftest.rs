@@ -209,6 +209,111 @@ fn runaway_check(offsets: &guardrail_common::KernelOffsets, tier: probe::Tier) -
     result
 }
 
+/// A shutdown request from a session classified remote, for real through the tier's shutdown
+/// programs: a copy of /bin/touch named `reboot` (never a real shutdown command) is the policy's
+/// shutdown command; a child takes a new audit session by writing /proc/self/loginuid (what
+/// pam_loginuid does for an SSH login), the session is marked remote, and the child execs the
+/// stand-in, which would create a marker file if it ran. Passes when the kernel refused or
+/// stopped it (an event says so) and the marker does not exist.
+fn shutdown_check(offsets: &guardrail_common::KernelOffsets, tier: probe::Tier) -> Result<Check> {
+    use guardrail_common::{SD_OUT_REFUSED, SD_OUT_STOPPED};
+    use std::io::{BufRead, BufReader, Write};
+
+    let pid = std::process::id();
+    let scratch = Path::new("/var/tmp").join(format!("guardrail-selftest-sd-{pid}"));
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+    let result = (|| -> Result<Check> {
+        let standin = scratch.join("reboot");
+        std::fs::copy("/bin/touch", &standin).context("copying /bin/touch as the stand-in")?;
+        let marker = scratch.join("stand-in-ran");
+        let policy_path = scratch.join("policy.toml");
+        std::fs::write(
+            &policy_path,
+            format!(
+                "mode = \"enforce\"\n[shutdown]\nremote = \"confirm\"\nlocal = \"allow\"\nnone = \"allow\"\nunknown = \"confirm\"\ncommands = [{:?}]\n",
+                standin.display().to_string()
+            ),
+        )
+        .with_context(|| format!("writing {}", policy_path.display()))?;
+        let policy = crate::policy_glue::PolicySource::File {
+            main: policy_path.clone(),
+            dropins: None,
+        }
+        .load()
+        .map_err(|e| anyhow::anyhow!("the self-test policy: {e}"))?;
+        let mut s = sensor::Sensor::new(offsets)?;
+        let mut guard = crate::shutdown::Guard::new("selftest", tier, &policy);
+        guard.install(&mut s, &policy)?;
+        guard.attach(&mut s, tier)?;
+        let mut ring = s.take_events()?;
+
+        // The child reports its new session id, waits for the word, then execs the stand-in.
+        let mut child = std::process::Command::new("/bin/sh")
+            .args([
+                "-c",
+                "echo 0 >/proc/self/loginuid || exit 90; cat /proc/self/sessionid; echo; read go; exec \"$0\" \"$1\"",
+            ])
+            .arg(&standin)
+            .arg(&marker)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("starting the would-be remote session")?;
+        let child_pid = child.id();
+        let mut line = String::new();
+        if let Some(out) = child.stdout.take() {
+            BufReader::new(out).read_line(&mut line)?;
+        }
+        let Ok(session) = line.trim().parse::<u32>() else {
+            let _ = child.kill();
+            let _ = child.wait();
+            anyhow::bail!(
+                "could not start a new audit session (writing /proc/self/loginuid needs CAP_AUDIT_CONTROL and a kernel with audit)"
+            );
+        };
+        guard.mark_remote_quietly(&mut s, session)?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(b"go\n")?;
+        }
+        let start = std::time::Instant::now();
+        let mut outcome = None;
+        while outcome.is_none() && start.elapsed() < std::time::Duration::from_secs(10) {
+            while let Some(item) = ring.next() {
+                if let Some(ev) = crate::shutdown::parse_event(&item)
+                    && ev.tgid == child_pid
+                    && matches!(ev.outcome, SD_OUT_REFUSED | SD_OUT_STOPPED)
+                {
+                    outcome = Some(ev.outcome);
+                }
+            }
+            if outcome.is_none() {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+        // The kernel stopped the caller for the agent's message; this check ends it instead.
+        let _ = child.kill();
+        let _ = child.wait();
+        let ran = marker.exists();
+        let what = match outcome {
+            Some(SD_OUT_REFUSED) => "refused with EPERM before it ran",
+            Some(_) => "stopped before its first instruction",
+            None => "NOT stopped within 10s",
+        };
+        Ok(Check {
+            name: "remote shutdown".into(),
+            ok: outcome.is_some() && !ran,
+            detail: format!(
+                "a stand-in \"reboot\" exec'd from a session classified remote (audit session {session}): {what}{}",
+                if ran { "; the stand-in RAN" } else { "" }
+            ),
+        })
+    })();
+    let _ = std::fs::remove_dir_all(&scratch);
+    result
+}
+
 /// Files and budget of the userspace tier's measurement (what its promise is made for).
 const USERSPACE_FILES: usize = 10_000;
 const USERSPACE_BUDGET: u64 = 100;
@@ -287,11 +392,26 @@ pub fn run(json: bool, force_userspace: bool) -> Result<ExitCode> {
     }
     if report.tier == probe::Tier::Userspace {
         checks.push(userspace_runaway_check());
+        checks.push(Check {
+            name: "remote shutdown".into(),
+            ok: false,
+            detail:
+                "not guarded: the shutdown guard decides in the kernel and this tier has no BPF"
+                    .into(),
+        });
     } else if let Ok(o) = &offsets {
         match runaway_check(o, report.tier) {
             Ok(c) => checks.push(c),
             Err(e) => checks.push(Check {
                 name: "runaway deletion".into(),
+                ok: false,
+                detail: format!("{e:#}"),
+            }),
+        }
+        match shutdown_check(o, report.tier) {
+            Ok(c) => checks.push(c),
+            Err(e) => checks.push(Check {
+                name: "remote shutdown".into(),
                 ok: false,
                 detail: format!("{e:#}"),
             }),
@@ -327,7 +447,8 @@ pub fn run(json: bool, force_userspace: bool) -> Result<ExitCode> {
         }
         for c in &out.checks {
             // A tier this kernel lacks is a "no", not a failure; the rest must pass.
-            let capability = matches!(c.name.as_str(), "BPF LSM" | "tracepoints");
+            let capability = matches!(c.name.as_str(), "BPF LSM" | "tracepoints")
+                || (c.name == "remote shutdown" && out.tier == probe::Tier::Userspace);
             let mark = match (c.ok, capability) {
                 (true, _) => " ok ",
                 (false, true) => " no ",
@@ -351,8 +472,12 @@ pub fn run(json: bool, force_userspace: bool) -> Result<ExitCode> {
             ExitCode::FAILURE
         });
     }
-    // The BPF tiers' runaway check is reported, as before; their exit status is the offsets'.
-    Ok(if offsets_ok {
+    let proofs_ok = out
+        .checks
+        .iter()
+        .filter(|c| c.name == "remote shutdown")
+        .all(|c| c.ok);
+    Ok(if offsets_ok && runaway_ok && proofs_ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

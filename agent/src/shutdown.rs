@@ -424,6 +424,17 @@ impl Guard {
         self.known.insert(session, origin);
     }
 
+    /// Classifies `session` remote in the kernel only (no log line, not remembered): for
+    /// `guardrail selftest`, whose forged session no classifier would call remote.
+    pub fn mark_remote_quietly(&self, sensor: &mut Sensor, session: u32) -> Result<()> {
+        let m = sensor
+            .ebpf_mut()
+            .map_mut("SD_SESSIONS")
+            .ok_or_else(|| anyhow!("no SD_SESSIONS"))?;
+        BpfHashMap::<_, u32, u32>::try_from(m)?.insert(session, SD_CLASS_REMOTE, 0)?;
+        Ok(())
+    }
+
     fn forget(&mut self, sensor: &mut Sensor, session: u32) {
         self.known.remove(&session);
         if let Some(m) = sensor.ebpf_mut().map_mut("SD_SESSIONS")

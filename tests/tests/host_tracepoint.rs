@@ -267,6 +267,15 @@ fn selftest_reports_tracepoint_and_offsets_match_proc() {
             || runaway.contains("20 files gone, 0 past the budget"),
         "at most one file past the budget in this tier:\n{runaway}"
     );
+    // A stand-in shutdown from a session classified remote: the tracepoint tier stops the
+    // program before its first instruction.
+    assert!(
+        text.lines().any(
+            |l| l.starts_with("[ ok ] remote shutdown: a stand-in \"reboot\"")
+                && l.ends_with("stopped before its first instruction")
+        ),
+        "selftest proves the shutdown guard with a stand-in:\n{text}"
+    );
     let _ = Path::new("/");
 }
 

@@ -11,4 +11,6 @@ n=$(echo "$out" | grep -c '^\[ ok \] offset ')
 echo "$out" | grep -q 'FAIL\] offset' && fail "an offset is wrong on this kernel"
 echo "$out" | grep -q '^\[ ok \] runaway deletion: .* 20 files gone, 0 past the budget' \
     || fail "the runaway was not stopped with 0 files past the budget"
-echo "ok: tier lsm, 9 offsets match /proc, runaway stopped with 0 files past the budget"
+echo "$out" | grep -q '^\[ ok \] remote shutdown: a stand-in "reboot" .*: refused with EPERM before it ran$' \
+    || fail "the stand-in shutdown from a remote session was not refused"
+echo "ok: tier lsm, 9 offsets match /proc, runaway stopped with 0 files past the budget, remote shutdown refused"
