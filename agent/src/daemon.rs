@@ -1015,6 +1015,7 @@ impl Agent {
             last_reload_error: self.last_reload_error.clone(),
             attached: self.backend.attached(),
             holds: self.hold_infos(),
+            sessions: self.shutdown.sessions(),
         }
     }
 }

@@ -75,6 +75,20 @@ pub struct StatusInfo {
     pub last_reload_error: Option<String>,
     pub attached: Vec<String>,
     pub holds: Vec<HoldInfo>,
+    /// Login sessions the shutdown guard has classified, by audit session id.
+    #[serde(default)]
+    pub sessions: Vec<SessionInfo>,
+}
+
+/// One classified login session, as `guardrail status` lists it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionInfo {
+    /// The kernel's audit session id (what `/proc/PID/sessionid` says).
+    pub id: u32,
+    /// remote, local, none or serial.
+    pub class: String,
+    /// "ssh 10.0.0.5", "a local session", ...
+    pub origin: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -265,6 +265,14 @@ fn cli_status(socket: &std::path::Path, json: bool) -> Result<ExitCode> {
                     println!("last reload rejected:\n{e}");
                 }
                 println!("attached: {}", s.attached.join(", "));
+                if s.sessions.is_empty() {
+                    println!("sessions: none classified yet");
+                } else {
+                    println!("sessions:");
+                    for x in &s.sessions {
+                        println!("  {:>6}  {:<7} {}", x.id, x.class, x.origin);
+                    }
+                }
                 print_holds(&s.holds);
             }
             Ok(ExitCode::SUCCESS)

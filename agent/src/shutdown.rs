@@ -424,6 +424,21 @@ impl Guard {
         self.known.insert(session, origin);
     }
 
+    /// The sessions classified so far, by id.
+    pub fn sessions(&self) -> Vec<crate::ipc::SessionInfo> {
+        let mut v: Vec<crate::ipc::SessionInfo> = self
+            .known
+            .iter()
+            .map(|(id, o)| crate::ipc::SessionInfo {
+                id: *id,
+                class: o.class.name().to_string(),
+                origin: o.describe(),
+            })
+            .collect();
+        v.sort_by_key(|s| s.id);
+        v
+    }
+
     /// Classifies `session` remote in the kernel only (no log line, not remembered): for
     /// `guardrail selftest`, whose forged session no classifier would call remote.
     pub fn mark_remote_quietly(&self, sensor: &mut Sensor, session: u32) -> Result<()> {

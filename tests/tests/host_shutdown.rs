@@ -308,7 +308,18 @@ fn remote_shutdown_is_refused_until_confirmed_by_host_name() {
     let rc = std::fs::read_to_string(&pane).unwrap_or_default();
     let screen = String::from_utf8_lossy(&tmux(&["capture-pane", "-p", "-J", "-t", "g:1"]).stdout)
         .into_owned();
+    // While the tmux server keeps the ssh login's session alive, `guardrail status` lists it.
+    let status = String::from_utf8_lossy(&agent.cli(&["status"]).stdout).into_owned();
     let _ = tmux(&["kill-server"]);
+    assert!(
+        status
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .any(|w| w.len() == 4
+                && w[0].parse::<u32>().is_ok()
+                && w[1..] == ["remote", "ssh", "127.0.0.1"]),
+        "status does not list the ssh session as remote:\n{status}"
+    );
     assert_refusal(&screen, from, "tmux started over ssh");
     assert!(ran(&screen) == 0, "the stand-in ran in tmux:\n{screen}");
     assert_eq!(rc.trim(), "rc=137", "the stand-in in tmux was not killed");
