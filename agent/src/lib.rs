@@ -3,6 +3,7 @@
 //! `fallback` (the `userspace` tier) needs no BPF at all; `sensor` comes along for
 //! `KernelPolicy`, the tables both the kernel and the fallback judge by.
 pub mod btf;
+pub mod cgroup;
 pub mod fallback;
 pub mod probe;
 pub mod sensor;

@@ -1,6 +1,7 @@
 //! `guardrail`: the agent (`guardrail agent`) and the admin CLI that talks to it.
 mod alert;
 mod btf;
+mod cgroup;
 mod daemon;
 mod events;
 mod fallback;

@@ -138,34 +138,13 @@ fn runaway_check(offsets: &guardrail_common::KernelOffsets, tier: probe::Tier) -
         s.install_policy(&policy)?;
         s.attach(tier)?;
         let mut ring = s.take_events()?;
-        let procs = std::ffi::CString::new(
-            cgroup
-                .join("cgroup.procs")
-                .into_os_string()
-                .into_encoded_bytes(),
-        )?;
         let mut cmd = std::process::Command::new("/bin/sh");
         cmd.args(["-c", "rm -rf victim"])
             .current_dir(&scratch)
             .process_group(0);
         cmd.stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());
-        // SAFETY: only raw syscalls between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
-                libc::close(fd);
-                if ok {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                }
-            });
-        }
+        crate::cgroup::join_at_exec(&mut cmd, &cgroup)?;
         let mut child = cmd.spawn().context("starting the runaway job")?;
         let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
         let start = std::time::Instant::now();

@@ -161,54 +161,74 @@ impl Sensor {
     /// Attaches the deletion hooks of `tier` and the process-tagging hooks.
     pub fn attach(&mut self, tier: Tier) -> Result<()> {
         for (prog, tp) in RAW_TRACEPOINT_PROGRAMS {
-            let p: &mut RawTracePoint = self.program(prog)?.try_into()?;
-            p.load().with_context(|| format!("loading {prog}"))?;
-            let id = p
-                .attach(tp)
-                .with_context(|| format!("attaching {prog} to raw tracepoint {tp}"))?;
-            let link = FdLink::from(p.take_link(id)?);
-            self.record_attached(prog, link);
+            self.attach_raw_tracepoint(prog, tp)?;
         }
         match tier {
             Tier::Lsm => {
                 let btf = Btf::from_sys_fs().context("reading kernel BTF for the LSM hooks")?;
                 for (prog, hook) in LSM_PROGRAMS {
-                    let p: &mut Lsm = self.program(prog)?.try_into()?;
-                    p.load(hook, &btf)
-                        .with_context(|| format!("loading LSM program {prog}"))?;
-                    let id = p
-                        .attach()
-                        .with_context(|| format!("attaching LSM program {prog}"))?;
-                    let link = FdLink::from(p.take_link(id)?);
-                    self.record_attached(prog, link);
+                    self.attach_lsm(prog, hook, &btf)?;
                 }
             }
             Tier::Tracepoint => {
                 for (prog, cat, name) in TRACEPOINT_PROGRAMS {
-                    let p: &mut TracePoint = self.program(prog)?.try_into()?;
-                    p.load().with_context(|| format!("loading {prog}"))?;
-                    let id = p
-                        .attach(cat, name)
-                        .with_context(|| format!("attaching {prog} to {cat}/{name}"))?;
-                    let link = FdLink::try_from(p.take_link(id)?).with_context(|| {
-                        format!("{prog}: the kernel gave no bpf_link (needs >= 5.15)")
-                    })?;
-                    self.record_attached(prog, link);
+                    self.attach_tracepoint(prog, cat, name)?;
                 }
                 // io_uring requests never pass the syscall tracepoints.
                 if crate::btf::io_uring_opcode_offset().is_some() {
-                    let p: &mut TracePoint = self.program("io_uring_submit_req")?.try_into()?;
-                    p.load().context("loading io_uring_submit_req")?;
-                    let id = p
-                        .attach("io_uring", "io_uring_submit_req")
-                        .context("attaching io_uring_submit_req")?;
-                    let link = FdLink::try_from(p.take_link(id)?)
-                        .context("io_uring_submit_req: the kernel gave no bpf_link")?;
-                    self.record_attached("io_uring_submit_req", link);
+                    self.attach_tracepoint(
+                        "io_uring_submit_req",
+                        "io_uring",
+                        "io_uring_submit_req",
+                    )?;
                 }
             }
             Tier::Userspace => {}
         }
+        Ok(())
+    }
+
+    /// Loads `prog` and attaches it to LSM hook `hook`; its link joins the sensor's (pinned by
+    /// [`Sensor::pin_links`]).
+    pub fn attach_lsm(&mut self, prog: &'static str, hook: &str, btf: &Btf) -> Result<()> {
+        let p: &mut Lsm = self.program(prog)?.try_into()?;
+        p.load(hook, btf)
+            .with_context(|| format!("loading LSM program {prog}"))?;
+        let id = p
+            .attach()
+            .with_context(|| format!("attaching LSM program {prog}"))?;
+        let link = FdLink::from(p.take_link(id)?);
+        self.record_attached(prog, link);
+        Ok(())
+    }
+
+    /// Loads `prog` and attaches it to tracepoint `category/name`.
+    pub fn attach_tracepoint(
+        &mut self,
+        prog: &'static str,
+        category: &str,
+        name: &str,
+    ) -> Result<()> {
+        let p: &mut TracePoint = self.program(prog)?.try_into()?;
+        p.load().with_context(|| format!("loading {prog}"))?;
+        let id = p
+            .attach(category, name)
+            .with_context(|| format!("attaching {prog} to {category}/{name}"))?;
+        let link = FdLink::try_from(p.take_link(id)?)
+            .with_context(|| format!("{prog}: the kernel gave no bpf_link (needs >= 5.15)"))?;
+        self.record_attached(prog, link);
+        Ok(())
+    }
+
+    /// Loads `prog` and attaches it to raw tracepoint `tp`.
+    pub fn attach_raw_tracepoint(&mut self, prog: &'static str, tp: &str) -> Result<()> {
+        let p: &mut RawTracePoint = self.program(prog)?.try_into()?;
+        p.load().with_context(|| format!("loading {prog}"))?;
+        let id = p
+            .attach(tp)
+            .with_context(|| format!("attaching {prog} to raw tracepoint {tp}"))?;
+        let link = FdLink::from(p.take_link(id)?);
+        self.record_attached(prog, link);
         Ok(())
     }
 
@@ -271,9 +291,7 @@ impl Sensor {
         &self.ids
     }
 
-    /// Takes over the link of a program attached here or by another module (the shutdown
-    /// guard), so that [`Sensor::pin_links`] pins it with the rest.
-    pub fn record_attached(&mut self, prog: &'static str, link: FdLink) {
+    fn record_attached(&mut self, prog: &'static str, link: FdLink) {
         self.links.push((prog, link));
         self.attached.push(prog);
         if let Some(id) = self

@@ -17,7 +17,6 @@ use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Btf,
     maps::{Array, HashMap as BpfHashMap},
-    programs::{Lsm, Program, RawTracePoint, TracePoint, links::FdLink},
 };
 use guardrail_common::*;
 use guardrail_policy as gp;
@@ -352,22 +351,11 @@ impl Guard {
         }
     }
 
-    /// Loads and attaches the shutdown programs of `tier`, handing their links to the sensor so
-    /// they are pinned (and survive an agent restart) with the deletion hooks.
+    /// Loads and attaches the shutdown programs of `tier` through the sensor, so they are pinned
+    /// (and survive an agent restart) with the deletion hooks.
     pub fn attach(&self, sensor: &mut Sensor, tier: Tier) -> Result<()> {
-        for (prog, name) in [
-            ("sd_execve", "sys_enter_execve"),
-            ("sd_execveat", "sys_enter_execveat"),
-        ] {
-            let p: &mut TracePoint = program(sensor, prog)?.try_into()?;
-            p.load().with_context(|| format!("loading {prog}"))?;
-            let id = p
-                .attach("syscalls", name)
-                .with_context(|| format!("attaching {prog}"))?;
-            let link = FdLink::try_from(p.take_link(id)?)
-                .with_context(|| format!("{prog}: the kernel gave no bpf_link"))?;
-            sensor.record_attached(prog, link);
-        }
+        sensor.attach_tracepoint("sd_execve", "syscalls", "sys_enter_execve")?;
+        sensor.attach_tracepoint("sd_execveat", "syscalls", "sys_enter_execveat")?;
         match tier {
             Tier::Lsm => {
                 let btf = Btf::from_sys_fs().context("reading kernel BTF")?;
@@ -377,25 +365,10 @@ impl Guard {
                     ("sd_file_open", "file_open"),
                     ("sd_task_kill", "task_kill"),
                 ] {
-                    let p: &mut Lsm = program(sensor, prog)?.try_into()?;
-                    p.load(hook, &btf)
-                        .with_context(|| format!("loading LSM program {prog}"))?;
-                    let id = p
-                        .attach()
-                        .with_context(|| format!("attaching LSM program {prog}"))?;
-                    let link = FdLink::from(p.take_link(id)?);
-                    sensor.record_attached(prog, link);
+                    sensor.attach_lsm(prog, hook, &btf)?;
                 }
             }
-            Tier::Tracepoint => {
-                let p: &mut RawTracePoint = program(sensor, "sd_exec_tp")?.try_into()?;
-                p.load().context("loading sd_exec_tp")?;
-                let id = p
-                    .attach("sched_process_exec")
-                    .context("attaching sd_exec_tp")?;
-                let link = FdLink::from(p.take_link(id)?);
-                sensor.record_attached("sd_exec_tp", link);
-            }
+            Tier::Tracepoint => sensor.attach_raw_tracepoint("sd_exec_tp", "sched_process_exec")?,
             Tier::Userspace => {}
         }
         Ok(())
@@ -807,13 +780,6 @@ impl Guard {
 }
 
 /// (state, ppid, pgid) from /proc/PID/stat.
-fn program<'a>(sensor: &'a mut Sensor, name: &str) -> Result<&'a mut Program> {
-    sensor
-        .ebpf_mut()
-        .program_mut(name)
-        .ok_or_else(|| anyhow!("the BPF object has no program {name}"))
-}
-
 fn stopped_map(
     sensor: &mut Sensor,
 ) -> Option<BpfHashMap<&mut aya::maps::MapData, u32, ShutdownEvent>> {

@@ -371,29 +371,7 @@ impl Job {
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         if let Some(cg) = cgroup {
-            let procs = std::ffi::CString::new(
-                cg.path
-                    .join("cgroup.procs")
-                    .into_os_string()
-                    .into_encoded_bytes(),
-            )
-            .expect("cgroup path without NUL");
-            // SAFETY: the closure only makes raw syscalls (open, write, close) between fork and exec.
-            unsafe {
-                cmd.pre_exec(move || {
-                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-                    if fd < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
-                    libc::close(fd);
-                    if ok {
-                        Ok(())
-                    } else {
-                        Err(std::io::Error::last_os_error())
-                    }
-                });
-            }
+            guardrail_agent::cgroup::join_at_exec(&mut cmd, &cg.path).expect("cgroup path");
         }
         Job {
             child: cmd.spawn().expect("spawn job"),

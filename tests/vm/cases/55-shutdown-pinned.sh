@@ -5,14 +5,7 @@
 # has run out, refused callers get a plain EPERM at once (no message, no stop, no hang). The next
 # agent adopts the pins and a SIGTERM detaches everything.
 . /cases/lib.inc
-mkdir -p "$S/target" "$S/root"
-policy 100000000 "$S/target" "$S/root" '
-[shutdown]
-remote = "confirm"
-local = "allow"
-none = "allow"
-unknown = "confirm"
-confirm_window = "2m"' >"$S/policy.toml"
+shutdown_policy "$S/policy.toml"
 start_agent "$S/policy.toml"
 fake_sshd_session
 

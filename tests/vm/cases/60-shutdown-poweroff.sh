@@ -9,14 +9,7 @@
 # (file_open) are refused and the VM keeps running; after `guardrail confirm guardrail-vm`,
 # `poweroff -f` powers the VM off, which the harness counts as the pass.
 . /cases/lib.inc
-mkdir -p "$S/target" "$S/root"
-policy 100000000 "$S/target" "$S/root" '
-[shutdown]
-remote = "confirm"
-local = "allow"
-none = "allow"
-unknown = "confirm"
-confirm_window = "2m"' >"$S/policy.toml"
+shutdown_policy "$S/policy.toml"
 start_agent "$S/policy.toml"
 gr status | grep -q '^tier:    lsm' || fail "status does not say tier lsm"
 gr status | grep -q 'sd_capable' || fail "the shutdown LSM programs are not attached"
