@@ -19,6 +19,10 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
     let mut dirs: Vec<PathBuf> = env::var_os("PATH")
         .map(|p| env::split_paths(&p).collect())
         .unwrap_or_default();
+    // Where `cargo install` put bpf-linker: $CARGO_HOME/bin, else ~/.cargo/bin.
+    if let Some(cargo_home) = env::var_os("CARGO_HOME") {
+        dirs.push(Path::new(&cargo_home).join("bin"));
+    }
     if let Some(home) = env::var_os("HOME") {
         dirs.push(Path::new(&home).join(".cargo/bin"));
     }
