@@ -1016,6 +1016,7 @@ impl Agent {
             attached: self.backend.attached(),
             holds: self.hold_infos(),
             sessions: self.shutdown.sessions(),
+            shutdown_inhibitor: self.shutdown.inhibitor_status(),
         }
     }
 }

@@ -78,6 +78,10 @@ pub struct StatusInfo {
     /// Login sessions the shutdown guard has classified, by audit session id.
     #[serde(default)]
     pub sessions: Vec<SessionInfo>,
+    /// Whether the logind block inhibitor on shutdown is held, and if not why ("" from agents
+    /// that predate it).
+    #[serde(default)]
+    pub shutdown_inhibitor: String,
 }
 
 /// One classified login session, as `guardrail status` lists it.

@@ -6,6 +6,7 @@ mod daemon;
 mod events;
 mod fallback;
 mod generate;
+mod inhibit;
 mod ipc;
 mod policy_glue;
 mod probe;
@@ -266,6 +267,9 @@ fn cli_status(socket: &std::path::Path, json: bool) -> Result<ExitCode> {
                     println!("last reload rejected:\n{e}");
                 }
                 println!("attached: {}", s.attached.join(", "));
+                if !s.shutdown_inhibitor.is_empty() {
+                    println!("logind shutdown inhibitor: {}", s.shutdown_inhibitor);
+                }
                 if s.sessions.is_empty() {
                     println!("sessions: none classified yet");
                 } else {

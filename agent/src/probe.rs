@@ -44,7 +44,7 @@ impl Tier {
                 "deletions by kernel threads for remote clients (nfsd, ksmbd) are judged as the kernel thread, not the client",
                 "overwrites in place (truncate, O_TRUNC, dd over a file) are not counted as deletions",
                 "btrfs subvolume deletion (an ioctl) is not seen",
-                "shutdown requests sent straight over D-Bus to logind or PID 1 (busctl, gdbus, dbus-send) are not seen",
+                "shutdown requests sent straight over D-Bus (busctl, gdbus) are not seen: logind refuses them through guardrail's block inhibitor, except from root before systemd 257 (or a caller polkit lets ignore inhibitors); those to PID 1 (org.freedesktop.systemd1 StartUnit reboot.target) go through",
             ],
             Tier::Tracepoint => &[
                 "cannot refuse a single syscall: a job is stopped right after the deletion that crossed its budget (at most one file past the budget per task deleting at that moment)",
@@ -56,7 +56,7 @@ impl Tier {
                 "reboot(2) cannot be stopped: reboot -f, systemctl -ff and a custom binary calling reboot(2)/kexec from a guarded session go through",
                 "writes to /proc/sysrq-trigger and shutdown signals to PID 1 are not stopped",
                 "a refused shutdown program is stopped before its first instruction, then killed by the agent after it wrote the message (not refused with EPERM)",
-                "shutdown requests sent straight over D-Bus to logind or PID 1 (busctl, gdbus, dbus-send) are not seen",
+                "shutdown requests sent straight over D-Bus (busctl, gdbus) are not seen: logind refuses them through guardrail's block inhibitor, except from root before systemd 257 (or a caller polkit lets ignore inhibitors); those to PID 1 (org.freedesktop.systemd1 StartUnit reboot.target) go through",
             ],
             Tier::Userspace => &[
                 "cannot refuse anything: deletions are seen after they happen (fanotify; inotify where fanotify is unavailable) and the job is stopped by the agent from userspace",

@@ -28,6 +28,7 @@ use nix::{
 
 use crate::{
     events::{Incident, Sink, now_rfc3339},
+    inhibit::{Inhibitor, Want},
     policy_glue::LoadedPolicy,
     probe::Tier,
     procinfo,
@@ -38,6 +39,9 @@ use crate::{
 /// How long the process that used a pass may finish its own request (`poweroff` execs, then
 /// calls reboot(2)).
 const CLEARED: Duration = Duration::from_secs(10);
+/// How long start-up and reloads wait for logind to grant the inhibitor (emulated machines are
+/// slow; a later success is picked up by tick()).
+const INHIBIT_TAKE_WAIT: Duration = Duration::from_secs(10);
 
 /// How far ahead each tick (every 500 ms) promises the kernel that an agent is running to write
 /// refusal messages (`ShutdownConfig::alive_until_ns`). Long enough for a busy main loop, short
@@ -162,6 +166,29 @@ fn class_actions(policy: &gp::Policy) -> [u32; SD_CLASSES] {
     a
 }
 
+/// The logind lock is wanted when the kernel refuses anything: some class confirms or blocks,
+/// and the policy enforces (audit mode never stops a request).
+fn inhibitor_want(actions: &[u32; SD_CLASSES], audit: bool, host: &str) -> Want {
+    if audit {
+        return Want::No {
+            reason: "audit mode (nothing is refused)".into(),
+        };
+    }
+    if actions.contains(&SD_CONFIRM) {
+        Want::Hold {
+            why: format!("guardrail: remote shutdowns need `guardrail confirm {host}`"),
+        }
+    } else if actions.contains(&SD_BLOCK) {
+        Want::Hold {
+            why: "guardrail: the policy blocks shutdowns from some sessions".into(),
+        }
+    } else {
+        Want::No {
+            reason: "the policy allows every shutdown".into(),
+        }
+    }
+}
+
 fn monotonic_ns() -> u64 {
     // bpf_ktime_get_ns() is CLOCK_MONOTONIC: pass expiries are compared with it in the kernel.
     let mut t = libc::timespec {
@@ -196,6 +223,8 @@ pub struct Guard {
     /// Process groups of callers that may have stopped themselves in sympathy with the task the
     /// kernel stopped (sudo suspends itself when its command stops), with when to give up.
     resume: Vec<(u32, std::time::Instant)>,
+    /// logind's block lock on shutdown, for requests sent to logind over D-Bus (no exec).
+    inhibitor: Inhibitor,
 }
 
 fn cstr(b: &[u8]) -> String {
@@ -225,7 +254,13 @@ impl Guard {
             inotify,
             last_scan: std::time::Instant::now(),
             resume: Vec::new(),
+            inhibitor: Inhibitor::new(),
         }
+    }
+
+    /// `guardrail status`'s line on the logind inhibitor.
+    pub fn inhibitor_status(&self) -> String {
+        self.inhibitor.status()
     }
 
     pub fn inotify_fd(&self) -> Option<BorrowedFd<'_>> {
@@ -306,6 +341,14 @@ impl Guard {
             self.push(sensor, s, o);
         }
         self.scan(sensor);
+        // Taken before READY=1 at start-up, so a started unit means a held lock where logind
+        // runs; a failure is reported in `guardrail status` and retried by tick().
+        self.inhibitor.set_want(inhibitor_want(
+            &class_actions(&policy.policy),
+            self.audit,
+            &self.host,
+        ));
+        self.inhibitor.take_now(INHIBIT_TAKE_WAIT);
         Ok(())
     }
 
@@ -471,12 +514,14 @@ impl Guard {
         }
     }
 
-    /// Periodic work: drain inotify, rescan sessions, refresh unit exceptions.
+    /// Periodic work: drain inotify, rescan sessions, refresh unit exceptions, keep the logind
+    /// inhibitor as wanted.
     pub fn tick(&mut self, sensor: &mut Sensor, woken: bool) {
         self.promise_to_answer(sensor);
         if !self.resume.is_empty() {
             self.resume_callers();
         }
+        self.inhibitor.tick();
         if let Some(i) = self.inotify.as_mut() {
             let mut buf = [0u8; 4096];
             while let Ok(mut evs) = i.read_events(&mut buf) {
@@ -504,6 +549,10 @@ impl Guard {
         }
         if ev.op == 0 {
             return;
+        }
+        if ev.outcome == SD_OUT_CONFIRMED {
+            // The pass is spent; its request may still be on its way to logind.
+            self.inhibitor.pass_used(session, CLEARED);
         }
         self.refine_host(session);
         let origin = self.origin(session);
@@ -731,6 +780,10 @@ impl Guard {
         )?;
         m.insert(actual, expiry, 0)
             .context("writing the confirmation pass")?;
+        // logind would refuse the confirmed request if it goes through logind (systemd >= 257
+        // applies block locks to root too): the lock is off while the pass is open.
+        self.inhibitor
+            .pass_granted(actual, std::time::Instant::now() + window);
         if !self.known.contains_key(&actual) {
             self.scan(sensor);
         }
