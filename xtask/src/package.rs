@@ -7,7 +7,9 @@
 //! `agent/Cargo.toml` (`[package.metadata.deb]`, `[package.metadata.generate-rpm]`); the files
 //! it installs in `packaging/`.
 use std::{
+    collections::BTreeMap,
     fs,
+    os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     process::Command,
     time::Instant,
@@ -20,8 +22,11 @@ use crate::{apt_install, cargo, cargo_bin, root, run_cmd};
 const CARGO_DEB_VERSION: &str = "3.8.0";
 const CARGO_GENERATE_RPM_VERSION: &str = "0.21.1";
 /// lintian; dpkg-dev for dpkg-shlibdeps; systemd and procps (/bin/kill, the unit's ExecReload)
-/// for `systemd-analyze verify`; binutils to strip the .rpm's binary.
-const APT_PACKAGES: &[&str] = &["lintian", "dpkg-dev", "systemd", "procps", "binutils"];
+/// for `systemd-analyze verify`; binutils to strip the .rpm's binary; rpm to install the .rpm
+/// into a scratch root.
+const APT_PACKAGES: &[&str] = &[
+    "lintian", "dpkg-dev", "systemd", "procps", "binutils", "rpm",
+];
 /// Completion scripts shipped in the packages (clap_complete's file names).
 const SHELLS: &[&str] = &["bash", "zsh", "fish"];
 
@@ -68,7 +73,8 @@ pub fn package() -> Result<Packages> {
     let deb = newest(&out, "deb")?;
     let rpm = newest(&out, "rpm")?;
     lintian(&deb)?;
-    verify_unit(&deb)?;
+    let deb_tree = verify_unit(&deb)?;
+    check_rpm(&rpm, &deb, &deb_tree)?;
     println!("package: done in {:.0}s", t.elapsed().as_secs_f64());
     Ok(Packages { deb, rpm })
 }
@@ -196,8 +202,8 @@ fn lintian(deb: &Path) -> Result<()> {
 /// systemd's own units cannot be verified), so the one complaint allowed is that a command the
 /// package itself installs is missing on the host; the tree must have it, executable.
 /// (`cargo xtask sysvm` verifies the unit again on the installed system, with nothing allowed.)
-fn verify_unit(deb: &Path) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
+/// Returns the unpacked tree (the .rpm is compared with it).
+fn verify_unit(deb: &Path) -> Result<PathBuf> {
     let tree = root().join("target/package/tree");
     if tree.exists() {
         fs::remove_dir_all(&tree).with_context(|| format!("removing {}", tree.display()))?;
@@ -239,5 +245,226 @@ fn verify_unit(deb: &Path) -> Result<()> {
         problems.join("\n")
     );
     println!("package: systemd-analyze verify: ok");
+    Ok(tree)
+}
+
+/// Paths only the .deb has: Debian's copyright file and changelog (the .rpm keeps both in its
+/// header).
+const DEB_ONLY: &[&str] = &[
+    "/usr/share/doc/guardrail/copyright",
+    "/usr/share/doc/guardrail/changelog.Debian.gz",
+];
+/// Where the .rpm puts a file the .deb puts elsewhere, by each distribution's convention.
+const RPM_PATHS: &[(&str, &str)] = &[(
+    "/usr/share/zsh/vendor-completions/_guardrail",
+    "/usr/share/zsh/site-functions/_guardrail",
+)];
+
+/// The .rpm, installed with rpm itself into a scratch root (`rpm --root`, its own database
+/// there): `rpm -V` finds every file as the header says; the files are the .deb's payload
+/// (same contents and modes, the binary aside, which each packager strips itself), the
+/// conffiles are `%config(noreplace)`, and the installed binary runs and names the same
+/// version and commit. Not proven here: the scriptlets (no systemd in a scratch root, so
+/// `--noscripts`; `cargo xtask sysvm` runs them on Debian's systemd) and the dependencies on
+/// an RPM-based distribution (`--nodeps`: the scratch root has no packages).
+fn check_rpm(rpm: &Path, deb: &Path, deb_tree: &Path) -> Result<()> {
+    let scratch = root().join("target/package/rpm-root");
+    if scratch.exists() {
+        fs::remove_dir_all(&scratch).with_context(|| format!("removing {}", scratch.display()))?;
+    }
+    fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+    let rpm_in = |args: &[&str]| {
+        let mut c = Command::new("rpm");
+        c.arg("--root")
+            .arg(&scratch)
+            .args(["--dbpath", "/var/lib/rpm"])
+            .args(args);
+        c
+    };
+    // Debian's rpm says on stderr that it is not Debian's package manager: shown on failure only.
+    let out = rpm_in(&["-i", "--nodeps", "--noscripts"])
+        .arg(rpm)
+        .output()
+        .context("running rpm -i")?;
+    ensure!(
+        out.status.success(),
+        "rpm --root {} -i {}: {}",
+        scratch.display(),
+        rpm.display(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let verify = rpm_in(&["-V", "--nodeps", "guardrail"])
+        .output()
+        .context("running rpm -V")?;
+    ensure!(
+        verify.status.success(),
+        "rpm -V guardrail in {}: {}{}",
+        scratch.display(),
+        String::from_utf8_lossy(&verify.stdout).trim(),
+        String::from_utf8_lossy(&verify.stderr).trim()
+    );
+
+    // The installed files, with rpm's flags (c: %config, n: noreplace, d: %doc).
+    let out = rpm_in(&[
+        "-q",
+        "--qf",
+        "[%{FILENAMES}\t%{FILEFLAGS:fflags}\t%{FILEMODES:octal}\n]",
+        "guardrail",
+    ])
+    .output()
+    .context("running rpm -q")?;
+    ensure!(out.status.success(), "rpm -q guardrail failed");
+    let mut rpm_files: BTreeMap<String, (String, u32)> = BTreeMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let mut f = line.split('\t');
+        let (Some(path), Some(flags), Some(mode)) = (f.next(), f.next(), f.next()) else {
+            bail!("unexpected rpm -q line: {line:?}");
+        };
+        let mode = u32::from_str_radix(mode, 8)
+            .with_context(|| format!("mode of {path} in rpm -q: {mode:?}"))?;
+        rpm_files.insert(path.to_string(), (flags.to_string(), mode));
+    }
+
+    // The .deb's payload, as `dpkg -x` unpacked it for verify_unit, mapped to the .rpm's paths.
+    let mut deb_files: BTreeMap<String, PathBuf> = BTreeMap::new();
+    collect_files(deb_tree, deb_tree, &mut deb_files)?;
+    let mut expected: BTreeMap<String, PathBuf> = BTreeMap::new();
+    for (path, file) in deb_files {
+        if DEB_ONLY.contains(&path.as_str()) {
+            continue;
+        }
+        let path = RPM_PATHS
+            .iter()
+            .find(|(d, _)| *d == path)
+            .map_or(path.clone(), |(_, r)| r.to_string());
+        expected.insert(path, file);
+    }
+    let missing: Vec<&String> = expected
+        .keys()
+        .filter(|p| !rpm_files.contains_key(*p))
+        .collect();
+    let extra: Vec<&String> = rpm_files
+        .keys()
+        .filter(|p| !expected.contains_key(*p))
+        .collect();
+    ensure!(
+        missing.is_empty() && extra.is_empty(),
+        "the .rpm's files differ from the .deb's payload: missing {missing:?}, extra {extra:?}"
+    );
+    for (path, deb_file) in &expected {
+        let installed = scratch.join(path.trim_start_matches('/'));
+        let (_, rpm_mode) = &rpm_files[path];
+        let deb_mode = fs::metadata(deb_file)
+            .with_context(|| format!("reading {}", deb_file.display()))?
+            .permissions()
+            .mode();
+        ensure!(
+            rpm_mode & 0o7777 == deb_mode & 0o7777,
+            "{path}: mode {:o} in the .rpm, {:o} in the .deb",
+            rpm_mode & 0o7777,
+            deb_mode & 0o7777
+        );
+        if path != "/usr/bin/guardrail" {
+            let a =
+                fs::read(&installed).with_context(|| format!("reading {}", installed.display()))?;
+            let b =
+                fs::read(deb_file).with_context(|| format!("reading {}", deb_file.display()))?;
+            ensure!(a == b, "{path} differs between the .rpm and the .deb");
+        }
+    }
+
+    // The conffiles: the .deb's list, each %config(noreplace) in the .rpm, and nothing else.
+    let out = Command::new("dpkg-deb")
+        .args(["--info"])
+        .arg(deb)
+        .arg("conffiles")
+        .output()
+        .context("running dpkg-deb --info")?;
+    ensure!(
+        out.status.success(),
+        "dpkg-deb --info {} conffiles failed",
+        deb.display()
+    );
+    let mut conffiles: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect();
+    conffiles.sort();
+    let configs: Vec<&String> = rpm_files
+        .iter()
+        .filter(|(_, (flags, _))| flags.contains('c'))
+        .map(|(p, _)| p)
+        .collect();
+    ensure!(
+        configs
+            .iter()
+            .map(|p| p.as_str())
+            .eq(conffiles.iter().map(String::as_str)),
+        "%config files in the .rpm {configs:?}, conffiles in the .deb {conffiles:?}"
+    );
+    for p in &configs {
+        ensure!(
+            rpm_files[*p].0.contains('n'),
+            "{p} is %config but not noreplace in the .rpm: an upgrade would replace a local edit"
+        );
+    }
+
+    // The installed binary runs and is the .deb's build.
+    let version = |bin: &Path| -> Result<String> {
+        let out = Command::new(bin)
+            .arg("--version")
+            .output()
+            .with_context(|| format!("running {} --version", bin.display()))?;
+        ensure!(out.status.success(), "{} --version failed", bin.display());
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    let from_rpm = version(&scratch.join("usr/bin/guardrail"))?;
+    let from_deb = version(&deb_tree.join("usr/bin/guardrail"))?;
+    ensure!(
+        from_rpm == from_deb && !from_rpm.contains("unknown commit"),
+        "the .rpm's guardrail says {from_rpm:?}, the .deb's {from_deb:?}"
+    );
+
+    // The scriptlets at least parse (they run in `cargo xtask sysvm`).
+    for tag in ["POSTIN", "PREUN", "POSTUN"] {
+        let out = Command::new("rpm")
+            .args(["-qp", "--qf", &format!("%{{{tag}}}")])
+            .arg(rpm)
+            .output()
+            .context("running rpm -qp")?;
+        let script = String::from_utf8_lossy(&out.stdout).to_string();
+        ensure!(
+            out.status.success() && script != "(none)",
+            "the .rpm has no %{tag} scriptlet"
+        );
+        run_cmd(Command::new("sh").args(["-n", "-c", &script]))
+            .with_context(|| format!("the .rpm's %{tag} scriptlet does not parse"))?;
+    }
+    println!(
+        "package: .rpm installed with rpm --root into {}: rpm -V clean, {} files as in the .deb, %config(noreplace) {}, {from_rpm}",
+        scratch.display(),
+        rpm_files.len(),
+        configs
+            .iter()
+            .map(|p| p.as_str())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    Ok(())
+}
+
+/// Regular files below `dir`, by their path from `base` ("/usr/bin/guardrail").
+fn collect_files(base: &Path, dir: &Path, out: &mut BTreeMap<String, PathBuf>) -> Result<()> {
+    for entry in fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let path = entry?.path();
+        let meta = fs::symlink_metadata(&path)?;
+        if meta.is_dir() {
+            collect_files(base, &path, out)?;
+        } else {
+            let rel = path.strip_prefix(base).unwrap_or(&path);
+            out.insert(format!("/{}", rel.display()), path.clone());
+        }
+    }
     Ok(())
 }
