@@ -306,10 +306,12 @@ fn test(no_vm: bool, no_sysvm: bool, filter: Option<String>) -> Result<()> {
         let args = sysvm::SysVmCli {
             cache_dir: None,
             deb: None,
+            rpm: None,
             timeout_secs: 1200,
             memory_mb: 2048,
             cpus: 2,
             keep: false,
+            only: Vec::new(),
         };
         step(
             "packages on Debian 12 with systemd (sysvm)",
