@@ -26,13 +26,15 @@ use std::{
     collections::HashMap,
     io::{ErrorKind, Read},
     os::fd::AsRawFd,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
-/// logind creates this directory when it starts (sd_booted-style test libsystemd uses too).
-pub const LOGIND_RUNNING: &str = "/run/systemd/seats";
+/// Where logind runs, both exist: logind creates the first when it starts (libsystemd's own
+/// test), and it answers on the second. (A container image can carry a stale
+/// /run/systemd/seats with no bus at all.)
+const LOGIND_RUNNING: [&str; 2] = ["/run/systemd/seats", "/run/dbus/system_bus_socket"];
 /// How long taking the lock may take before the attempt is given up (and retried).
 const TAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long after a failure or an unexpected end the lock is tried again.
@@ -62,7 +64,8 @@ enum State {
 pub struct Inhibitor {
     /// The command that takes the lock and runs the child given after it.
     program: Vec<String>,
-    logind_dir: PathBuf,
+    /// Paths that exist where logind runs.
+    logind_paths: Vec<PathBuf>,
     want: Want,
     state: State,
     /// Open confirmation passes by audit session, with when each stops releasing the lock.
@@ -85,16 +88,16 @@ impl Inhibitor {
                 "--who=guardrail".into(),
                 "--mode=block".into(),
             ],
-            Path::new(LOGIND_RUNNING),
+            &LOGIND_RUNNING.map(PathBuf::from),
         )
     }
 
     /// `program` takes the lock (`--why=` is appended) and runs the holder given after it; tests
     /// pass a stand-in.
-    fn with_program(program: Vec<String>, logind_dir: &Path) -> Self {
+    fn with_program(program: Vec<String>, logind_paths: &[PathBuf]) -> Self {
         Inhibitor {
             program,
-            logind_dir: logind_dir.to_path_buf(),
+            logind_paths: logind_paths.to_vec(),
             want: Want::No {
                 reason: "the shutdown guard is not running (no BPF)".into(),
             },
@@ -167,10 +170,10 @@ impl Inhibitor {
                 if now < self.next_try {
                     return;
                 }
-                if !self.logind_dir.is_dir() {
+                if let Some(missing) = self.logind_paths.iter().find(|p| !p.exists()) {
                     self.last_error = Some(format!(
                         "logind is not running ({} does not exist)",
-                        self.logind_dir.display()
+                        missing.display()
                     ));
                     self.next_try = now + RETRY;
                     return;
@@ -347,11 +350,14 @@ fn stop(mut child: Child) {
 #[cfg(test)]
 #[allow(clippy::unwrap_used, reason = "tests fail loudly by design")]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     /// A stand-in for systemd-inhibit: `sh -c 'exec "$@"' inhibit --why=... HOLDER...` runs the
     /// holder right away, as systemd-inhibit does once logind granted the lock.
     fn fake(dir: &Path) -> Inhibitor {
+        let dir = [dir.to_path_buf()];
         Inhibitor::with_program(
             vec![
                 "/bin/sh".into(),
@@ -359,7 +365,7 @@ mod tests {
                 "shift; exec \"$@\"".into(),
                 "fake-inhibit".into(),
             ],
-            dir,
+            &dir,
         )
     }
 
@@ -472,7 +478,7 @@ mod tests {
                 "-c".into(),
                 "echo 'Failed to inhibit: Access denied' >&2; exit 1".into(),
             ],
-            &std::env::temp_dir(),
+            &[std::env::temp_dir()],
         );
         i.set_want(want());
         i.take_now(Duration::from_secs(10));
