@@ -1285,11 +1285,14 @@ fn restart_during_hold(vm: &mut Vm) -> Result<()> {
         after["pgid"].as_u64() == Some(pgid),
         "after the restart, hold {id} names another job: {after}"
     );
+    // The hold's line in `guardrail status` ("   3  guardrail-vm  pgid 763  user root ..."; the
+    // session lines above it also start with a number).
     let status = vm.ssh("guardrail status")?;
+    let hold_line = format!("{id}  {HOST}  pgid {pgid} ");
     ensure!(
         status
             .lines()
-            .any(|l| l.trim_start().starts_with(&format!("{id} "))),
+            .any(|l| l.trim_start().starts_with(&hold_line)),
         "guardrail status does not list hold {id} after the restart:\n{status}"
     );
     // Long enough for a job that was let go to delete a good part of 200 files under TCG.
