@@ -206,11 +206,12 @@ fn shutdown_check(offsets: &guardrail_common::KernelOffsets, tier: probe::Tier) 
         let standin = scratch.join("reboot");
         std::fs::copy("/bin/touch", &standin).context("copying /bin/touch as the stand-in")?;
         let marker = scratch.join("stand-in-ran");
+        // No logind lock: the check must not touch what the host's logind allows.
         let policy_path = scratch.join("policy.toml");
         std::fs::write(
             &policy_path,
             format!(
-                "mode = \"enforce\"\n[shutdown]\nremote = \"confirm\"\nlocal = \"allow\"\nnone = \"allow\"\nunknown = \"confirm\"\ncommands = [{:?}]\n",
+                "mode = \"enforce\"\n[shutdown]\nremote = \"confirm\"\nlocal = \"allow\"\nnone = \"allow\"\nunknown = \"confirm\"\nlogind_inhibitor = false\ncommands = [{:?}]\n",
                 standin.display().to_string()
             ),
         )

@@ -168,7 +168,17 @@ fn class_actions(policy: &gp::Policy) -> [u32; SD_CLASSES] {
 
 /// The logind lock is wanted when the kernel refuses anything: some class confirms or blocks,
 /// and the policy enforces (audit mode never stops a request).
-fn inhibitor_want(actions: &[u32; SD_CLASSES], audit: bool, host: &str) -> Want {
+fn inhibitor_want(
+    policy: &gp::Shutdown,
+    actions: &[u32; SD_CLASSES],
+    audit: bool,
+    host: &str,
+) -> Want {
+    if !policy.logind_inhibitor {
+        return Want::No {
+            reason: "turned off by the policy (shutdown.logind_inhibitor = false)".into(),
+        };
+    }
     if audit {
         return Want::No {
             reason: "audit mode (nothing is refused)".into(),
@@ -344,6 +354,7 @@ impl Guard {
         // Taken before READY=1 at start-up, so a started unit means a held lock where logind
         // runs; a failure is reported in `guardrail status` and retried by tick().
         self.inhibitor.set_want(inhibitor_want(
+            &self.policy,
             &class_actions(&policy.policy),
             self.audit,
             &self.host,
@@ -1025,6 +1036,38 @@ mod tests {
         assert_eq!(a[SD_CLASS_LOCAL as usize], SD_ALLOW);
         assert_eq!(a[SD_CLASS_NONE as usize], SD_ALLOW);
         assert_eq!(a[SD_CLASS_UNKNOWN as usize], SD_CONFIRM);
+    }
+
+    #[test]
+    fn the_logind_lock_follows_the_policy_switch() {
+        let checked = gp::check_str(
+            "(embedded default)",
+            &format!(
+                "{}\n",
+                gp::DEFAULT_POLICY.replace("logind_inhibitor = true", "logind_inhibitor = false")
+            ),
+            &gp::SystemResolver,
+        );
+        let off = checked.policy.expect("valid");
+        assert!(!off.shutdown.logind_inhibitor, "the switch is read");
+        let a = class_actions(&off);
+        assert_eq!(
+            inhibitor_want(&off.shutdown, &a, false, "h"),
+            Want::No {
+                reason: "turned off by the policy (shutdown.logind_inhibitor = false)".into()
+            }
+        );
+        let on = gp::check_str(
+            "(embedded default)",
+            gp::DEFAULT_POLICY,
+            &gp::SystemResolver,
+        )
+        .policy
+        .expect("valid");
+        assert!(matches!(
+            inhibitor_want(&on.shutdown, &a, false, "h"),
+            Want::Hold { .. }
+        ));
     }
 
     #[test]

@@ -54,6 +54,7 @@
 //! serial_console = "local"    # local | remote: how ttyS*/hvc0 sessions count (default local;
 //!                             # say remote when the console is IPMI serial-over-LAN or a cloud console)
 //! confirm_window = "2m"
+//! logind_inhibitor = true     # hold logind's block lock on shutdown (D-Bus requests to logind)
 //! commands = []               # extra executables treated as shutdown commands
 //! [[shutdown.exception]]      # allowed whatever the session
 //! name = "unattended-upgrades"

@@ -189,6 +189,9 @@ pub struct Shutdown {
     pub serial_console: SessionClass,
     #[serde(with = "ser_duration")]
     pub confirm_window: Duration,
+    /// Hold a logind block inhibitor on shutdown while some class confirms or blocks, so that
+    /// requests sent to logind over D-Bus (no exec) are refused too.
+    pub logind_inhibitor: bool,
     /// Extra executables treated as shutdown commands.
     pub commands: Vec<PathBuf>,
     pub exceptions: Vec<ShutdownException>,

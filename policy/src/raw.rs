@@ -152,6 +152,7 @@ raw_struct!(RawShutdown {
     unknown: Str,
     serial_console: Str,
     confirm_window: Str,
+    logind_inhibitor: Option<Sp<bool>>,
     commands: StrList,
     exception: Option<Vec<Sp<RawException>>>,
 });
@@ -412,6 +413,7 @@ impl Merge for RawShutdown {
         scalar(&mut self.unknown, o.unknown);
         scalar(&mut self.serial_console, o.serial_console);
         scalar(&mut self.confirm_window, o.confirm_window);
+        scalar(&mut self.logind_inhibitor, o.logind_inhibitor);
         union(&mut self.commands, o.commands);
         keyed(
             &mut self.exception,

@@ -881,6 +881,7 @@ fn validate_shutdown(s: &RawShutdown, v: &mut V<'_, '_, '_>) -> Shutdown {
         "shutdown.confirm_window",
         defaults::CONFIRM_WINDOW,
     );
+    let logind_inhibitor = s.logind_inhibitor.as_ref().is_none_or(|b| b.value);
     let mut commands = Vec::new();
     for c in s.commands.iter().flatten() {
         if let Some(p) = v.exe(c, "shutdown.commands")
@@ -936,6 +937,7 @@ fn validate_shutdown(s: &RawShutdown, v: &mut V<'_, '_, '_>) -> Shutdown {
         unknown,
         serial_console,
         confirm_window,
+        logind_inhibitor,
         commands,
         exceptions,
     }

@@ -1579,6 +1579,35 @@ echo '--- used'"
         can != "s \"yes\"",
         "CanReboot says yes after the lock was taken again"
     );
+
+    // The admin's switch: a drop-in with `logind_inhibitor = false` and a reload let go of the
+    // lock (status says why); removing it takes the lock again.
+    vm.ssh(
+        "sudo mkdir -p /etc/guardrail/policy.d && \
+         printf '[shutdown]\\nlogind_inhibitor = false\\n' | \
+         sudo tee /etc/guardrail/policy.d/50-sysvm-no-inhibitor.toml >/dev/null && \
+         sudo systemctl reload guardrail",
+    )?;
+    let t = Instant::now();
+    loop {
+        let list = vm.ssh("systemd-inhibit --list")?;
+        let status = vm.ssh("guardrail status")?;
+        if inhibitor_line(&list).is_none()
+            && status.contains("logind shutdown inhibitor: not held: turned off by the policy")
+        {
+            break;
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(30),
+            "logind_inhibitor = false did not release the lock within 30s:\n{list}\n{status}"
+        );
+        thread::sleep(Duration::from_secs(1));
+    }
+    vm.ssh(
+        "sudo rm /etc/guardrail/policy.d/50-sysvm-no-inhibitor.toml && sudo systemctl reload guardrail",
+    )?;
+    wait_inhibitor(vm, Duration::from_secs(30))?;
+    println!("sysvm:      logind_inhibitor = false released the lock; removing it took it again");
     still_up(vm, &boot)
 }
 
