@@ -58,6 +58,8 @@ fn words() -> Vec<(&'static str, u32)> {
     for w in SHUTDOWN_NAMES {
         v.push((w, SD_W_ARGV0_SHUTDOWN));
     }
+    v.push(("shutdown", SD_W_ARGV0_CANCELS));
+    v.push(("-c", SD_W_OPT_CANCEL));
     v.push(("systemctl", SD_W_ARGV0_SYSTEMCTL));
     v.push(("init", SD_W_ARGV0_INIT));
     v.push(("telinit", SD_W_ARGV0_INIT));

@@ -190,6 +190,8 @@ fn setup_with(agent_args: &[&str]) -> Setup {
     std::fs::create_dir_all(&bin).expect("mkdir bin");
     let standin = bin.join("reboot");
     std::fs::copy("/bin/echo", &standin).expect("copying /bin/echo as the stand-in");
+    // A second stand-in named `shutdown`, whose `-c` cancels rather than asks.
+    std::fs::copy("/bin/echo", bin.join("shutdown")).expect("copying /bin/echo as shutdown");
     let target = s.path().join("target");
     std::fs::create_dir_all(&target).expect("mkdir target");
     let cg = TestCgroup::new();
@@ -201,9 +203,10 @@ local = "allow"
 none = "allow"
 unknown = "confirm"
 confirm_window = "2m"
-commands = ["{}"]
+commands = ["{}", "{}"]
 "#,
-        standin.display()
+        standin.display(),
+        bin.join("shutdown").display()
     );
     let policy = policy_with(100, &[&target], &[], &cg, &extra);
     let agent = Agent::start_with(&policy, agent_args).expect("agent starts");
@@ -565,4 +568,53 @@ fn pinned_guard_refuses_while_no_agent_runs() {
     let third = Agent::start_with(&policy, &["--pin-dir", &pins_arg]).expect("third agent");
     assert!(third.stop().expect("stops").success());
     assert!(!pins.exists(), "the pins are gone: {}", pins.display());
+}
+
+/// `shutdown -c` cancels a scheduled shutdown: never refused, even from a remote session, while
+/// `shutdown -r now` from the same session is.
+#[test]
+fn shutdown_cancel_is_never_refused() {
+    let _k = kernel_lock();
+    let Setup {
+        agent,
+        standin,
+        s: _s,
+        _cg,
+        ..
+    } = setup();
+    let shutdown = standin.with_file_name("shutdown");
+    let sshd = Sshd::start();
+
+    let out = sshd.run(
+        false,
+        &format!("{} -c {RAN}; echo rc=$?", shutdown.display()),
+    );
+    let (o, e) = text(&out);
+    assert!(
+        o.lines().any(|l| l.trim() == format!("-c {RAN}")) && o.contains("rc=0"),
+        "shutdown -c did not run from a remote session:\n{o}\n{e}"
+    );
+    assert!(
+        !e.contains("guardrail: refused"),
+        "shutdown -c was refused:\n{e}"
+    );
+
+    let out = sshd.run(
+        false,
+        &format!("{} -r now {RAN}; echo rc=$?", shutdown.display()),
+    );
+    let (o, e) = text(&out);
+    let h = host();
+    assert!(
+        e.contains(&format!(
+            "guardrail: refused \"shutdown\" on {h}, requested from ssh 127.0.0.1 (session "
+        )) && e.contains(&format!("To shut down {h}, run: guardrail confirm {h}")),
+        "shutdown -r now was not refused with the message:\n{o}\n{e}"
+    );
+    assert!(
+        o.contains("rc=137"),
+        "shutdown -r now was not killed:\n{o}\n{e}"
+    );
+    drop(sshd);
+    assert!(agent.stop().expect("stops").success());
 }

@@ -482,6 +482,10 @@ pub const SD_W_START: u32 = 1 << 4;
 pub const SD_W_TARGET: u32 = 1 << 5;
 /// A runlevel that shuts down for init/telinit: 0, 6.
 pub const SD_W_RUNLEVEL: u32 = 1 << 6;
+/// argv[0] basename whose `-c` cancels a scheduled shutdown instead of asking for one: shutdown.
+pub const SD_W_ARGV0_CANCELS: u32 = 1 << 7;
+/// The option `-c` (cancel, for `shutdown`).
+pub const SD_W_OPT_CANCEL: u32 = 1 << 8;
 
 /// Words of argv the kernel captures at execve (argv[0] included) and bytes kept of each.
 pub const SD_ARGV_WORDS: usize = 6;
@@ -498,7 +502,8 @@ pub struct SdArgs {
     pub verb: u32,
     /// Non-zero when a later non-option argument is a shutdown target.
     pub target: u32,
-    pub _pad: u32,
+    /// Flags of the options (`-x`) seen, OR-ed.
+    pub options: u32,
     /// The words themselves (argv[0] as a basename), NUL-padded, for the message.
     pub words: [[u8; SD_WORD_LEN]; SD_ARGV_WORDS],
 }

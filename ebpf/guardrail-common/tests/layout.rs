@@ -155,7 +155,7 @@ fn shutdown_guard() {
     layout!(
         SdArgs,
         16 + SD_WORD_LEN * SD_ARGV_WORDS,
-        [argv0, verb, target, _pad, words]
+        [argv0, verb, target, options, words]
     );
     layout!(
         ShutdownConfig,

@@ -161,6 +161,7 @@ fn capture(argv: *const u64) -> u32 {
     a.argv0 = 0;
     a.verb = 0;
     a.target = 0;
+    a.options = 0;
     let mut i = 0;
     while i < SD_ARGV_WORDS {
         a.words[i][0] = 0;
@@ -227,7 +228,9 @@ fn capture(argv: *const u64) -> u32 {
             h = word_hash_step(h, b);
             j += 1;
         }
-        if a.words[w][0] != b'-' {
+        if a.words[w][0] == b'-' {
+            a.options |= word_flags(h);
+        } else {
             let f = word_flags(h);
             if !verb_seen {
                 a.verb = f;
@@ -301,11 +304,19 @@ fn exec_is_shutdown(file: *const u8, tid: u32) -> bool {
     let Some(kind) = (unsafe { SD_EXES.get(&id) }).copied() else {
         return false;
     };
+    // SAFETY: as above.
+    let args = unsafe { SD_ARGS.get(&tid) };
+    // `shutdown -c` cancels a scheduled shutdown: never refused, whatever the program.
+    if let Some(a) = args
+        && a.argv0 & SD_W_ARGV0_CANCELS != 0
+        && a.options & SD_W_OPT_CANCEL != 0
+    {
+        return false;
+    }
     if kind == SD_EXE_ALWAYS {
         return true;
     }
-    // SAFETY: as above.
-    let Some(a) = (unsafe { SD_ARGS.get(&tid) }) else {
+    let Some(a) = args else {
         return false;
     };
     if a.argv0 & SD_W_ARGV0_SHUTDOWN != 0 {
