@@ -944,6 +944,10 @@ pub fn run_checks(vm: &mut Vm, deb: &Path, rpm: Option<&Path>, only: &[String]) 
         "systemctl restart during a hold keeps it held",
         &mut restart_during_hold,
     )?;
+    step(
+        "package upgrade (dpkg -i over the installed package) during a hold keeps it held",
+        &mut upgrade_during_hold,
+    )?;
     // The shutdown guard over this SSH session: logind says REMOTE=yes for it.
     step(
         "shutdown requests over ssh refused, the VM keeps running",
@@ -1251,9 +1255,27 @@ fn process_states(vm: &mut Vm, pids: &[u64]) -> Result<Vec<String>> {
         .collect())
 }
 
-/// Pinning: a restart (a package upgrade does one) during a hold leaves the kernel holding the
-/// job, and the next agent adopts the hold with its incident id.
+/// Pinning: a restart during a hold leaves the kernel holding the job, and the next agent adopts
+/// the hold with its incident id.
 fn restart_during_hold(vm: &mut Vm) -> Result<()> {
+    held_across(vm, "restart", "sudo systemctl restart guardrail")
+}
+
+/// The same across a package upgrade: dpkg over the installed package runs the maintainer
+/// scripts of an upgrade, which restart the unit after unpacking (restart-after-upgrade: no stop
+/// before it).
+fn upgrade_during_hold(vm: &mut Vm) -> Result<()> {
+    held_across(
+        vm,
+        "upgrade",
+        "sudo DEBIAN_FRONTEND=noninteractive dpkg -i /tmp/guardrail.deb",
+    )
+}
+
+/// Runs `command` (a restart of the agent, one way or another) while a runaway is held, then
+/// checks that the hold, its incident id and the stopped job are all still there, and that
+/// approve finishes the job.
+fn held_across(vm: &mut Vm, what: &str, command: &str) -> Result<()> {
     let total = make_scratch_root(vm)?;
     let mut job = vm.ssh_spawn(&runaway_command(), false)?;
     let id = wait_hold(vm, &mut job)?;
@@ -1273,17 +1295,24 @@ fn restart_during_hold(vm: &mut Vm) -> Result<()> {
     let states = process_states(vm, &pids)?;
     ensure!(
         states.iter().all(|s| s.starts_with('T')),
-        "the held job is not stopped before the restart: {states:?}"
+        "the held job is not stopped before the {what}: {states:?}"
     );
 
-    vm.ssh("sudo systemctl restart guardrail")?;
+    let agent_before = vm.ssh("systemctl show -p MainPID --value guardrail")?;
+    vm.ssh(command)?;
     check_active_lsm(vm)?;
+    let agent_after = vm.ssh("systemctl show -p MainPID --value guardrail")?;
+    ensure!(
+        agent_before.trim() != agent_after.trim(),
+        "`{command}` did not restart the agent (MainPID {} before and after)",
+        agent_before.trim()
+    );
     let after = hold_entry(vm, id)?.with_context(|| {
-        format!("after the restart, hold {id} is not listed by `guardrail holds`")
+        format!("after the {what}, hold {id} is not listed by `guardrail holds`")
     })?;
     ensure!(
         after["pgid"].as_u64() == Some(pgid),
-        "after the restart, hold {id} names another job: {after}"
+        "after the {what}, hold {id} names another job: {after}"
     );
     // The hold's line in `guardrail status` ("   3  guardrail-vm  pgid 763  user root ..."; the
     // session lines above it also start with a number).
@@ -1293,26 +1322,26 @@ fn restart_during_hold(vm: &mut Vm) -> Result<()> {
         status
             .lines()
             .any(|l| l.trim_start().starts_with(&hold_line)),
-        "guardrail status does not list hold {id} after the restart:\n{status}"
+        "guardrail status does not list hold {id} after the {what}:\n{status}"
     );
     // Long enough for a job that was let go to delete a good part of 200 files under TCG.
     thread::sleep(Duration::from_secs(5));
     let count = count_scratch(vm)?;
     ensure!(
         count == left,
-        "files were deleted across the restart: {left} then {count}"
+        "files were deleted across the {what}: {left} then {count}"
     );
     let states = process_states(vm, &pids)?;
     ensure!(
         !states.is_empty() && states.iter().all(|s| s.starts_with('T')),
-        "the held job is not stopped after the restart: {states:?}"
+        "the held job is not stopped after the {what}: {states:?}"
     );
     ensure!(
         job.try_wait()?.is_none(),
-        "the held job ended across the restart"
+        "the held job ended across the {what}"
     );
     println!(
-        "sysvm:      hold {id} (pgid {pgid}) adopted by the restarted agent: job stopped ({}), {count} entries left as before",
+        "sysvm:      hold {id} (pgid {pgid}) adopted by the agent after the {what}: job stopped ({}), {count} entries left as before",
         states.join(" ")
     );
 
