@@ -22,9 +22,10 @@
 //! can change has its directory resolved: a held job's queued overshoot, an exempt job (without
 //! data directories) and names that are no protected root's need none. A directory handle is
 //! resolved once (`open_by_handle_at`, `readlink`, then `..` walked from the open directory with
-//! `fstat`, chains memoised per directory) and cached with its per-rule scope verdict until a
-//! policy is installed or a directory is renamed. Records are read 256 KiB at a time and each
-//! read judged at once. The reading thread runs at nice [`NICE`].
+//! `fstat`, chains memoised per directory and checked by file handle, see [`AncestorMemo`]) and
+//! cached with its per-rule scope verdict until a policy is installed or a directory is renamed.
+//! Records are read 256 KiB at a time and each read judged at once. The reading thread runs at
+//! nice [`NICE`].
 //!
 //! Differences from the kernel tiers, all of them stated in `Tier::Userspace` gaps:
 //! - fanotify reports the deleting *process* (tgid), which we turn into a job by reading
@@ -307,6 +308,136 @@ fn ancestor_chain(dir: &Path) -> Vec<(u64, u64)> {
     chain
 }
 
+/// A directory's file handle as `name_to_handle_at` encodes it. Unlike its inode number, which
+/// the filesystem gives to a new file or directory once it is deleted, the handle names one object
+/// for good: it carries the inode's generation (ext4, xfs, btrfs, tmpfs), which changes with
+/// every reuse.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Handle {
+    handle_type: i32,
+    bytes: Vec<u8>,
+}
+
+/// The handle of the open directory `fd` (an `O_PATH` fd will do).
+fn handle_of(fd: BorrowedFd<'_>) -> Option<Handle> {
+    const MAX: usize = libc::MAX_HANDLE_SZ as usize;
+    // struct file_handle { u32 handle_bytes; i32 handle_type; u8 f_handle[]; }, 4-aligned.
+    let mut buf = [0u32; 2 + MAX / 4];
+    buf[0] = MAX as u32;
+    let mut mount_id: libc::c_int = 0;
+    // SAFETY: `buf` is an aligned `struct file_handle` with room for the MAX bytes it declares;
+    // the empty path with AT_EMPTY_PATH names `fd` itself.
+    let rc = unsafe {
+        libc::name_to_handle_at(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            buf.as_mut_ptr() as *mut libc::file_handle,
+            &mut mount_id,
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    let len = (buf[0] as usize).min(MAX);
+    // SAFETY: the kernel wrote `len` (at most MAX) bytes after the 8-byte header, inside `buf`.
+    let bytes = unsafe { std::slice::from_raw_parts((buf.as_ptr() as *const u8).add(8), len) };
+    Some(Handle {
+        handle_type: buf[1] as i32,
+        bytes: bytes.to_vec(),
+    })
+}
+
+/// Directory identity → its ancestors (itself first), shared by every directory below it, so
+/// that a new directory's walk up stops at the first ancestor already known.
+///
+/// Each entry is checked against the directory's file handle before it is used: an entry left
+/// by a deleted directory would otherwise be found again by a *new* directory that the
+/// filesystem gave the same inode number (ext4 does so at once), and that new directory would
+/// inherit the deleted one's ancestors — a runaway outside a target judged as inside it after
+/// a phase of deletions in the target (issue 4). A directory that is still the object the entry
+/// was made for has the same ancestors (every rename of a directory empties the memo), since a
+/// directory cannot be deleted while it has children.
+#[derive(Default)]
+struct AncestorMemo {
+    map: HashMap<(u64, u64), MemoEntry>,
+}
+
+struct MemoEntry {
+    handle: Handle,
+    chain: Vec<(u64, u64)>,
+}
+
+/// Memoised directories at most (a filesystem-wide mark sees every directory on the host).
+const ANCESTOR_MEMO_MAX: usize = 65536;
+
+impl AncestorMemo {
+    fn clear(&mut self) {
+        self.map.clear();
+    }
+
+    /// The identities of the open directory `fd` and its ancestors up to its filesystem's root,
+    /// nearest first (what the kernel's `d_parent` walk visits): `fstat`, then `openat("..")`,
+    /// until a directory whose entry is still its own.
+    fn chain_of(&mut self, fd: OwnedFd) -> Vec<(u64, u64)> {
+        let mut walked: Vec<((u64, u64), Option<Handle>)> = Vec::new();
+        let mut tail: Vec<(u64, u64)> = Vec::new();
+        let mut cur = fd;
+        let dotdot = c"..";
+        while walked.len() < MAX_ANCESTORS as usize {
+            let Some(id) = fstat_id(cur.as_fd()) else {
+                break;
+            };
+            // The root is its own parent; another device is another filesystem.
+            if walked.last().is_some_and(|(l, _)| *l == id || l.0 != id.0) {
+                break;
+            }
+            let handle = handle_of(cur.as_fd());
+            if let Some(e) = self.map.get(&id) {
+                if handle.as_ref() == Some(&e.handle) {
+                    tail = e.chain.clone();
+                    break;
+                }
+                // A deleted directory's inode number, now another directory's.
+                self.map.remove(&id);
+            }
+            walked.push((id, handle));
+            // SAFETY: `cur` is an open directory fd, `dotdot` a NUL-terminated name.
+            let up = unsafe {
+                libc::openat(
+                    cur.as_raw_fd(),
+                    dotdot.as_ptr(),
+                    libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+                )
+            };
+            if up < 0 {
+                break;
+            }
+            // SAFETY: a fresh fd owned by nobody else.
+            cur = unsafe { OwnedFd::from_raw_fd(up) };
+        }
+        let mut chain: Vec<(u64, u64)> = walked.iter().map(|(id, _)| *id).collect();
+        chain.extend(tail);
+        chain.truncate(MAX_ANCESTORS as usize);
+        if self.map.len() > ANCESTOR_MEMO_MAX {
+            self.map.clear();
+        }
+        for (i, (id, handle)) in walked.into_iter().enumerate().take(chain.len()) {
+            // Without a handle an entry could not be checked: such a directory is walked again.
+            if let Some(handle) = handle {
+                self.map.insert(
+                    id,
+                    MemoEntry {
+                        handle,
+                        chain: chain[i..].to_vec(),
+                    },
+                );
+            }
+        }
+        chain
+    }
+}
+
 /// What the judge needs about a process, read once per pid (cached, see [`ProcCache`]).
 #[derive(Clone, Debug)]
 struct ProcInfo {
@@ -583,8 +714,8 @@ pub struct Fallback {
     procs: ProcCache,
     /// Directory handle → where it is and what each rule's scope says there.
     dir_cache: HashMap<Fid, DirEntry>,
-    /// Directory identity → its ancestors (itself first): shared by every handle below it.
-    chains: HashMap<(u64, u64), Vec<(u64, u64)>>,
+    /// Directory identity → its ancestors, checked by file handle.
+    ancestors: AncestorMemo,
     /// Bumped by every policy install: rules cached per pid are recomputed.
     policy_gen: u64,
     buf: Vec<u8>,
@@ -654,7 +785,7 @@ impl Fallback {
             extra: HashMap::new(),
             procs: ProcCache::new(),
             dir_cache: HashMap::new(),
-            chains: HashMap::new(),
+            ancestors: AncestorMemo::default(),
             policy_gen: 0,
             buf: vec![0u8; READ_BUF],
             last_stop_check: None,
@@ -982,7 +1113,7 @@ impl Fallback {
             if r.mask & libc::FAN_MOVED_FROM != 0 {
                 // Moved: every chain through it changed. Rare next to file deletions.
                 self.dir_cache.clear();
-                self.chains.clear();
+                self.ancestors.clear();
             }
             if r.mask & (libc::FAN_DELETE | libc::FAN_MOVED_FROM) != 0
                 && let (Some(obj), Some(dir)) = (&r.obj, &r.dir)
@@ -1003,6 +1134,9 @@ impl Fallback {
         }
         if r.mask & libc::FAN_Q_OVERFLOW != 0 {
             self.lost += 1;
+            // A rename among the lost events would leave cached ancestors wrong.
+            self.dir_cache.clear();
+            self.ancestors.clear();
             log::warn!("fanotify queue overflowed: deletions were not counted");
             return None;
         }
@@ -1178,7 +1312,7 @@ impl Fallback {
         match path {
             Some(p) if !p.as_os_str().as_bytes().ends_with(b" (deleted)") => {
                 let d = Rc::new(DirInfo {
-                    chain: self.chain_of(fd),
+                    chain: self.ancestors.chain_of(fd),
                     path: Some(p),
                 });
                 self.cache_dir(fid, d.clone());
@@ -1204,52 +1338,6 @@ impl Fallback {
                 verdicts: Vec::new(),
             },
         );
-    }
-
-    /// The identities of the open directory `fd` and its ancestors up to its filesystem's root,
-    /// nearest first (what the kernel's `d_parent` walk visits): `fstat`, then `openat("..")`.
-    fn chain_of(&mut self, fd: OwnedFd) -> Vec<(u64, u64)> {
-        let mut walked: Vec<(u64, u64)> = Vec::new();
-        let mut tail: Vec<(u64, u64)> = Vec::new();
-        let mut cur = fd;
-        let dotdot = c"..";
-        while walked.len() < MAX_ANCESTORS as usize {
-            let Some(id) = fstat_id(cur.as_fd()) else {
-                break;
-            };
-            // The root is its own parent; another device is another filesystem.
-            if walked.last().is_some_and(|l| *l == id || l.0 != id.0) {
-                break;
-            }
-            if let Some(c) = self.chains.get(&id) {
-                tail = c.clone();
-                break;
-            }
-            walked.push(id);
-            // SAFETY: `cur` is an open directory fd, `dotdot` a NUL-terminated name.
-            let up = unsafe {
-                libc::openat(
-                    cur.as_raw_fd(),
-                    dotdot.as_ptr(),
-                    libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
-                )
-            };
-            if up < 0 {
-                break;
-            }
-            // SAFETY: a fresh fd owned by nobody else.
-            cur = unsafe { OwnedFd::from_raw_fd(up) };
-        }
-        let mut chain = walked.clone();
-        chain.extend(tail);
-        chain.truncate(MAX_ANCESTORS as usize);
-        if self.chains.len() > 65536 {
-            self.chains.clear();
-        }
-        for i in 0..walked.len().min(chain.len()) {
-            self.chains.insert(chain[i], chain[i..].to_vec());
-        }
-        chain
     }
 
     /// The directory of a deletion, resolving its handle if needed. `Err(Deferred)` while the
@@ -2025,6 +2113,74 @@ mod tests {
         let r = parse_fanotify(&buf);
         assert_eq!(r.len(), 1);
         assert_eq!(r[0].dir, None);
+    }
+
+    /// A scratch directory of this test under /var/tmp, removed when dropped.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(what: &str) -> Scratch {
+            let p = PathBuf::from(format!(
+                "/var/tmp/guardrail-unit-{what}-{}",
+                std::process::id()
+            ));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p).expect("mkdir scratch");
+            Scratch(p)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn chain_via_memo(memo: &mut AncestorMemo, dir: &Path) -> Vec<(u64, u64)> {
+        let fd: OwnedFd = std::fs::File::open(dir).expect("open dir").into();
+        memo.chain_of(fd)
+    }
+
+    #[test]
+    fn a_new_directory_never_inherits_a_deleted_directorys_ancestors() {
+        let s = Scratch::new("memo");
+        let deep = s.0.join("target").join("build").join("d00");
+        std::fs::create_dir_all(&deep).expect("mkdir");
+        let mut memo = AncestorMemo::default();
+        assert_eq!(chain_via_memo(&mut memo, &deep), ancestor_chain(&deep));
+        let deleted: Vec<u64> = [deep.clone(), deep.parent().expect("build").to_path_buf()]
+            .iter()
+            .map(|p| std::fs::metadata(p).expect("stat").ino())
+            .collect();
+        std::fs::remove_dir(&deep).expect("rmdir d00");
+        std::fs::remove_dir(deep.parent().expect("build")).expect("rmdir build");
+        // New directories outside the target until one gets a deleted one's inode number (ext4
+        // hands them out again at once); each is judged by where it is.
+        let mut reused = false;
+        for n in 0..64 {
+            let fresh = s.0.join(format!("victim{n:02}"));
+            std::fs::create_dir(&fresh).expect("mkdir victim");
+            assert_eq!(
+                chain_via_memo(&mut memo, &fresh),
+                ancestor_chain(&fresh),
+                "{} judged by its own ancestors",
+                fresh.display()
+            );
+            if deleted.contains(&std::fs::metadata(&fresh).expect("stat").ino()) {
+                reused = true;
+                break;
+            }
+        }
+        eprintln!("a deleted directory's inode number was given to a new one: {reused}");
+        // A directory that is still itself keeps its entry.
+        let target = s.0.join("target");
+        let before = memo.map.len();
+        assert_eq!(chain_via_memo(&mut memo, &target), ancestor_chain(&target));
+        assert_eq!(
+            memo.map.len(),
+            before,
+            "a valid entry is used, not walked again"
+        );
     }
 
     #[test]
