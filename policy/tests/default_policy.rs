@@ -20,7 +20,16 @@ fn shipped_default_is_clean_on_a_host_that_has_its_paths() {
     assert_eq!(d.hold_timeout, Duration::from_secs(1800));
     assert_eq!(d.on_deny, OnDeny::Kill);
     assert!(d.protect_mount_points);
-    for t in ["/tmp", "/var/tmp", "/var/cache", "/home/*/.cache"] {
+    // /run and /dev/shm: system daemons' state churn (logind rewrites files in /run/systemd at
+    // every login) must never count against a budget.
+    for t in [
+        "/tmp",
+        "/var/tmp",
+        "/var/cache",
+        "/home/*/.cache",
+        "/run",
+        "/dev/shm",
+    ] {
         assert!(d.targets.contains(&PathBuf::from(t)), "{t}");
     }
     for r in ["/", "/etc", "/usr", "/etc/guardrail", "/var/lib/guardrail"] {
@@ -143,7 +152,11 @@ fn dropin_overrides_scalars_and_unions_lists() {
         "union, no duplicates"
     );
     assert_eq!(t.last(), Some(&PathBuf::from("/srv/releases")));
-    assert_eq!(t.len(), 5);
+    assert_eq!(
+        t.len(),
+        7,
+        "the six shipped targets and the drop-in's new one"
+    );
     assert!(
         p.deletion
             .protected_roots
@@ -306,4 +319,36 @@ fn shutdown_decisions() {
         ShutdownAction::Confirm
     );
     assert!(d.to_string().contains("local"));
+}
+
+#[test]
+fn system_daemons_state_churn_is_free_under_the_default_policy() {
+    // Every SSH login makes logind replace and remove files in /run/systemd; with /run
+    // counted, a host with busy automation had logind itself held (and every login hung).
+    let h = common::host();
+    let c = check_str(POLICY_PATH, DEFAULT_POLICY, &h);
+    let p = c.policy.expect("loads");
+    let compiled = compile(&p, &h);
+    let logind = JobSpec {
+        unit: Some("systemd-logind.service".into()),
+        exe: Some("/lib/systemd/systemd-logind".into()),
+        user: Some("root".into()),
+        cgroup: None,
+    };
+    for path in [
+        "/run/systemd/sessions/42",
+        "/run/systemd/users/1000",
+        "/dev/shm/PostgreSQL.1804289383",
+    ] {
+        let e = explain(&compiled, std::path::Path::new(path), &logind, &h);
+        assert_eq!(e.verdict, Verdict::InTarget, "{path}: {e:?}");
+    }
+    // Durable state next to it is still counted.
+    let e = explain(
+        &compiled,
+        std::path::Path::new("/var/lib/systemd/linger/alice"),
+        &logind,
+        &h,
+    );
+    assert!(matches!(e.verdict, Verdict::Counted { .. }), "{e:?}");
 }

@@ -1058,16 +1058,29 @@ fn runaway_command() -> String {
     format!(r#"sudo chroot {SCRATCH}/root /bin/sh -c 'X=; rm -rf "$X/"*'"#)
 }
 
-/// Waits for the open hold; returns its id.
+/// Waits for the open hold; returns its id. Any other hold is a false positive on a plain
+/// Debian system (logind was once held for its /run churn, and every SSH login then hung): it
+/// fails the step at once, naming the job.
 fn wait_hold(vm: &mut Vm, job: &mut Child) -> Result<u64> {
     let t = Instant::now();
     loop {
-        let holds = vm.ssh("guardrail holds --json")?;
-        if let Some(id) = holds.lines().find_map(|l| {
-            l.trim()
-                .strip_prefix("\"id\":")
-                .and_then(|v| v.trim().trim_end_matches(',').parse::<u64>().ok())
-        }) {
+        let text = vm.ssh("guardrail holds --json")?;
+        let holds: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("parsing `guardrail holds --json`: {text}"))?;
+        let holds = holds.as_array().cloned().unwrap_or_default();
+        let (runaway, others): (Vec<_>, Vec<_>) = holds
+            .iter()
+            .partition(|h| h["command"].as_str().is_some_and(|c| c.contains("rm -rf")));
+        ensure!(
+            others.is_empty(),
+            "jobs other than the runaway are held: {}",
+            others
+                .iter()
+                .map(|h| format!("{} (pgid {}, {})", h["command"], h["pgid"], h["reason"]))
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+        if let Some(id) = runaway.first().and_then(|h| h["id"].as_u64()) {
             return Ok(id);
         }
         if let Some(status) = job.try_wait()? {

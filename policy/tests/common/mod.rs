@@ -30,6 +30,7 @@ pub fn host() -> MemResolver {
                 "/usr/bin/deploy",
                 "/boot",
                 "/dev",
+                "/dev/shm",
                 "/home",
                 "/lib",
                 "/lib64",
