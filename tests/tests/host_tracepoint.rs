@@ -511,3 +511,86 @@ fn approve_with_a_budget_lets_exactly_that_many_more_go() {
         "exactly the granted 300 more went (tracepoint tier: +1): {more}"
     );
 }
+
+/// The kernel tags a process whose executable matched a rule (here: an exempt package manager)
+/// and its children. A process that later gets an exited one's pid must not inherit the tag:
+/// `with-pid` gives an ordinary `rm -rf` the exempt process's pid on purpose, and it is held at
+/// the budget like any other job.
+#[test]
+fn a_reused_pid_does_not_inherit_an_exemption() {
+    let _k = kernel_lock();
+    require_root();
+    let s = scratch();
+    let target = s.path().join("target");
+    std::fs::create_dir_all(&target).expect("mkdir target");
+    let pm = s.path().join("pm");
+    std::fs::copy(testkit_bin(), &pm).expect("copy the package manager stand-in");
+    let cg = TestCgroup::new();
+    let exempt = format!(
+        "[[deletion.exempt]]\nname = \"package-manager\"\nexecutables = [\"{}\"]\n",
+        pm.display()
+    );
+    let agent =
+        Agent::start(&policy_with(BUDGET, &[&target], &[], &cg, &exempt)).expect("agent starts");
+
+    // The exempt stand-in deletes 1000 files, ten times the budget, unstopped.
+    let exempt_dir = s.path().join("cache");
+    fill(&exempt_dir, 1000);
+    let mut pm_job = Job::spawn_in(
+        &format!("exec {} rm-rf cache", pm.display()),
+        s.path(),
+        Some(&cg),
+    );
+    let pm_pid = pm_job.child.id();
+    assert!(
+        pm_job.wait(Duration::from_secs(60)).is_some(),
+        "the exempt job finishes"
+    );
+    assert_eq!(
+        count_files(&exempt_dir),
+        0,
+        "the exempt job deleted everything"
+    );
+    assert!(agent.holds().is_empty(), "an exempt job is never held");
+
+    // Its pid, reused by an ordinary rm -rf.
+    let victim = s.path().join("victim");
+    fill(&victim, FILES);
+    let mut job = Job::spawn_in(
+        &format!(
+            "exec {} with-pid {pm_pid} rm -rf victim",
+            testkit_bin().display()
+        ),
+        s.path(),
+        Some(&cg),
+    );
+    let id = agent.wait_hold(Duration::from_secs(60)).unwrap_or_else(|e| {
+        panic!(
+            "the rm -rf with the exempt process's pid {pm_pid} was not held ({e}; {} of {FILES} files left; its stderr: {})",
+            count_files(&victim),
+            job.stderr()
+        )
+    });
+    let left = settle(&victim, Duration::from_millis(700));
+    let gone = (FILES - left) as u64;
+    assert!(
+        (BUDGET..=BUDGET + 1).contains(&gone),
+        "{gone} files gone; one deleting task: the budget, at most one more"
+    );
+    let out = agent.cli(&["deny", &id.to_string()]);
+    assert!(
+        out.status.success(),
+        "deny: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        job.wait(Duration::from_secs(30)).is_some(),
+        "the denied job ends"
+    );
+    assert_eq!(
+        count_files(&victim),
+        left,
+        "nothing more deleted after the deny"
+    );
+    assert!(agent.stop().expect("agent stops").success());
+}

@@ -1003,10 +1003,6 @@ pub fn sched_process_fork(ctx: RawTracePointContext) -> i32 {
         return 0;
     }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    // SAFETY: map value pointer valid for this run.
-    let Some(rule) = (unsafe { TASK_RULE.get(&tgid) }).copied() else {
-        return 0;
-    };
     // SAFETY: raw tracepoint arguments are the hook's arguments.
     let args = ctx.as_ptr() as *const u64;
     // SAFETY: the context holds the two task pointers.
@@ -1017,8 +1013,21 @@ pub fn sched_process_fork(ctx: RawTracePointContext) -> i32 {
     let Ok(child_tgid) = kread::<u32>(child, o.task_tgid) else {
         return 0;
     };
-    if child_tgid != tgid {
-        let _ = TASK_RULE.insert(&child_tgid, &rule, 0);
+    if child_tgid == tgid {
+        // A new thread: it shares its process's entry.
+        return 0;
+    }
+    // Every new process is born here, so this is where its entry is made right: the parent's
+    // rule, or none. Entries are never removed at exit; without the removal a process that got
+    // an exited one's pid would inherit its rule (an exempt package manager's, say).
+    // SAFETY: map value pointer valid for this run.
+    match (unsafe { TASK_RULE.get(&tgid) }).copied() {
+        Some(rule) => {
+            let _ = TASK_RULE.insert(&child_tgid, &rule, 0);
+        }
+        None => {
+            let _ = TASK_RULE.remove(&child_tgid);
+        }
     }
     0
 }

@@ -7,6 +7,9 @@
 //!   guardrail-testkit rm-rf PATH              remove PATH recursively; prints what was refused
 //!   guardrail-testkit mirror-stop CMD...      run CMD in a process group of its own and stop
 //!                                             when it stops, like sudo with use_pty
+//!   guardrail-testkit with-pid PID CMD...     run CMD as a child with exactly this pid
+//!                                             (clone3 set_tid: root, Linux >= 5.5), to
+//!                                             reproduce pid reuse on demand
 //! Each prints how many operations succeeded and failed, and exits 0.
 use std::{
     ffi::CString,
@@ -158,6 +161,63 @@ fn mirror_stop(cmd: &[&str]) -> Result<()> {
     }
 }
 
+/// `struct clone_args` up to `set_tid_size` (CLONE_ARGS_SIZE_VER1).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+}
+
+/// Forks a child with pid `pid` (fails if it is taken) that execs `cmd`; exits with its status.
+fn with_pid(pid: i32, cmd: &[&str]) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let (prog, args) = cmd.split_first().context("with-pid needs a command")?;
+    let tids = [pid];
+    let ca = CloneArgs {
+        exit_signal: libc::SIGCHLD as u64,
+        set_tid: tids.as_ptr() as u64,
+        set_tid_size: 1,
+        ..CloneArgs::default()
+    };
+    // SAFETY: clone3 without CLONE_VM or a stack is a fork; this process is single-threaded, and
+    // the child only builds a Command and execs.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &ca as *const CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    match r {
+        -1 => bail!("clone3 with pid {pid}: {}", std::io::Error::last_os_error()),
+        0 => {
+            let e = std::process::Command::new(prog).args(args).exec();
+            eprintln!("with-pid: exec {prog}: {e}");
+            // SAFETY: ending the forked child without running the parent's destructors.
+            unsafe { libc::_exit(127) };
+        }
+        child => {
+            let mut status = 0;
+            // SAFETY: waiting for our own child.
+            unsafe { libc::waitpid(child as i32, &mut status, 0) };
+            std::process::exit(if libc::WIFEXITED(status) {
+                libc::WEXITSTATUS(status)
+            } else {
+                128 + libc::WTERMSIG(status)
+            });
+        }
+    }
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args
@@ -171,6 +231,7 @@ fn main() -> Result<()> {
         ["rename-over", src, dst] => rename_over(Path::new(src), Path::new(dst)),
         ["fill", n, dir] => fill(n.parse().context("file count")?, Path::new(dir)),
         ["mirror-stop", cmd @ ..] => mirror_stop(cmd),
+        ["with-pid", pid, cmd @ ..] => with_pid(pid.parse().context("pid")?, cmd),
         ["rm-rf", path] => match std::fs::remove_dir_all(path) {
             Ok(()) => {
                 println!("rm-rf: removed {path}");
@@ -186,7 +247,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         _ => bail!(
-            "usage: guardrail-testkit uring-unlink DIR | fork-unlink N DIR | rename-over SRC DST | fill N DIR | count DIR | rm-rf PATH"
+            "usage: guardrail-testkit uring-unlink DIR | fork-unlink N DIR | rename-over SRC DST | fill N DIR | count DIR | rm-rf PATH | mirror-stop CMD... | with-pid PID CMD..."
         ),
     }
 }

@@ -48,6 +48,22 @@ echo "exempt: $out"
 gr holds --json | grep -q '"id"' && fail "an exempt job was held"
 echo "exempt: $N files deleted freely, the protected root stays"
 
+# 2b. The kernel tags the exempt process by pid. A new process that gets its pid once it exited
+#     (forced here with clone3 set_tid; on a busy host pids wrap) is an ordinary job: held at the
+#     budget, exactly 100 files gone.
+$KIT fill 300 "$S/reuse" >/dev/null
+( cd "$S" && exec setsid "$S/bin/dpkg" count reuse >/dev/null ) &
+PM=$!
+wait "$PM"
+( cd "$S" && exec setsid $KIT with-pid "$PM" rm -rf reuse >/dev/null 2>&1 ) &
+JOB=$!
+id=$(wait_hold) || fail "rm -rf with the exited package manager's pid $PM was not held ($(count "$S/reuse") of 300 files left)"
+left=$(settle "$S/reuse")
+[ "$left" -eq 200 ] || fail "pid reuse: expected 200 of 300 files left at the hold, found $left"
+gr deny "$id" >/dev/null || fail "deny"
+wait "$JOB" 2>/dev/null
+echo "pid reuse: rm -rf with the exempt process's old pid $PM held as incident $id, 200 files left"
+
 # 3. A data directory: the named job may delete in it, anybody else is refused from the first file.
 $KIT fill 50 "$S/db/base" >/dev/null
 ( cd "$S" && setsid rm -f db/base/f00000 2>/dev/null )
