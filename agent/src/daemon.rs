@@ -232,6 +232,7 @@ struct Agent {
     sink: events::Sink,
     /// Deletions the watcher's queue dropped, as last reported.
     lost_reported: u64,
+    forks_lost_reported: u64,
     shutdown: crate::shutdown::Guard,
 }
 
@@ -300,6 +301,7 @@ pub fn run(args: AgentArgs) -> Result<()> {
         holds: BTreeMap::new(),
         sink,
         lost_reported: 0,
+        forks_lost_reported: 0,
         shutdown,
     };
     agent.announce();
@@ -464,6 +466,15 @@ impl Agent {
                     "guardrail: userspace tier stops a runaway job at most {} files past its budget (measured bound; `guardrail selftest --tier userspace` measures this host)",
                     fallback::PROMISED_OVERSHOOT
                 );
+                if f.names_exited_processes() {
+                    println!(
+                        "guardrail: userspace tier names the job of a process that exited before its deletions were read by who forked it (process events connector)"
+                    );
+                } else if f.mechanism() == "fanotify" {
+                    println!(
+                        "guardrail: WARNING: the process events connector refused us (needs CAP_NET_ADMIN): deletions by processes that exited before they were read count for an unknown job"
+                    );
+                }
                 if f.unlocated_protected_roots() > 0 {
                     println!(
                         "guardrail: WARNING: {} protected root(s) have no path this tier can watch: their deletion goes unnoticed",
@@ -775,6 +786,17 @@ impl Agent {
             let msg = format!(
                 "the userspace watcher's event queue overflowed ({} times): deletions went uncounted",
                 self.lost_reported
+            );
+            eprintln!("guardrail: {msg}");
+            self.sink.agent_event("tier_degraded", &msg);
+        }
+        if let Backend::Userspace(f) = &self.backend
+            && f.forks_lost() > self.forks_lost_reported
+        {
+            self.forks_lost_reported = f.forks_lost();
+            let msg = format!(
+                "the process events connector overflowed ({} times): a worker that exits before its deletions are read may count for an unknown job",
+                self.forks_lost_reported
             );
             eprintln!("guardrail: {msg}");
             self.sink.agent_event("tier_degraded", &msg);

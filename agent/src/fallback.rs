@@ -42,6 +42,7 @@
 //!   already deleted when we read its events (and never seen before) has no known ancestors, so
 //!   its deletions count against the budget (as the tracepoint tier does for absolute paths).
 //! - Deletions a held job made before the stop landed (still queued) are not judged by scope.
+use crate::forklog::ForkLog;
 use std::{
     collections::{HashMap, HashSet},
     ffi::{CString, OsStr, OsString},
@@ -733,6 +734,9 @@ pub struct Fallback {
     /// Deleted directory's handle → its parent's handle (from the deleting event's own FID).
     parent_of: HashMap<Fid, Fid>,
     pending: Vec<Seen>,
+    /// Who forked whom (fanotify only, where the connector is allowed): names the job of a
+    /// process that exited before its deletions were read. See [`crate::forklog`].
+    forks: Option<ForkLog>,
 }
 
 /// What one deletion looked like when we read it.
@@ -777,7 +781,14 @@ impl Fallback {
         raise_priority();
         // SAFETY: getpgid has no memory-safety preconditions.
         let my_pgid = unsafe { libc::getpgid(0) } as u32;
+        // Subscribed before the first deletion is read, so every later fork is known. inotify
+        // names no process: nothing to name a parent of.
+        let forks = match watch {
+            Watch::Fanotify => ForkLog::open().ok(),
+            Watch::Inotify => None,
+        };
         let mut f = Fallback {
+            forks,
             mech,
             tables: Tables::default(),
             watch_roots: watch_roots.to_vec(),
@@ -977,6 +988,18 @@ impl Fallback {
         }
     }
 
+    /// Whether the job of a process that exited before its deletions were read is found by who
+    /// forked it (the process events connector is ours).
+    pub fn names_exited_processes(&self) -> bool {
+        self.forks.is_some()
+    }
+
+    /// Forks lost to a full connector socket (their workers' deletions may go to the unknown
+    /// job).
+    pub fn forks_lost(&self) -> u64 {
+        self.forks.as_ref().map_or(0, ForkLog::lost)
+    }
+
     /// "fanotify" or "inotify".
     pub fn mechanism(&self) -> &'static str {
         match self.mech {
@@ -1032,6 +1055,11 @@ impl Fallback {
     /// chain and per-rule scope verdict) only for a job that is counting, or for a name that is
     /// a protected root's.
     pub fn process(&mut self) -> Vec<Event> {
+        // Forks first: every worker whose deletions are about to be read was forked before it
+        // deleted, so its parent is known below even if it has exited since.
+        if let Some(f) = self.forks.as_mut() {
+            f.drain();
+        }
         // Held jobs seen fully stopped: from now on their deletions are retries.
         if self
             .last_stop_check
@@ -1681,7 +1709,7 @@ impl Fallback {
         if rule_audit || params.action == ACTION_ALERT {
             return Ok(self.report_once(key, job, ev, rule_audit));
         }
-        let (state, sig) = if params.action == ACTION_BLOCK && target == key {
+        let (state, sig) = if params.action == ACTION_BLOCK && target == key && !who.guessed {
             (JOB_BLOCKED, Signal::SIGKILL)
         } else {
             // A guessed job is only ever held: SIGSTOP can be undone, SIGKILL cannot.
@@ -1749,13 +1777,50 @@ impl Fallback {
                 guessed: false,
             });
         }
-        // Exited before we read it and never seen: no scan of /proc here (on a busy host that
-        // would be most of the watcher's time); the unknown job's crossing guesses.
+        // Exited before we read it and never seen: its nearest live ancestor's job, where that
+        // is a job inside a session (see `job_of_ancestor`).
+        if let Some(pid) = s.pid
+            && let Some((key, ancestor)) = self.job_of_ancestor(pid)
+        {
+            return Ok(Who {
+                key,
+                pid: Some(ancestor),
+                guessed: true,
+            });
+        }
+        // No scan of /proc here (on a busy host that would be most of the watcher's time); the
+        // unknown job's crossing guesses.
         Ok(Who {
             key: UNKNOWN_JOB,
             pid: None,
             guessed: true,
         })
+    }
+
+    /// The job of an exited process by who forked it: the nearest ancestor still alive, if its
+    /// process group is a job inside a session. Not when that group is its session's own: a
+    /// service's main process, sshd, a login shell (whose children are jobs of their own), a
+    /// cron or ssh command's shell; holding a guess there could stop a whole service or the
+    /// admin's own shell. A process on the way that called setsid() ends the walk.
+    fn job_of_ancestor(&mut self, pid: u32) -> Option<(JobKey, u32)> {
+        let forks = self.forks.as_mut()?;
+        forks.drain();
+        let ancestors = forks.ancestors(pid);
+        for a in ancestors {
+            if a <= 1 || a == self.me {
+                return None;
+            }
+            let Some((_, _, _, pgrp, session)) = proc_stat(a) else {
+                // Exited too: try its parent.
+                continue;
+            };
+            if pgrp == session || pgrp == self.my_pgid {
+                return None;
+            }
+            let key = self.job_of_pid(a)?;
+            return Some((key, a));
+        }
+        None
     }
 
     /// Incidents so far; the daemon takes ids from the same counter for incidents it makes.

@@ -5,5 +5,6 @@
 pub mod btf;
 pub mod cgroup;
 pub mod fallback;
+pub mod forklog;
 pub mod probe;
 pub mod sensor;

@@ -5,6 +5,7 @@ mod cgroup;
 mod daemon;
 mod events;
 mod fallback;
+mod forklog;
 mod generate;
 mod inhibit;
 mod ipc;

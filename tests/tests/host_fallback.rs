@@ -249,6 +249,61 @@ fn fanotify_stops_forked_workers_as_one_job() {
     );
 }
 
+/// The watcher is not run at all until the runaway is over: eight forked workers delete 2000
+/// files and exit before a single event is read, so /proc names none of them. Who forked them
+/// (the process events connector) still names their job: the shell that started them, still
+/// running, is held as a guess.
+#[test]
+fn fanotify_names_the_job_of_workers_that_exited_before_they_were_read() {
+    let _k = kernel_lock();
+    let s = setup();
+    let mut fb = fanotify(&s);
+    assert!(
+        fb.names_exited_processes(),
+        "root may subscribe to the process events connector"
+    );
+    let victim = s.s.path().join("victim");
+    fill(&victim, 2000);
+    let kit = env!("CARGO_BIN_EXE_guardrail-testkit");
+    let job = Job::spawn_in(
+        &format!("{kit} fork-unlink 8 victim; sleep 60"),
+        s.s.path(),
+        Some(&s.cg),
+    );
+    let pgid = job.pgid();
+    let workers_gone = || {
+        pids_in_group(pgid).iter().all(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm"))
+                .is_ok_and(|c| !c.starts_with("guardrail-test"))
+        })
+    };
+    assert!(
+        wait_until(Duration::from_secs(60), || count_files(&victim) == 0
+            && workers_gone()),
+        "the workers deleted everything and exited ({} files left)",
+        count_files(&victim)
+    );
+    let events = drive(&mut fb, Duration::from_secs(30), |ev| {
+        crossed_by(ev, pgid).is_some()
+    });
+    let ev = crossed_by(&events, pgid).unwrap_or_else(|| {
+        panic!(
+            "no crossing for job {pgid}; events: {:?}",
+            events
+                .iter()
+                .map(|e| (e.kind, e.pgid, e.flags))
+                .collect::<Vec<_>>()
+        )
+    });
+    assert_ne!(ev.flags & EVF_GUESSED, 0, "flagged as a guess");
+    assert_ne!(ev.flags & EVF_SIGNALLED, 0, "the job was signalled");
+    assert_eq!(ev.count, BUDGET + 1, "the crossing deletion");
+    assert!(
+        wait_until(Duration::from_secs(10), || job.stopped()),
+        "the job's shell is held"
+    );
+}
+
 #[test]
 fn fanotify_never_counts_deletions_inside_a_target() {
     let _k = kernel_lock();
