@@ -754,6 +754,14 @@ impl Agent {
     }
 
     fn hold(&mut self, inc: Incident, key: JobKey) {
+        if let Some(unit) = inc
+            .unit
+            .clone()
+            .filter(|u| self.policy.policy.deletion.never_hold.contains(u))
+        {
+            self.continue_never_held(inc, key, &unit);
+            return;
+        }
         // Stop the whole job, not only the task the kernel signalled.
         procinfo::signal_job(key.pgid, Signal::SIGSTOP);
         let timeout = self.policy.hold_timeout;
@@ -852,6 +860,39 @@ impl Agent {
                 self.sink.incident(&inc);
             }
         }
+    }
+
+    /// A job of a `deletion.never_hold` unit (logind, sshd, journald...) crossed its budget: the
+    /// kernel (or the watcher) stopped the task that crossed; keeping it stopped would lock
+    /// admins out or stop the host's logging, so it is continued at once. Where the tier can
+    /// refuse (lsm), every further deletion of the job outside scope is refused; elsewhere the
+    /// crossing is only reported and the job deletes on.
+    fn continue_never_held(&mut self, mut inc: Incident, key: JobKey, unit: &str) {
+        let refuses = self.tier == Tier::Lsm;
+        let mut job = self.backend.job(&key).ok().flatten().unwrap_or_default();
+        if refuses {
+            job.state = JOB_DENIED;
+        } else {
+            job.state = JOB_ACTIVE;
+            job.allowance = ALLOWANCE_UNLIMITED;
+        }
+        let _ = self.backend.set_job(&key, &job);
+        procinfo::signal_job(key.pgid, Signal::SIGCONT);
+        let what = if refuses {
+            "continued, every further deletion outside scope refused"
+        } else {
+            "continued and only reported: this tier cannot refuse"
+        };
+        inc.outcome = if refuses { "refused" } else { "reported" }.into();
+        inc.reason = format!(
+            "{}; {unit} is never held (deletion.never_hold): {what}",
+            inc.reason
+        );
+        println!(
+            "guardrail: incident {} not held: {} ({})",
+            inc.id, inc.command, inc.reason
+        );
+        self.sink.incident(&inc);
     }
 
     fn approve(&mut self, id: u64, budget: Option<u64>, for_job: bool, by: u32) -> Result<String> {

@@ -737,6 +737,8 @@ pub struct Fallback {
     /// Who forked whom (fanotify only, where the connector is allowed): names the job of a
     /// process that exited before its deletions were read. See [`crate::forklog`].
     forks: Option<ForkLog>,
+    /// When a read last found the queue empty: everything deleted before then has been read.
+    drained_at: Option<Instant>,
 }
 
 /// What one deletion looked like when we read it.
@@ -763,6 +765,8 @@ struct Deferred;
 /// How long a record waits for its directory's own deletion event before it is judged with no
 /// ancestors (against the budget).
 const PENDING_MAX: Duration = Duration::from_millis(500);
+/// How long it waits whatever the queue does.
+const PENDING_HARD_MAX: Duration = Duration::from_secs(10);
 
 impl Fallback {
     /// Watches the filesystems that hold the policy's paths (and the paths given) with fanotify
@@ -788,6 +792,7 @@ impl Fallback {
             Watch::Inotify => None,
         };
         let mut f = Fallback {
+            drained_at: None,
             forks,
             mech,
             tables: Tables::default(),
@@ -1092,6 +1097,10 @@ impl Fallback {
                 for i in 0..MAX_READS_PER_CALL {
                     // SAFETY: reads into our own buffer of the given length.
                     let n = unsafe { libc::read(raw, buf.as_mut_ptr().cast(), buf.len()) };
+                    if n < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN)
+                    {
+                        self.drained_at = Some(Instant::now());
+                    }
                     let records = if n > 0 {
                         parse_fanotify(&buf[..n as usize])
                     } else {
@@ -1377,7 +1386,16 @@ impl Fallback {
         let d = match &s.fid {
             Some(fid) => match self.resolve_fid(fid) {
                 Some(d) => d,
-                None if s.since.elapsed() < PENDING_MAX => return Err(Deferred),
+                // Its deletion event follows its contents' within moments, but the watcher can
+                // lag far behind the deleters (a busy host): give up only once the queue was
+                // found empty after the wait, i.e. everything deleted by then has been read.
+                // (At most PENDING_HARD_MAX: a host deleting without pause never empties it.)
+                None if s.since.elapsed() < PENDING_HARD_MAX
+                    && (s.since.elapsed() < PENDING_MAX
+                        || self.drained_at.is_none_or(|d| d < s.since + PENDING_MAX)) =>
+                {
+                    return Err(Deferred);
+                }
                 None => Rc::new(DirInfo::default()),
             },
             None => Rc::new(DirInfo::default()),

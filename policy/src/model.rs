@@ -169,6 +169,10 @@ pub struct Deletion {
     pub data_dirs: Vec<DataDir>,
     pub rules: Vec<JobRule>,
     pub exemptions: Vec<Exemption>,
+    /// Units whose jobs are never kept stopped (holding them would lock admins out or stop the
+    /// host's logging): past the budget they are refused where the tier can refuse, else only
+    /// reported.
+    pub never_hold: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

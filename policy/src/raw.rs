@@ -102,6 +102,7 @@ raw_struct!(RawDeletion {
     targets: StrList,
     protected_roots: StrList,
     protect_mount_points: Option<Sp<bool>>,
+    never_hold: StrList,
     data_dir: Option<Vec<Sp<RawDataDir>>>,
     rule: Option<Vec<Sp<RawRule>>>,
     exempt: Option<Vec<Sp<RawExempt>>>,
@@ -387,6 +388,7 @@ impl Merge for RawDeletion {
         union(&mut self.targets, o.targets);
         union(&mut self.protected_roots, o.protected_roots);
         scalar(&mut self.protect_mount_points, o.protect_mount_points);
+        union(&mut self.never_hold, o.never_hold);
         keyed(
             &mut self.data_dir,
             o.data_dir,

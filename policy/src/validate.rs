@@ -16,6 +16,18 @@ pub(crate) mod defaults {
     pub const BUDGET: u64 = 300;
     pub const WINDOW: Duration = Duration::from_secs(60);
     pub const HOLD_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+    /// `deletion.never_hold` when a policy does not say: what logins, logging and the bus need.
+    pub const NEVER_HOLD: &[&str] = &[
+        "init.scope",
+        "systemd-logind.service",
+        "systemd-journald.service",
+        "systemd-udevd.service",
+        "dbus.service",
+        "dbus-broker.service",
+        "ssh.service",
+        "sshd.service",
+        "guardrail.service",
+    ];
     pub const CONFIRM_WINDOW: Duration = Duration::from_secs(120);
     pub const EVENT_LOG: &str = "/var/log/guardrail/events.jsonl";
     pub const APP_NAME: &str = "guardrail";
@@ -519,6 +531,20 @@ fn validate_deletion(d: &RawDeletion, span: &Range<usize>, v: &mut V<'_, '_, '_>
         defaults::HOLD_TIMEOUT,
     );
     let on_deny = v.choice(&d.on_deny, "deletion.on_deny", ON_DENY, OnDeny::Kill);
+    let never_hold: Vec<String> = match &d.never_hold {
+        None => defaults::NEVER_HOLD.iter().map(|u| u.to_string()).collect(),
+        Some(list) => {
+            let mut units: Vec<String> = Vec::new();
+            for s in list {
+                if let Some(u) = v.unit(s, "deletion.never_hold")
+                    && !units.contains(&u)
+                {
+                    units.push(u);
+                }
+            }
+            units
+        }
+    };
     let protect_mount_points = d.protect_mount_points.as_ref().is_none_or(|b| b.value);
 
     let targets = v.paths(&d.targets, "deletion.targets", true, true);
@@ -786,6 +812,7 @@ fn validate_deletion(d: &RawDeletion, span: &Range<usize>, v: &mut V<'_, '_, '_>
         data_dirs,
         rules,
         exemptions,
+        never_hold,
     }
 }
 

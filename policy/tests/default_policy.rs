@@ -352,3 +352,44 @@ fn system_daemons_state_churn_is_free_under_the_default_policy() {
     );
     assert!(matches!(e.verdict, Verdict::Counted { .. }), "{e:?}");
 }
+
+#[test]
+fn never_hold_defaults_to_the_login_and_logging_services() {
+    let shipped = check_str(POLICY_PATH, DEFAULT_POLICY, &common::host())
+        .policy
+        .expect("loads");
+    for u in [
+        "systemd-logind.service",
+        "systemd-journald.service",
+        "ssh.service",
+        "init.scope",
+    ] {
+        assert!(shipped.deletion.never_hold.iter().any(|x| x == u), "{u}");
+    }
+    // A policy without the key gets the same list; an empty list holds everything.
+    let without = check_str("p.toml", "[deletion]\nbudget = 10\n", &common::host())
+        .policy
+        .expect("loads");
+    assert_eq!(without.deletion.never_hold, shipped.deletion.never_hold);
+    let empty = check_str(
+        "p.toml",
+        "[deletion]\nbudget = 10\nnever_hold = []\n",
+        &common::host(),
+    )
+    .policy
+    .expect("loads");
+    assert!(empty.deletion.never_hold.is_empty());
+    // A name that is no job unit is an error at its position.
+    let bad = check_str(
+        "p.toml",
+        "[deletion]\nbudget = 10\nnever_hold = [\"sshd\"]\n",
+        &common::host(),
+    );
+    let d = bad
+        .diagnostics
+        .iter()
+        .find(|d| d.code == Code::MatchesNothing)
+        .expect("diagnosed");
+    assert_eq!((d.line, d.column), (3, 15));
+    assert!(d.message.contains("deletion.never_hold"), "{}", d.message);
+}

@@ -594,3 +594,50 @@ fn a_reused_pid_does_not_inherit_an_exemption() {
     );
     assert!(agent.stop().expect("agent stops").success());
 }
+
+/// A job of a `deletion.never_hold` unit (a test scope standing in for systemd-logind.service)
+/// is not kept stopped at its budget: this tier cannot refuse, so the crossing is reported, the
+/// job is continued at once and finishes.
+#[test]
+fn a_never_hold_unit_is_reported_and_not_kept_stopped() {
+    let _k = kernel_lock();
+    require_root();
+    let s = scratch();
+    let target = s.path().join("target");
+    std::fs::create_dir_all(&target).expect("mkdir target");
+    let unit = format!("guardrail-test-never-hold-{}.scope", std::process::id());
+    let cg = TestCgroup::at(&unit);
+    let text = policy(BUDGET, &[&target], &[], &cg).replace(
+        "protect_mount_points = false\n",
+        &format!("protect_mount_points = false\nnever_hold = [\"{unit}\"]\n"),
+    );
+    let agent = Agent::start(&text).expect("agent starts");
+    let victim = s.path().join("victim");
+    fill(&victim, 2000);
+    let mut job = Job::spawn_in("rm -rf victim", s.path(), Some(&cg));
+    assert!(
+        job.wait(Duration::from_secs(60)).is_some(),
+        "the job is continued and finishes ({} files left, holds: {:?})",
+        count_files(&victim),
+        agent.holds()
+    );
+    assert_eq!(count_files(&victim), 0, "every file deleted");
+    assert!(agent.holds().is_empty(), "never held");
+    let reported = agent
+        .events()
+        .into_iter()
+        .find(|e| e["incident"]["outcome"] == "reported" && e["incident"]["unit"] == unit.as_str());
+    let reported = reported.unwrap_or_else(|| {
+        panic!(
+            "no reported incident for {unit}; events: {:?}",
+            agent.events()
+        )
+    });
+    let reason = reported["incident"]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains(&format!("{unit} is never held")) && reason.contains("only reported"),
+        "{reason}"
+    );
+    assert!(agent.log().contains("not held"), "{}", agent.log());
+    assert!(agent.stop().expect("agent stops").success());
+}
