@@ -54,6 +54,9 @@ pub struct Compiled {
     pub uids: Vec<(u32, u32)>,
     /// Data directory paths by `data_dir_id`, for messages.
     pub data_dirs: Vec<PathBuf>,
+    /// `deletion.never_hold`: units whose jobs the agent continues at once (userspace only: the
+    /// kernel holds, the agent lets go).
+    pub never_hold: Vec<String>,
     pub warnings: Vec<CompileWarning>,
 }
 
@@ -217,6 +220,7 @@ pub fn compile(policy: &Policy, resolver: &dyn Resolver) -> Compiled {
         resolver,
         out: Compiled {
             mode: policy.mode,
+            never_hold: d.never_hold.clone(),
             ..Compiled::default()
         },
     };

@@ -86,6 +86,8 @@ pub struct Explanation {
     pub walked: Vec<(PathBuf, bool)>,
     /// Paths of the walk that do not exist on this host (skipped).
     pub unresolved: Vec<PathBuf>,
+    /// The job's unit, when it is in `deletion.never_hold`: a hold is let go at once.
+    pub never_held_unit: Option<String>,
 }
 
 /// The rule a job runs under: executable > unit/cgroup > user > default.
@@ -150,6 +152,7 @@ pub fn explain(
         audit,
         walked: Vec::new(),
         unresolved: Vec::new(),
+        never_held_unit: job.unit.clone().filter(|u| compiled.never_hold.contains(u)),
     };
     // The entry itself.
     if let Some(id) = kernel_identity(resolver, &path)
@@ -247,10 +250,14 @@ impl fmt::Display for Explanation {
             Verdict::DataForeign { .. } => format!("{would}REFUSED from the first file: inside data directory {data}, which this job is not named for"),
             Verdict::Exempt => "free: the job is exempt from the budget (protected roots and foreign data directories still refuse it)".to_string(),
             Verdict::Counted { budget, window, action } => {
-                let a = match action {
-                    Action::Hold => "the job is held for an admin",
-                    Action::Block => "the job is blocked",
-                    Action::Alert => "an alert is sent",
+                let never_held = self.never_held_unit.as_ref().map(|u| {
+                    format!("the job is stopped only for a moment: {u} is never held (deletion.never_hold); every further deletion outside scope is refused (lsm tier) or only reported (other tiers)")
+                });
+                let a = match (action, &never_held) {
+                    (Action::Hold, Some(n)) => n.as_str(),
+                    (Action::Hold, None) => "the job is held for an admin",
+                    (Action::Block, _) => "the job is blocked",
+                    (Action::Alert, _) => "an alert is sent",
                 };
                 format!("counted: {budget} deletions per {window} outside targets, then {would_a}{a}", would_a = if self.audit { "(audit: would be) " } else { "" })
             }

@@ -351,6 +351,14 @@ fn system_daemons_state_churn_is_free_under_the_default_policy() {
         &h,
     );
     assert!(matches!(e.verdict, Verdict::Counted { .. }), "{e:?}");
+    // ... but logind is in never_hold: explain says it is let go, not held for an admin.
+    assert_eq!(e.never_held_unit.as_deref(), Some("systemd-logind.service"));
+    let text = e.to_string();
+    assert!(
+        text.contains("systemd-logind.service is never held (deletion.never_hold)")
+            && !text.contains("held for an admin"),
+        "{text}"
+    );
 }
 
 #[test]
