@@ -948,6 +948,10 @@ pub fn run_checks(vm: &mut Vm, deb: &Path, rpm: Option<&Path>, only: &[String]) 
         "package upgrade (dpkg -i over the installed package) during a hold keeps it held",
         &mut upgrade_during_hold,
     )?;
+    step(
+        "a never_hold service is continued at its budget, the rest refused",
+        &mut never_held_service,
+    )?;
     // The shutdown guard over this SSH session: logind says REMOTE=yes for it.
     step(
         "shutdown requests over ssh refused, the VM keeps running",
@@ -1266,6 +1270,77 @@ fn process_states(vm: &mut Vm, pids: &[u64]) -> Result<Vec<String>> {
         .map(|l| l.trim().to_string())
         .filter(|l| !l.is_empty())
         .collect())
+}
+
+/// How many policy_reloaded events the current event log has.
+fn reloads(vm: &mut Vm) -> Result<u32> {
+    let out = vm.ssh("sudo grep -c policy_reloaded /var/log/guardrail/events.jsonl || true")?;
+    Ok(out.trim().parse().unwrap_or(0))
+}
+
+/// Runs `command` (which reloads the agent) and waits for its policy_reloaded event.
+fn reload_with(vm: &mut Vm, command: &str) -> Result<()> {
+    let before = reloads(vm)?;
+    vm.ssh(command)?;
+    let t = Instant::now();
+    while reloads(vm)? <= before {
+        ensure!(
+            t.elapsed() < Duration::from_secs(30),
+            "no policy_reloaded event within 30s of `{command}`"
+        );
+        thread::sleep(Duration::from_secs(1));
+    }
+    Ok(())
+}
+
+/// `deletion.never_hold` with a real unit: a drop-in names a transient service, whose `rm -rf`
+/// crosses the budget; the kernel stops it for a moment, the agent continues it and the kernel
+/// refuses the rest. Exactly the budget is deleted, nothing is held, the unit fails.
+fn never_held_service(vm: &mut Vm) -> Result<()> {
+    const UNIT: &str = "guardrail-e2e-cleaner.service";
+    reload_with(
+        vm,
+        &format!(
+            "sudo mkdir -p /etc/guardrail/policy.d && \
+             printf '[deletion]\\nnever_hold = [\"{UNIT}\"]\\n' | \
+             sudo tee /etc/guardrail/policy.d/50-sysvm-never-hold.toml >/dev/null && \
+             sudo systemctl reload guardrail"
+        ),
+    )?;
+    let total = make_scratch_root(vm)?;
+    let out = vm.ssh_output(
+        &format!("sudo systemd-run --quiet --wait --collect --unit {UNIT} /bin/rm -rf {SCRATCH}/root/data"),
+        None,
+    )?;
+    ensure!(
+        !out.status.success(),
+        "the never_hold service's rm -rf succeeded: nothing was refused"
+    );
+    let left = count_scratch(vm)?;
+    ensure!(
+        total - left == DEFAULT_BUDGET,
+        "expected exactly {DEFAULT_BUDGET} deletions by the never_hold service, got {}",
+        total - left
+    );
+    let holds = vm.ssh("guardrail holds --json")?;
+    ensure!(
+        !holds.contains("\"id\""),
+        "a never_hold service was held: {holds}"
+    );
+    let lines = vm.ssh(&format!(
+        "sudo grep -a '{UNIT} is never held' /var/log/guardrail/events.jsonl || true"
+    ))?;
+    ensure!(
+        lines.contains("\"outcome\":\"refused\""),
+        "no refused incident saying {UNIT} is never held; got: {lines}"
+    );
+    println!(
+        "sysvm:      {UNIT}: exactly {DEFAULT_BUDGET} deleted, {left} of {total} entries left, not held"
+    );
+    reload_with(
+        vm,
+        "sudo rm /etc/guardrail/policy.d/50-sysvm-never-hold.toml && sudo systemctl reload guardrail",
+    )
 }
 
 /// Pinning: a restart during a hold leaves the kernel holding the job, and the next agent adopts
