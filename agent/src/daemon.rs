@@ -732,7 +732,22 @@ impl Agent {
             }
             EV_HELD_RETRY => {
                 // A held job was resumed without approval and tried again: the kernel re-stopped
-                // the task, we re-stop the whole job.
+                // the task, we re-stop the whole job. Only while it is still held: a retry read
+                // after the job was let go (approved, denied, or a never_hold unit continued at
+                // once) was made before that, and its task has been continued with the job.
+                let key = JobKey {
+                    sid: ev.sid,
+                    pgid: ev.pgid,
+                };
+                let still_held = self
+                    .backend
+                    .job(&key)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|j| j.state == JOB_HELD);
+                if !still_held {
+                    return;
+                }
                 procinfo::signal_job(ev.pgid, Signal::SIGSTOP);
                 if let Some(h) = self
                     .holds
