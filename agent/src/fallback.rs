@@ -1355,12 +1355,27 @@ impl Fallback {
                 self.cache_dir(fid, d.clone());
                 Some(d)
             }
-            // Unlinked but still open somewhere: only its own identity is left (not cached:
-            // its deletion event may yet name the parent).
-            _ => Some(Rc::new(DirInfo {
-                chain: fstat_id(fd.as_fd()).into_iter().collect(),
-                path: None,
-            })),
+            // Unlinked but still open somewhere (`rm -rf` holds a directory while it empties
+            // it, then removes it): `..` leads nowhere, so its place is known only from its own
+            // deletion event, which names the parent. Until that is read the record waits, like
+            // one whose directory cannot be reopened at all; judged without it, a deletion deep
+            // inside a target would count against the budget.
+            _ => {
+                let parent = self.parent_of.get(fid)?.clone();
+                if depth >= MAX_ANCESTORS {
+                    return None;
+                }
+                let up = self.resolve_depth(&parent, depth + 1)?;
+                let d = Rc::new(DirInfo {
+                    path: up.path.as_ref().map(|p| p.join("(deleted)")),
+                    chain: fstat_id(fd.as_fd())
+                        .into_iter()
+                        .chain(up.chain.iter().copied())
+                        .collect(),
+                });
+                self.cache_dir(fid, d.clone());
+                Some(d)
+            }
         }
     }
 
