@@ -1333,17 +1333,7 @@ impl Fallback {
         let Some(fd) = open_by_handle(m.mount_fd.as_fd(), fid) else {
             // Deleted: judged by its parent's ancestors (its own identity is gone with it, so it
             // cannot itself be matched as a declared directory).
-            let parent = self.parent_of.get(fid)?.clone();
-            if depth >= MAX_ANCESTORS {
-                return None;
-            }
-            let up = self.resolve_depth(&parent, depth + 1)?;
-            let d = Rc::new(DirInfo {
-                path: up.path.as_ref().map(|p| p.join("(deleted)")),
-                chain: up.chain.clone(),
-            });
-            self.cache_dir(fid, d.clone());
-            return Some(d);
+            return self.resolve_via_parent(fid, depth, None);
         };
         let path = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok();
         match path {
@@ -1360,23 +1350,30 @@ impl Fallback {
             // deletion event, which names the parent. Until that is read the record waits, like
             // one whose directory cannot be reopened at all; judged without it, a deletion deep
             // inside a target would count against the budget.
-            _ => {
-                let parent = self.parent_of.get(fid)?.clone();
-                if depth >= MAX_ANCESTORS {
-                    return None;
-                }
-                let up = self.resolve_depth(&parent, depth + 1)?;
-                let d = Rc::new(DirInfo {
-                    path: up.path.as_ref().map(|p| p.join("(deleted)")),
-                    chain: fstat_id(fd.as_fd())
-                        .into_iter()
-                        .chain(up.chain.iter().copied())
-                        .collect(),
-                });
-                self.cache_dir(fid, d.clone());
-                Some(d)
-            }
+            _ => self.resolve_via_parent(fid, depth, fstat_id(fd.as_fd())),
         }
+    }
+
+    /// A deleted directory's place, from the parent its deletion event named (`None` until that
+    /// event is read): the parent's chain, after `own` identity where the directory still has
+    /// one (unlinked but open).
+    fn resolve_via_parent(
+        &mut self,
+        fid: &Fid,
+        depth: u32,
+        own: Option<(u64, u64)>,
+    ) -> Option<Rc<DirInfo>> {
+        let parent = self.parent_of.get(fid)?.clone();
+        if depth >= MAX_ANCESTORS {
+            return None;
+        }
+        let up = self.resolve_depth(&parent, depth + 1)?;
+        let d = Rc::new(DirInfo {
+            path: up.path.as_ref().map(|p| p.join("(deleted)")),
+            chain: own.into_iter().chain(up.chain.iter().copied()).collect(),
+        });
+        self.cache_dir(fid, d.clone());
+        Some(d)
     }
 
     fn cache_dir(&mut self, fid: &Fid, info: Rc<DirInfo>) {
