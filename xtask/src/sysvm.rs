@@ -126,8 +126,9 @@ pub struct SysVmCli {
     pub timeout_secs: u64,
     #[arg(long, default_value = "2048")]
     pub memory_mb: u32,
-    /// Guest CPUs (TCG runs one host thread per CPU).
-    #[arg(long, default_value = "2")]
+    /// Guest CPUs (TCG runs one host thread per CPU; more than one can stall the guest in
+    /// cross-CPU waits when the host is busy).
+    #[arg(long, default_value = "1")]
     pub cpus: u32,
     /// Keep the VM running after the checks, passed or failed (prints the ssh command; Ctrl-C
     /// ends it).
