@@ -801,28 +801,26 @@ impl Agent {
         );
     }
 
+    fn tier_degraded(&mut self, msg: String) {
+        eprintln!("guardrail: {msg}");
+        self.sink.agent_event("tier_degraded", &msg);
+    }
+
     fn tick(&mut self) {
-        if let Backend::Userspace(f) = &self.backend
-            && f.lost_events() > self.lost_reported
-        {
-            self.lost_reported = f.lost_events();
-            let msg = format!(
-                "the userspace watcher's event queue overflowed ({} times): deletions went uncounted",
-                self.lost_reported
-            );
-            eprintln!("guardrail: {msg}");
-            self.sink.agent_event("tier_degraded", &msg);
-        }
-        if let Backend::Userspace(f) = &self.backend
-            && f.forks_lost() > self.forks_lost_reported
-        {
-            self.forks_lost_reported = f.forks_lost();
-            let msg = format!(
-                "the process events connector overflowed ({} times): a worker that exits before its deletions are read may count for an unknown job",
-                self.forks_lost_reported
-            );
-            eprintln!("guardrail: {msg}");
-            self.sink.agent_event("tier_degraded", &msg);
+        if let Backend::Userspace(f) = &self.backend {
+            let (lost, forks_lost) = (f.lost_events(), f.forks_lost());
+            if lost > self.lost_reported {
+                self.lost_reported = lost;
+                self.tier_degraded(format!(
+                    "the userspace watcher's event queue overflowed ({lost} times): deletions went uncounted"
+                ));
+            }
+            if forks_lost > self.forks_lost_reported {
+                self.forks_lost_reported = forks_lost;
+                self.tier_degraded(format!(
+                    "the process events connector overflowed ({forks_lost} times): a worker that exits before its deletions are read may count for an unknown job"
+                ));
+            }
         }
         if let Backend::Bpf { sensor, .. } = &mut self.backend {
             self.shutdown.tick(sensor, false);

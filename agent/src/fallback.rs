@@ -1060,8 +1060,9 @@ impl Fallback {
     /// chain and per-rule scope verdict) only for a job that is counting, or for a name that is
     /// a protected root's.
     pub fn process(&mut self) -> Vec<Event> {
-        // Forks first: every worker whose deletions are about to be read was forked before it
-        // deleted, so its parent is known below even if it has exited since.
+        // Empty the connector's socket at every call, needed or not: the daemon calls this at
+        // least twice a second, and a socket left full drops forks. (`job_of_ancestor` drains
+        // again for forks that came in since.)
         if let Some(f) = self.forks.as_mut() {
             f.drain();
         }

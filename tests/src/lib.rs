@@ -173,6 +173,19 @@ impl Agent {
     }
 
     /// Runs the CLI against this agent.
+    /// Runs the CLI like [`Agent::cli`] and asserts it succeeded (naming the subcommand and
+    /// its stderr otherwise).
+    pub fn cli_ok(&self, args: &[&str]) -> Output {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            args.first().copied().unwrap_or_default(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
     pub fn cli(&self, args: &[&str]) -> Output {
         Command::new(guardrail_bin())
             .arg("--socket")

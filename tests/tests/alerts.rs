@@ -492,12 +492,7 @@ fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) 
 }
 
 fn approve(agent: &Agent, id: u64) {
-    let out = agent.cli(&["approve", &id.to_string(), "--for-job"]);
-    assert!(
-        out.status.success(),
-        "approve: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    agent.cli_ok(&["approve", &id.to_string(), "--for-job"]);
 }
 
 #[test]
@@ -775,12 +770,7 @@ fn with_the_collectors_dead_the_job_is_still_held_and_the_loss_is_counted() {
         "status took {:?}",
         t.elapsed()
     );
-    let out = agent.cli(&["deny", &id.to_string()]);
-    assert!(
-        out.status.success(),
-        "deny: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    agent.cli_ok(&["deny", &id.to_string()]);
     assert!(
         job.wait(Duration::from_secs(10)).is_some(),
         "the denied job ends"

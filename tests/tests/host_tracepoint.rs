@@ -54,12 +54,7 @@ fn runaway(script: &str, tasks: usize, early: usize) {
         gone as u64 >= low && gone as u64 <= high,
         "{gone} files gone; the tracepoint tier promises between {low} and {high}"
     );
-    let out = agent.cli(&["approve", &id.to_string(), "--for-job"]);
-    assert!(
-        out.status.success(),
-        "approve: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    agent.cli_ok(&["approve", &id.to_string(), "--for-job"]);
     assert!(
         job.wait(Duration::from_secs(120)).is_some(),
         "the approved job finishes"
@@ -120,12 +115,7 @@ fn deny_ends_the_job_and_nothing_more_is_deleted() {
     let mut job = Job::spawn_in("rm -rf victim", s.path(), Some(&cg));
     let id = agent.wait_hold(Duration::from_secs(60)).expect("held");
     let left_at_hold = settle(&victim, Duration::from_millis(500));
-    let out = agent.cli(&["deny", &id.to_string()]);
-    assert!(
-        out.status.success(),
-        "deny: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    agent.cli_ok(&["deny", &id.to_string()]);
     assert!(
         job.wait(Duration::from_secs(10)).is_some(),
         "the denied job ends"
@@ -408,12 +398,7 @@ fn approve_also_continues_a_wrapper_stopped_in_sympathy() {
         wait_until(Duration::from_secs(10), || job.stopped()),
         "the wrapper stopped in sympathy"
     );
-    let out = agent.cli(&["approve", &id.to_string(), "--for-job"]);
-    assert!(
-        out.status.success(),
-        "approve: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    agent.cli_ok(&["approve", &id.to_string(), "--for-job"]);
     let status = job.wait(Duration::from_secs(60));
     assert!(
         status.is_some(),
@@ -577,12 +562,7 @@ fn a_reused_pid_does_not_inherit_an_exemption() {
         (BUDGET..=BUDGET + 1).contains(&gone),
         "{gone} files gone; one deleting task: the budget, at most one more"
     );
-    let out = agent.cli(&["deny", &id.to_string()]);
-    assert!(
-        out.status.success(),
-        "deny: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    agent.cli_ok(&["deny", &id.to_string()]);
     assert!(
         job.wait(Duration::from_secs(30)).is_some(),
         "the denied job ends"
