@@ -15,9 +15,33 @@ use anyhow::{Context, Result, bail};
 
 static KERNEL_LOCK: Mutex<()> = Mutex::new(());
 
-/// Serialises tests that attach BPF programs.
-pub fn kernel_lock() -> MutexGuard<'static, ()> {
-    KERNEL_LOCK.lock().unwrap_or_else(|e| e.into_inner())
+/// Held while a test attaches BPF programs: the in-process mutex, and an `flock` on a file in
+/// /run shared by every test process on the machine, so that test binaries run at the same time
+/// (several checkouts, or `cargo test` beside `cargo xtask test`) never have two agents judging
+/// the same deletions.
+pub struct KernelLock {
+    _flock: Option<std::fs::File>,
+    _guard: MutexGuard<'static, ()>,
+}
+
+/// Serialises tests that attach BPF programs, within this process and across processes.
+pub fn kernel_lock() -> KernelLock {
+    use std::os::fd::AsRawFd;
+    let guard = KERNEL_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let flock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open("/run/guardrail-tests.lock")
+        .ok();
+    if let Some(f) = &flock {
+        // SAFETY: flock on an fd we own; blocks until no other test process holds the lock.
+        unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
+    }
+    KernelLock {
+        _flock: flock,
+        _guard: guard,
+    }
 }
 
 /// The guardrail binary under test: $GUARDRAIL_BIN (set by `cargo xtask test`), else the
