@@ -186,7 +186,15 @@ fn build_release() -> Result<PathBuf> {
         "guardrail-integration",
         "--bins",
     ]))?;
-    Ok(root().join("target/release/guardrail"))
+    Ok(target_dir().join("release/guardrail"))
+}
+
+/// Cargo's target directory: $CARGO_TARGET_DIR (a checkout that builds elsewhere), else target/.
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|d| if d.is_absolute() { d } else { root().join(d) })
+        .unwrap_or_else(|| root().join("target"))
 }
 
 fn main() -> Result<()> {
