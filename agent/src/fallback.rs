@@ -2029,12 +2029,15 @@ pub fn measure_blast_radius(
     files: usize,
     force_inotify: bool,
 ) -> Result<u64> {
-    let scratch = scratch_parent.join(format!("guardrail-blast-{}", std::process::id()));
-    let victim = scratch.join("victim");
-    std::fs::create_dir_all(&victim).with_context(|| format!("mkdir {}", victim.display()))?;
+    // A fresh 0700 directory with a random name: root fills and deletes it, so it must not be a
+    // name a user could have planted (see scratch.rs).
+    let dir = crate::scratch::ScratchDir::in_parent(scratch_parent, "blast")?;
+    let scratch = dir.path().to_path_buf();
+    let victim = dir.mkdir("victim")?;
     let result = (|| {
         for i in 0..files {
-            std::fs::write(victim.join(format!("f{i:05}")), b"x").context("filling")?;
+            dir.write(&format!("victim/f{i:05}"), b"x")
+                .context("filling")?;
         }
         let policy = KernelPolicy {
             rules: vec![RuleParams {
@@ -2098,7 +2101,7 @@ pub fn measure_blast_radius(
         }
         Ok(((files - left) as u64).saturating_sub(budget))
     })();
-    let _ = std::fs::remove_dir_all(&scratch);
+    drop(dir);
     result
 }
 
