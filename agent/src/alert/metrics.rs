@@ -404,6 +404,9 @@ impl Textfile {
         }
         let (tmp, mut f) = create_temp(&self.path)?;
         let r = (|| -> Result<()> {
+            // node_exporter runs as another user: readable whatever the agent's umask.
+            f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
+                .with_context(|| format!("chmod {}", tmp.display()))?;
             f.write_all(text.as_bytes())
                 .with_context(|| format!("writing {}", tmp.display()))?;
             f.sync_all()
