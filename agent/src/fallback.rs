@@ -2214,25 +2214,11 @@ mod tests {
         assert_eq!(r[0].dir, None);
     }
 
-    /// A scratch directory of this test under /var/tmp, removed when dropped.
-    struct Scratch(PathBuf);
-
-    impl Scratch {
-        fn new(what: &str) -> Scratch {
-            let p = PathBuf::from(format!(
-                "/var/tmp/guardrail-unit-{what}-{}",
-                std::process::id()
-            ));
-            let _ = std::fs::remove_dir_all(&p);
-            std::fs::create_dir_all(&p).expect("mkdir scratch");
-            Scratch(p)
-        }
-    }
-
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
+    /// A fresh private scratch directory of this test under /var/tmp (a disk filesystem, for
+    /// its inode reuse), removed when dropped.
+    fn scratch(what: &str) -> crate::scratch::ScratchDir {
+        crate::scratch::ScratchDir::in_parent(Path::new("/var/tmp"), &format!("unit-{what}"))
+            .expect("mkdir scratch")
     }
 
     fn chain_via_memo(memo: &mut AncestorMemo, dir: &Path) -> Vec<(u64, u64)> {
@@ -2242,8 +2228,8 @@ mod tests {
 
     #[test]
     fn a_new_directory_never_inherits_a_deleted_directorys_ancestors() {
-        let s = Scratch::new("memo");
-        let deep = s.0.join("target").join("build").join("d00");
+        let s = scratch("memo");
+        let deep = s.path().join("target").join("build").join("d00");
         std::fs::create_dir_all(&deep).expect("mkdir");
         let mut memo = AncestorMemo::default();
         assert_eq!(chain_via_memo(&mut memo, &deep), ancestor_chain(&deep));
@@ -2257,7 +2243,7 @@ mod tests {
         // hands them out again at once); each is judged by where it is.
         let mut reused = false;
         for n in 0..64 {
-            let fresh = s.0.join(format!("victim{n:02}"));
+            let fresh = s.path().join(format!("victim{n:02}"));
             std::fs::create_dir(&fresh).expect("mkdir victim");
             assert_eq!(
                 chain_via_memo(&mut memo, &fresh),
@@ -2272,7 +2258,7 @@ mod tests {
         }
         eprintln!("a deleted directory's inode number was given to a new one: {reused}");
         // A directory that is still itself keeps its entry.
-        let target = s.0.join("target");
+        let target = s.path().join("target");
         let before = memo.map.len();
         assert_eq!(chain_via_memo(&mut memo, &target), ancestor_chain(&target));
         assert_eq!(

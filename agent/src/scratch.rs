@@ -53,7 +53,11 @@ impl ScratchDir {
         if ensure_private_parent(private).is_ok() && (!exec || !noexec(private)) {
             return Self::in_parent(private, purpose);
         }
-        Self::in_parent(Path::new(SHARED_PARENT), purpose)
+        // /tmp when there is no /var/tmp (a minimal system, the test VM's initramfs).
+        let shared = [Path::new(SHARED_PARENT), Path::new("/tmp")];
+        let usable = |p: &&&Path| check_parent(p).is_ok() && (!exec || !noexec(p));
+        let parent = shared.iter().find(usable).unwrap_or(&shared[0]);
+        Self::in_parent(parent, purpose)
     }
 
     /// A fresh `<purpose>-XXXXXX` (mode 0700) in `parent`, which must be a real directory that
@@ -153,7 +157,9 @@ fn create_new(path: &Path, mode: u32) -> Result<File> {
 }
 
 /// Makes [`PRIVATE_PARENT`]-like `dir` if missing (0755 root: others may enter, never write),
-/// and checks it: a real directory of root's that no one else can write to, under parents alike.
+/// and checks it: a real directory of root's that no one else can write to, under parents of
+/// root's that others cannot write to either, or only with the sticky bit (a tmpfs /run is
+/// often 1777: others cannot rename or remove what root made in it).
 fn ensure_private_parent(dir: &Path) -> Result<()> {
     match std::fs::symlink_metadata(dir) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -167,17 +173,18 @@ fn ensure_private_parent(dir: &Path) -> Result<()> {
         Err(e) => return Err(e).with_context(|| format!("stat {}", dir.display())),
         Ok(_) => {}
     }
-    let mut d = Some(dir);
+    let m = std::fs::symlink_metadata(dir).with_context(|| format!("stat {}", dir.display()))?;
+    if !m.file_type().is_dir() || m.uid() != 0 || m.mode() & 0o022 != 0 {
+        bail!(
+            "{} is not a directory only root can write to (owner {}, mode {:o})",
+            dir.display(),
+            m.uid(),
+            m.mode() & 0o7777
+        );
+    }
+    let mut d = dir.parent();
     while let Some(p) = d {
-        let m = std::fs::symlink_metadata(p).with_context(|| format!("stat {}", p.display()))?;
-        if !m.file_type().is_dir() || m.uid() != 0 || m.mode() & 0o022 != 0 {
-            bail!(
-                "{} is not a directory only root can write to (owner {}, mode {:o})",
-                p.display(),
-                m.uid(),
-                m.mode() & 0o7777
-            );
-        }
+        check_parent(p)?;
         d = p.parent();
     }
     Ok(())
@@ -265,6 +272,15 @@ mod tests {
             .expect("test step");
         assert!(ScratchDir::in_parent(&open, "x").is_err());
         assert!(ensure_private_parent(&open).is_err());
+        assert!(
+            ensure_private_parent(&open.join("below")).is_err(),
+            "not under a parent others can write to without the sticky bit"
+        );
+        // Under a sticky, world-writable parent (/var/tmp; a tmpfs /run): made 0755 and used.
+        let private = s.path().join("private");
+        ensure_private_parent(&private).expect("a private parent below /var/tmp");
+        let m = std::fs::symlink_metadata(&private).expect("test step");
+        assert_eq!(m.mode() & 0o7777, 0o755);
         let link = s.path().join("link");
         std::os::unix::fs::symlink(s.path(), &link).expect("test step");
         assert!(
