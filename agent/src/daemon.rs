@@ -163,20 +163,17 @@ impl Backend {
     /// Events ready now (state changes only).
     /// Deletion events, and the shutdown guard's records (same ring buffer, told apart by kind).
     fn drain(&mut self) -> (Vec<Event>, Vec<guardrail_common::ShutdownEvent>) {
+        use crate::decode::KernelEvent;
         match self {
             Backend::Bpf { ring, .. } => {
                 let mut out = Vec::new();
                 let mut shutdowns = Vec::new();
                 while let Some(item) = ring.next() {
-                    if let Some(ev) = crate::shutdown::parse_event(&item) {
-                        shutdowns.push(ev);
-                    } else if item.len() >= std::mem::size_of::<Event>() {
-                        // SAFETY: the kernel wrote a whole `Event` (same #[repr(C)] layout,
-                        // checked by the layout tests); read_unaligned copes with the ring
-                        // buffer's alignment.
-                        out.push(unsafe {
-                            std::ptr::read_unaligned(item.as_ptr() as *const Event)
-                        });
+                    match crate::decode::decode(&item) {
+                        Some(KernelEvent::Shutdown(ev)) => shutdowns.push(ev),
+                        Some(KernelEvent::Deletion(ev)) => out.push(ev),
+                        // Not a whole record of a known layout: nothing to act on.
+                        None => {}
                     }
                 }
                 (out, shutdowns)

@@ -2029,12 +2029,15 @@ pub fn measure_blast_radius(
     files: usize,
     force_inotify: bool,
 ) -> Result<u64> {
-    let scratch = scratch_parent.join(format!("guardrail-blast-{}", std::process::id()));
-    let victim = scratch.join("victim");
-    std::fs::create_dir_all(&victim).with_context(|| format!("mkdir {}", victim.display()))?;
+    // A fresh 0700 directory with a random name: root fills and deletes it, so it must not be a
+    // name a user could have planted (see scratch.rs).
+    let dir = crate::scratch::ScratchDir::in_parent(scratch_parent, "blast")?;
+    let scratch = dir.path().to_path_buf();
+    let victim = dir.mkdir("victim")?;
     let result = (|| {
         for i in 0..files {
-            std::fs::write(victim.join(format!("f{i:05}")), b"x").context("filling")?;
+            dir.write(&format!("victim/f{i:05}"), b"x")
+                .context("filling")?;
         }
         let policy = KernelPolicy {
             rules: vec![RuleParams {
@@ -2098,7 +2101,7 @@ pub fn measure_blast_radius(
         }
         Ok(((files - left) as u64).saturating_sub(budget))
     })();
-    let _ = std::fs::remove_dir_all(&scratch);
+    drop(dir);
     result
 }
 
@@ -2211,25 +2214,11 @@ mod tests {
         assert_eq!(r[0].dir, None);
     }
 
-    /// A scratch directory of this test under /var/tmp, removed when dropped.
-    struct Scratch(PathBuf);
-
-    impl Scratch {
-        fn new(what: &str) -> Scratch {
-            let p = PathBuf::from(format!(
-                "/var/tmp/guardrail-unit-{what}-{}",
-                std::process::id()
-            ));
-            let _ = std::fs::remove_dir_all(&p);
-            std::fs::create_dir_all(&p).expect("mkdir scratch");
-            Scratch(p)
-        }
-    }
-
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
+    /// A fresh private scratch directory of this test under /var/tmp (a disk filesystem, for
+    /// its inode reuse), removed when dropped.
+    fn scratch(what: &str) -> crate::scratch::ScratchDir {
+        crate::scratch::ScratchDir::in_parent(Path::new("/var/tmp"), &format!("unit-{what}"))
+            .expect("mkdir scratch")
     }
 
     fn chain_via_memo(memo: &mut AncestorMemo, dir: &Path) -> Vec<(u64, u64)> {
@@ -2239,8 +2228,8 @@ mod tests {
 
     #[test]
     fn a_new_directory_never_inherits_a_deleted_directorys_ancestors() {
-        let s = Scratch::new("memo");
-        let deep = s.0.join("target").join("build").join("d00");
+        let s = scratch("memo");
+        let deep = s.path().join("target").join("build").join("d00");
         std::fs::create_dir_all(&deep).expect("mkdir");
         let mut memo = AncestorMemo::default();
         assert_eq!(chain_via_memo(&mut memo, &deep), ancestor_chain(&deep));
@@ -2254,7 +2243,7 @@ mod tests {
         // hands them out again at once); each is judged by where it is.
         let mut reused = false;
         for n in 0..64 {
-            let fresh = s.0.join(format!("victim{n:02}"));
+            let fresh = s.path().join(format!("victim{n:02}"));
             std::fs::create_dir(&fresh).expect("mkdir victim");
             assert_eq!(
                 chain_via_memo(&mut memo, &fresh),
@@ -2269,7 +2258,7 @@ mod tests {
         }
         eprintln!("a deleted directory's inode number was given to a new one: {reused}");
         // A directory that is still itself keeps its entry.
-        let target = s.0.join("target");
+        let target = s.path().join("target");
         let before = memo.map.len();
         assert_eq!(chain_via_memo(&mut memo, &target), ancestor_chain(&target));
         assert_eq!(

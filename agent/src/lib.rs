@@ -7,4 +7,5 @@ pub mod cgroup;
 pub mod fallback;
 pub mod forklog;
 pub mod probe;
+pub mod scratch;
 pub mod sensor;

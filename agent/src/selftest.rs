@@ -8,7 +8,13 @@ use anyhow::{Context, Result};
 use aya::programs::TracePoint;
 use serde::Serialize;
 
-use crate::{btf, fallback, probe, sensor};
+use crate::{
+    btf,
+    decode::{KernelEvent, decode},
+    fallback, probe,
+    scratch::ScratchDir,
+    sensor,
+};
 
 #[derive(Serialize)]
 struct Check {
@@ -84,26 +90,26 @@ fn offsets_check(offsets: &guardrail_common::KernelOffsets) -> Result<Vec<Check>
 const RUNAWAY_FILES: usize = 300;
 const RUNAWAY_BUDGET: u64 = 20;
 
-/// Proves enforcement for real: a scratch tree under /var/tmp, a runaway `rm -rf` in a cgroup of
+/// Proves enforcement for real: a tree in a fresh private scratch directory, a runaway `rm -rf` in a cgroup of
 /// its own whose rule has a small budget (every other job keeps an unlimited one), and a count of
 /// the files that went past the budget before the job stopped.
 fn runaway_check(offsets: &guardrail_common::KernelOffsets, tier: probe::Tier) -> Result<Check> {
-    use guardrail_common::{ACTION_HOLD, EV_BUDGET_CROSSED, Event, RuleParams};
+    use guardrail_common::{ACTION_HOLD, EV_BUDGET_CROSSED, RuleParams};
     use std::os::unix::process::CommandExt;
 
     let pid = std::process::id();
-    let scratch = Path::new("/var/tmp").join(format!("guardrail-selftest-{pid}"));
-    let victim = scratch.join("victim");
-    std::fs::create_dir_all(&victim).with_context(|| format!("creating {}", victim.display()))?;
+    // A fresh private directory (never a predictable /var/tmp name a user could plant).
+    let scratch = ScratchDir::new("selftest")?;
+    let victim = scratch.mkdir("victim")?;
     for i in 0..RUNAWAY_FILES {
-        std::fs::write(victim.join(format!("f{i:04}")), b"x")
+        scratch
+            .write(&format!("victim/f{i:04}"), b"x")
             .context("filling the scratch tree")?;
     }
     let cgroup = guardrail_policy::cgroup2_root().join(format!("guardrail-selftest-{pid}"));
     std::fs::create_dir_all(&cgroup)
         .with_context(|| format!("creating cgroup {}", cgroup.display()))?;
-    let cleanup = |scratch: &Path, cgroup: &Path| {
-        let _ = std::fs::remove_dir_all(scratch);
+    let cleanup = |cgroup: &Path| {
         for _ in 0..50 {
             if std::fs::remove_dir(cgroup).is_ok() {
                 break;
@@ -140,7 +146,7 @@ fn runaway_check(offsets: &guardrail_common::KernelOffsets, tier: probe::Tier) -
         let mut ring = s.take_events()?;
         let mut cmd = std::process::Command::new("/bin/sh");
         cmd.args(["-c", "rm -rf victim"])
-            .current_dir(&scratch)
+            .current_dir(scratch.path())
             .process_group(0);
         cmd.stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());
@@ -151,10 +157,7 @@ fn runaway_check(offsets: &guardrail_common::KernelOffsets, tier: probe::Tier) -
         let mut crossed = false;
         while !crossed && start.elapsed() < std::time::Duration::from_secs(20) {
             while let Some(item) = ring.next() {
-                if item.len() >= std::mem::size_of::<Event>() {
-                    // SAFETY: a whole Event written by the kernel; see daemon.rs.
-                    let ev: Event =
-                        unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Event) };
+                if let Some(KernelEvent::Deletion(ev)) = decode(&item) {
                     crossed |= ev.kind == EV_BUDGET_CROSSED && ev.pgid == child.id();
                 }
             }
@@ -184,7 +187,8 @@ fn runaway_check(offsets: &guardrail_common::KernelOffsets, tier: probe::Tier) -
             ),
         })
     })();
-    cleanup(&scratch, &cgroup);
+    cleanup(&cgroup);
+    drop(scratch);
     result
 }
 
@@ -198,24 +202,23 @@ fn shutdown_check(offsets: &guardrail_common::KernelOffsets, tier: probe::Tier) 
     use guardrail_common::{SD_OUT_REFUSED, SD_OUT_STOPPED};
     use std::io::{BufRead, BufReader, Write};
 
-    let pid = std::process::id();
-    let scratch = Path::new("/var/tmp").join(format!("guardrail-selftest-sd-{pid}"));
-    let _ = std::fs::remove_dir_all(&scratch);
-    std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+    // A fresh private directory that allows exec: root runs the stand-in from it, so it must be
+    // a copy no one else could have planted or can swap.
+    let scratch = ScratchDir::new_exec("selftest-sd")?;
     let result = (|| -> Result<Check> {
-        let standin = scratch.join("reboot");
-        std::fs::copy("/bin/touch", &standin).context("copying /bin/touch as the stand-in")?;
-        let marker = scratch.join("stand-in-ran");
+        let standin = scratch
+            .copy_program(Path::new("/bin/touch"), "reboot")
+            .context("copying /bin/touch as the stand-in")?;
+        let marker = scratch.path().join("stand-in-ran");
         // No logind lock: the check must not touch what the host's logind allows.
-        let policy_path = scratch.join("policy.toml");
-        std::fs::write(
-            &policy_path,
+        let policy_path = scratch.write(
+            "policy.toml",
             format!(
                 "mode = \"enforce\"\n[shutdown]\nremote = \"confirm\"\nlocal = \"allow\"\nnone = \"allow\"\nunknown = \"confirm\"\nlogind_inhibitor = false\ncommands = [{:?}]\n",
                 standin.display().to_string()
-            ),
-        )
-        .with_context(|| format!("writing {}", policy_path.display()))?;
+            )
+            .as_bytes(),
+        )?;
         let policy = crate::policy_glue::PolicySource::File {
             main: policy_path.clone(),
             dropins: None,
@@ -261,7 +264,7 @@ fn shutdown_check(offsets: &guardrail_common::KernelOffsets, tier: probe::Tier) 
         let mut outcome = None;
         while outcome.is_none() && start.elapsed() < std::time::Duration::from_secs(10) {
             while let Some(item) = ring.next() {
-                if let Some(ev) = crate::shutdown::parse_event(&item)
+                if let Some(KernelEvent::Shutdown(ev)) = decode(&item)
                     && ev.tgid == child_pid
                     && matches!(ev.outcome, SD_OUT_REFUSED | SD_OUT_STOPPED)
                 {
@@ -290,7 +293,7 @@ fn shutdown_check(offsets: &guardrail_common::KernelOffsets, tier: probe::Tier) 
             ),
         })
     })();
-    let _ = std::fs::remove_dir_all(&scratch);
+    drop(scratch);
     result
 }
 
@@ -298,8 +301,9 @@ fn shutdown_check(offsets: &guardrail_common::KernelOffsets, tier: probe::Tier) 
 const USERSPACE_FILES: usize = 10_000;
 const USERSPACE_BUDGET: u64 = 100;
 
-/// The userspace tier has no kernel side to prove: a runaway `rm -rf` in a scratch directory
-/// under /var/tmp, judged alone (nothing else on the host counts), and the files that went past
+/// The userspace tier has no kernel side to prove: a runaway `rm -rf` in a fresh private scratch
+/// directory under /var/tmp (a disk filesystem, where fanotify reports what it does on the host's
+/// data; /run may be a tmpfs), judged alone (nothing else on the host counts), and the files that went past
 /// the budget before the watcher's stop landed, against the tier's promise.
 fn userspace_runaway_check() -> Check {
     let promised = fallback::PROMISED_OVERSHOOT;

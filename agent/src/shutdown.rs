@@ -993,20 +993,6 @@ fn cgroup2_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"))
 }
 
-/// Reads a [`ShutdownEvent`] from a ring buffer record, if it is one.
-pub fn parse_event(item: &[u8]) -> Option<ShutdownEvent> {
-    if item.len() < std::mem::size_of::<ShutdownEvent>() || item.len() < 4 {
-        return None;
-    }
-    let kind = u32::from_ne_bytes([item[0], item[1], item[2], item[3]]);
-    if kind != EV_SHUTDOWN {
-        return None;
-    }
-    // SAFETY: the kernel wrote a whole ShutdownEvent (same #[repr(C)] layout on both sides);
-    // read_unaligned copes with the ring buffer's alignment.
-    Some(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const ShutdownEvent) })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -233,23 +233,174 @@ fn oracle(g: &Gen, path: &Path, job_user: Option<usize>) -> Coarse {
     }
 }
 
+/// Every diagnostic names one of `files` and a line and column inside that file's text (column
+/// in characters, at most one past the line's end: an error at the end of a line or the file).
+fn positions_inside(
+    diagnostics: &[Diagnostic],
+    files: &[(&str, &str)],
+) -> Result<(), TestCaseError> {
+    for d in diagnostics {
+        let Some((_, text)) = files.iter().find(|(n, _)| *n == d.file) else {
+            return Err(TestCaseError::fail(format!("{d}: names no file given")));
+        };
+        let lines: Vec<&str> = text.split('\n').collect();
+        prop_assert!(
+            d.line >= 1 && d.line <= lines.len(),
+            "{}: line outside the input",
+            d
+        );
+        let width = lines[d.line - 1].chars().count();
+        prop_assert!(
+            d.column >= 1 && d.column <= width + 1,
+            "{}: column outside line {:?}",
+            d,
+            lines[d.line - 1]
+        );
+        let _ = d.to_string();
+    }
+    Ok(())
+}
+
+/// One edit of a policy text, at a position given as a fraction of its length (so the same
+/// edits apply to any text).
+#[derive(Clone, Debug)]
+enum Edit {
+    /// Removes up to `len` bytes.
+    Delete { at: u16, len: u8 },
+    /// Inserts TOML-ish text.
+    Insert { at: u16, text: String },
+    /// Repeats the line there (duplicate keys, tables).
+    DuplicateLine { at: u16 },
+    /// Replaces the line there.
+    ReplaceLine { at: u16, text: String },
+    /// Cuts the text there.
+    Truncate { at: u16 },
+}
+
+fn edits() -> impl Strategy<Value = Vec<Edit>> {
+    let snippet = prop_oneof![
+        "[\\[\\]{}=\"',.#\n a-z0-9_*/-]{0,16}",
+        Just("\"".to_string()),
+        Just("[[deletion.rule]]\n".to_string()),
+        Just("budget = -1\n".to_string()),
+        Just("budget = 99999999999999999999999\n".to_string()),
+        Just("window = \"0s\"\n".to_string()),
+        Just("targets = [\"relative\", \"/\"]\n".to_string()),
+        Just("match = { cgroup = \"\", user = 7 }\n".to_string()),
+        Just("\u{feff}é\u{0}\r\n".to_string()),
+    ];
+    let edit = prop_oneof![
+        (any::<u16>(), any::<u8>()).prop_map(|(at, len)| Edit::Delete { at, len }),
+        (any::<u16>(), snippet.clone()).prop_map(|(at, text)| Edit::Insert { at, text }),
+        any::<u16>().prop_map(|at| Edit::DuplicateLine { at }),
+        (any::<u16>(), snippet).prop_map(|(at, text)| Edit::ReplaceLine { at, text }),
+        any::<u16>().prop_map(|at| Edit::Truncate { at }),
+    ];
+    proptest::collection::vec(edit, 1..6)
+}
+
+/// `at` (of 65536) of the way into `s`, on a character boundary.
+fn point(s: &str, at: u16) -> usize {
+    let mut i = s.len() * at as usize / 65536;
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+/// The line of `s` around byte `i`: its start and end (without the newline).
+fn line_at(s: &str, i: usize) -> (usize, usize) {
+    let start = s[..i].rfind('\n').map(|j| j + 1).unwrap_or(0);
+    let end = s[i..].find('\n').map(|j| i + j).unwrap_or(s.len());
+    (start, end)
+}
+
+fn apply(text: &str, edits: &[Edit]) -> String {
+    let mut s = text.to_string();
+    for e in edits {
+        match e {
+            Edit::Delete { at, len } => {
+                let a = point(&s, *at);
+                let mut b = (a + *len as usize).min(s.len());
+                while !s.is_char_boundary(b) {
+                    b -= 1;
+                }
+                s.replace_range(a..b, "");
+            }
+            Edit::Insert { at, text } => {
+                let a = point(&s, *at);
+                s.insert_str(a, text);
+            }
+            Edit::DuplicateLine { at } => {
+                let (a, b) = line_at(&s, point(&s, *at));
+                let line = format!("{}\n", &s[a..b]);
+                s.insert_str(a, &line);
+            }
+            Edit::ReplaceLine { at, text } => {
+                let (a, b) = line_at(&s, point(&s, *at));
+                s.replace_range(a..b, text);
+            }
+            Edit::Truncate { at } => {
+                let a = point(&s, *at);
+                s.truncate(a);
+            }
+        }
+    }
+    s
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
     #[test]
     fn check_never_panics_on_arbitrary_text(s in any::<String>()) {
         let c = check_str("p.toml", &s, &MemResolver::new());
-        for d in &c.diagnostics { let _ = d.to_string(); }
+        positions_inside(&c.diagnostics, &[("p.toml", &s)])?;
         if let Some(p) = c.policy { let _ = compile(&p, &MemResolver::new()); }
+    }
+
+    /// Arbitrary bytes in a policy file on disk (the agent's path): no panic; text that is not
+    /// UTF-8 is one read error naming the file; any other error points inside the text.
+    #[test]
+    fn check_never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let dir = tempfile::tempdir().map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let path = dir.path().join("policy.toml");
+        std::fs::write(&path, &bytes).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let c = check_files(&path, None, &MemResolver::new());
+        let name = path.display().to_string();
+        match std::str::from_utf8(&bytes) {
+            Ok(text) => positions_inside(&c.diagnostics, &[(&name, text)])?,
+            Err(_) => {
+                prop_assert!(c.policy.is_none());
+                prop_assert!(c.diagnostics.iter().any(|d| d.is_error() && d.file == name && d.message.contains("not UTF-8")), "{:?}", c.diagnostics);
+            }
+        }
+    }
+
+    /// The shipped policy (the embedded default), edited at random, as the main file or as a
+    /// drop-in after the untouched default: no panic, and every diagnostic points inside the
+    /// file it names.
+    #[test]
+    fn edits_of_the_shipped_policy_never_panic_and_point_inside(e in edits(), dropin in any::<bool>()) {
+        let text = apply(DEFAULT_POLICY, &e);
+        let h = MemResolver::new().with_tree(1, &["/var/lib", "/srv", "/home"]);
+        let c = if dropin {
+            let files = [("policy.toml".to_string(), DEFAULT_POLICY.to_string()), ("50-edit.toml".to_string(), text.clone())];
+            let c = check_sources(&files, &h);
+            positions_inside(&c.diagnostics, &[("policy.toml", DEFAULT_POLICY), ("50-edit.toml", &text)])?;
+            c
+        } else {
+            let c = check_str("policy.toml", &text, &h);
+            positions_inside(&c.diagnostics, &[("policy.toml", &text)])?;
+            c
+        };
+        if let Some(p) = c.policy { let _ = compile(&p, &h); }
     }
 
     #[test]
     fn check_never_panics_on_toml_like_text(s in "([a-z_]{1,12} = (\"[/a-z*. ]{0,12}\"|-?[0-9]{1,12}|true|\\[\\]|\\{\\}|\\[\"/[a-z]{0,4}\"\\])\n|\\[\\[?(deletion|shutdown|alerts)(\\.[a-z_]{1,10})?\\]\\]?\n|#.*\n){0,24}") {
         let c = check_str("p.toml", &s, &MemResolver::new().with_tree(1, &["/tmp"]));
-        for d in &c.diagnostics {
-            prop_assert!(d.line >= 1 && d.column >= 1);
-            let _ = d.to_string();
-        }
+        positions_inside(&c.diagnostics, &[("p.toml", &s)])?;
         if let Some(p) = c.policy {
             let _ = compile(&p, &MemResolver::new().with_tree(1, &["/tmp"]));
         }

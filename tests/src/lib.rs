@@ -560,3 +560,55 @@ budget = {budget}
         cg = cgroup.name,
     )
 }
+
+/// `guardrail-testkit` run as user nobody (uid/gid 65534, no groups): the unprivileged attacker
+/// of the security tests. Where nobody cannot reach the built binary (a target directory under
+/// /root), a copy in a scratch directory of its own, removed with this value.
+pub struct NobodyKit {
+    path: PathBuf,
+    _copy: Option<tempfile::TempDir>,
+}
+
+impl NobodyKit {
+    pub fn new() -> NobodyKit {
+        use std::os::unix::fs::PermissionsExt;
+        let built = testkit_bin();
+        let reachable = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(&built)
+            .arg("usage")
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stderr).contains("usage:"));
+        if reachable {
+            return NobodyKit {
+                path: built,
+                _copy: None,
+            };
+        }
+        let dir = scratch();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        let path = dir.path().join("guardrail-testkit");
+        std::fs::copy(&built, &path).expect("copying the testkit");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        NobodyKit {
+            path,
+            _copy: Some(dir),
+        }
+    }
+
+    /// The testkit with `args`, as nobody.
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(&self.path)
+            .args(args);
+        c
+    }
+}
+
+impl Default for NobodyKit {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -5,9 +5,13 @@ use std::{
     fmt::Write as _,
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
+    os::unix::fs::OpenOptionsExt,
     path::PathBuf,
-    sync::{Arc, Mutex},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context, Result};
@@ -279,29 +283,64 @@ fn render(m: &Mutex<Metrics>) -> String {
     m.lock().unwrap_or_else(|e| e.into_inner()).render()
 }
 
-/// Serves GET /metrics on `addr` (loopback, checked by the policy) from a thread of its own.
+/// Clients answered at the same time; one more is closed at once (the endpoint is loopback
+/// only, and a scrape takes milliseconds).
+const MAX_CLIENTS: usize = 32;
+/// The whole request must arrive within this, however slowly it dribbles.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
+/// Longest request read; a scraper's GET is a few hundred bytes.
+const MAX_REQUEST: usize = 8 * 1024;
+
+/// One client's place among [`MAX_CLIENTS`], given back when its thread ends (or never starts).
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Serves GET /metrics on `addr` (loopback, checked by the policy): a thread accepts, and each
+/// client gets a thread of its own with a deadline for the whole request, so a client that
+/// sends slowly (or never) delays no one else.
 pub fn serve(addr: SocketAddr, metrics: Arc<Mutex<Metrics>>) -> Result<()> {
     let listener = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
     std::thread::Builder::new()
         .name("metrics-http".into())
         .spawn(move || {
+            // The client threads inherit this mask.
             super::block_signals();
+            let active = Arc::new(AtomicUsize::new(0));
             for stream in listener.incoming().flatten() {
-                // One scraper at a time is plenty; a stuck client times out instead of holding
-                // the endpoint.
-                let _ = answer(stream, &metrics);
+                if active.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
+                    active.fetch_sub(1, Ordering::SeqCst);
+                    continue;
+                }
+                let slot = Slot(active.clone());
+                let metrics = metrics.clone();
+                let _ = std::thread::Builder::new()
+                    .name("metrics-client".into())
+                    .spawn(move || {
+                        let _slot = slot;
+                        let _ = answer(stream, &metrics, Instant::now() + REQUEST_DEADLINE);
+                    });
             }
         })
         .context("starting the metrics thread")?;
     Ok(())
 }
 
-fn answer(mut s: TcpStream, metrics: &Mutex<Metrics>) -> std::io::Result<()> {
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    s.set_write_timeout(Some(Duration::from_secs(2)))?;
+fn answer(mut s: TcpStream, metrics: &Mutex<Metrics>, deadline: Instant) -> std::io::Result<()> {
+    s.set_write_timeout(Some(REQUEST_DEADLINE))?;
     let mut req = Vec::new();
     let mut buf = [0u8; 1024];
-    while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 16 * 1024 {
+    while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < MAX_REQUEST {
+        // The time left for the whole request, not a fresh timeout per read.
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        s.set_read_timeout(Some(left))?;
         let n = s.read(&mut buf)?;
         if n == 0 {
             break;
@@ -312,6 +351,11 @@ fn answer(mut s: TcpStream, metrics: &Mutex<Metrics>) -> std::io::Result<()> {
     let mut parts = line.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let (status, ctype, body) = match (method, path.split('?').next().unwrap_or("")) {
+        _ if req.len() >= MAX_REQUEST => (
+            "431 Request Header Fields Too Large",
+            "text/plain",
+            "request too large\n".to_string(),
+        ),
         ("GET", "/metrics") => (
             "200 OK",
             "text/plain; version=0.0.4; charset=utf-8",
@@ -338,6 +382,11 @@ fn answer(mut s: TcpStream, metrics: &Mutex<Metrics>) -> std::io::Result<()> {
 
 /// Rewrites the node_exporter textfile after every event, atomically (a temporary file in the
 /// same directory, then rename), so node_exporter never reads half a file.
+///
+/// That directory is often writable by the prometheus user, so the temporary file gets a name
+/// no one can guess and is created `O_EXCL|O_NOFOLLOW`: a file or symlink planted there is never
+/// opened (a predictable `<path>.<pid>.tmp` opened with `File::create` let that user have root
+/// truncate any file through a symlink). rename(2) replaces a symlink at `path` itself.
 pub struct Textfile {
     path: PathBuf,
     metrics: Arc<Mutex<Metrics>>,
@@ -350,19 +399,65 @@ impl Textfile {
 
     pub fn write(&self) -> Result<()> {
         let text = render(&self.metrics);
-        let mut tmp = self.path.clone().into_os_string();
-        tmp.push(format!(".{}.tmp", std::process::id()));
-        let tmp = PathBuf::from(tmp);
         if let Some(dir) = self.path.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        let mut f =
-            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &self.path)
-            .with_context(|| format!("renaming to {}", self.path.display()))
+        let (tmp, mut f) = create_temp(&self.path)?;
+        let r = (|| -> Result<()> {
+            // node_exporter runs as another user: readable whatever the agent's umask.
+            f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
+                .with_context(|| format!("chmod {}", tmp.display()))?;
+            f.write_all(text.as_bytes())
+                .with_context(|| format!("writing {}", tmp.display()))?;
+            f.sync_all()
+                .with_context(|| format!("syncing {}", tmp.display()))?;
+            std::fs::rename(&tmp, &self.path)
+                .with_context(|| format!("renaming to {}", self.path.display()))
+        })();
+        if r.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        r
     }
+}
+
+/// A new file `<path>.<random>.tmp` beside `path`, mode 0644 (node_exporter reads it), created
+/// `O_CREAT|O_EXCL|O_NOFOLLOW` under a fresh random name until one is free.
+fn create_temp(path: &std::path::Path) -> Result<(PathBuf, std::fs::File)> {
+    let mut last = None;
+    for _ in 0..16 {
+        let mut name = path.as_os_str().to_owned();
+        name.push(format!(".{:016x}.tmp", random_u64()));
+        let tmp = PathBuf::from(name);
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)
+        {
+            Ok(f) => return Ok((tmp, f)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(e).with_context(|| format!("creating {}", tmp.display())),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::ErrorKind::AlreadyExists.into()))
+        .with_context(|| format!("no free temporary name beside {}", path.display()))
+}
+
+/// 64 bits from the kernel's random pool (the clock and pid when it has none to give).
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    // SAFETY: `b` is a writable buffer of the length passed.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr() as *mut libc::c_void, b.len(), 0) };
+    if n == b.len() as isize {
+        return u64::from_ne_bytes(b);
+    }
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    t ^ (u64::from(std::process::id()) << 32)
 }
 
 impl Destination for Textfile {

@@ -10,6 +10,11 @@
 //!   guardrail-testkit with-pid PID CMD...     run CMD as a child with exactly this pid
 //!                                             (clone3 set_tid: root, Linux >= 5.5), to
 //!                                             reproduce pid reuse on demand
+//!   guardrail-testkit plant-links TARGET FROM COUNT TEMPLATE...
+//!                                             symlinks to TARGET at each TEMPLATE with {n}
+//!                                             from FROM on (an attacker pre-planting names)
+//!   guardrail-testkit dribble ADDR SECS       a slowloris HTTP client; prints when the server
+//!                                             hung up
 //! Each prints how many operations succeeded and failed, and exits 0.
 use std::{
     ffi::CString,
@@ -218,6 +223,66 @@ fn with_pid(pid: i32, cmd: &[&str]) -> Result<()> {
     }
 }
 
+/// `plant-links TARGET FROM COUNT TEMPLATE...`: what an attacker does ahead of a root command
+/// with predictable scratch names: for COUNT numbers from FROM on (wrapping at pid_max), each
+/// TEMPLATE with `{n}` replaced becomes a symlink to TARGET, its parent directories created.
+/// Prints how many links it made.
+fn plant_links(target: &Path, from: u32, count: u32, templates: &[&str]) -> Result<()> {
+    let pid_max: u32 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(4_194_304);
+    let mut made = 0;
+    for i in 0..count {
+        let n = (from - 1 + i) % pid_max + 1;
+        for t in templates {
+            let p = PathBuf::from(t.replace("{n}", &n.to_string()));
+            if let Some(dir) = p.parent() {
+                let _ = std::fs::create_dir_all(dir);
+            }
+            if std::os::unix::fs::symlink(target, &p).is_ok() {
+                made += 1;
+            }
+        }
+    }
+    println!("{made}");
+    Ok(())
+}
+
+/// `dribble ADDR SECS`: a slow HTTP client (slowloris): sends a request one byte every 200 ms
+/// for SECS seconds, never finishing it. Prints `closed after <ms>` when the server hung up,
+/// or `open after <ms>` when it still listened at the end.
+fn dribble(addr: &str, secs: u64) -> Result<()> {
+    use std::io::{Read, Write};
+    let start = std::time::Instant::now();
+    let mut s = std::net::TcpStream::connect(addr).context("connecting")?;
+    s.set_read_timeout(Some(std::time::Duration::from_millis(200)))?;
+    let req = b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: "
+        .iter()
+        .chain(std::iter::repeat(&b'a'));
+    for b in req {
+        if start.elapsed().as_secs() >= secs {
+            println!("open after {}", start.elapsed().as_millis());
+            return Ok(());
+        }
+        if s.write_all(&[*b]).is_err() {
+            break;
+        }
+        let mut buf = [0u8; 256];
+        match s.read(&mut buf) {
+            Ok(_) => break,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => break,
+        }
+    }
+    println!("closed after {}", start.elapsed().as_millis());
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args
@@ -242,12 +307,19 @@ fn main() -> Result<()> {
                 Ok(())
             }
         },
+        ["plant-links", target, from, count, templates @ ..] => plant_links(
+            Path::new(target),
+            from.parse().context("from")?,
+            count.parse().context("count")?,
+            templates,
+        ),
+        ["dribble", addr, secs] => dribble(addr, secs.parse().context("seconds")?),
         ["count", dir] => {
             println!("{}", count(Path::new(dir)));
             Ok(())
         }
         _ => bail!(
-            "usage: guardrail-testkit uring-unlink DIR | fork-unlink N DIR | rename-over SRC DST | fill N DIR | count DIR | rm-rf PATH | mirror-stop CMD... | with-pid PID CMD..."
+            "usage: guardrail-testkit uring-unlink DIR | fork-unlink N DIR | rename-over SRC DST | fill N DIR | count DIR | rm-rf PATH | mirror-stop CMD... | with-pid PID CMD... | plant-links TARGET FROM COUNT TEMPLATE... | dribble ADDR SECS"
         ),
     }
 }
