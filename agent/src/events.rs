@@ -238,8 +238,8 @@ impl Incident {
             text::cap(&self.reason, text::REASON_MAX),
             text::cap_command(&self.command),
             self.pgid,
-            self.user,
-            self.session_text(),
+            text::cap(&self.user, 64),
+            text::cap(&self.session_text(), 256),
             self.tier
         );
         text::escape_line(&line)

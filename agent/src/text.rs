@@ -81,6 +81,50 @@ pub fn cap_command(cmd: &str) -> String {
     cap(cmd, COMMAND_MAX)
 }
 
+/// Strategies for the property tests of every formatter.
+#[cfg(test)]
+pub(crate) mod strategies {
+    use proptest::prelude::*;
+
+    /// `n` cases by default (fast in CI); `PROPTEST_CASES=100000` for a long run.
+    pub(crate) fn config(n: u32) -> ProptestConfig {
+        let cases = std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(n);
+        ProptestConfig::with_cases(cases)
+    }
+
+    /// Text a job controls: arbitrary strings mixed with terminal escapes (erase line, OSC 52
+    /// clipboard write), C1 CSI, bidi overrides, line breaks, syslog/SD/JSON metacharacters;
+    /// one case in five repeated to a 100 KB command line.
+    pub(crate) fn hostile() -> impl Strategy<Value = String> {
+        let piece = prop_oneof![
+            3 => any::<String>(),
+            1 => Just("\x1b[2K\r".to_string()),
+            1 => Just("\x1b]52;c;aGVsbG8=\x07".to_string()),
+            1 => Just("\u{202e}\u{2066}\u{200f}\u{61c}".to_string()),
+            1 => Just("\n<13>1 forged - - - - -\n".to_string()),
+            1 => Just("\u{9b}31m\u{85}\u{7f}\0".to_string()),
+            1 => Just("\"]\\ }{\"".to_string()),
+            1 => Just("données ✓".to_string()),
+        ];
+        (
+            proptest::collection::vec(piece, 0..6),
+            prop_oneof![4 => Just(false), 1 => Just(true)],
+        )
+            .prop_map(|(v, big)| {
+                let s = v.concat();
+                if big {
+                    let s = if s.is_empty() { "rm -rf /x/ ".to_string() } else { s };
+                    s.repeat(100_000 / s.len() + 1)
+                } else {
+                    s
+                }
+            })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -107,10 +151,10 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(256))]
+        #![proptest_config(strategies::config(256))]
 
         #[test]
-        fn escaped_lines_hold_no_unsafe_char(s in any::<String>()) {
+        fn escaped_lines_hold_no_unsafe_char(s in strategies::hostile()) {
             let e = escape_line(&s);
             prop_assert!(!e.chars().any(is_unsafe), "{:?}", e);
             prop_assert_eq!(escape_line(&e), e.clone(), "escaping twice changes nothing");

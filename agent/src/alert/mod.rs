@@ -9,6 +9,8 @@
 pub mod alertmanager;
 pub mod cli;
 pub mod metrics;
+#[cfg(test)]
+mod props;
 pub mod session;
 pub mod syslog;
 pub mod timefmt;

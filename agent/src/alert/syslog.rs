@@ -27,7 +27,7 @@ pub const SD_ID: &str = "guardrail@32473";
 const MAX_VALUE: usize = 256;
 /// The bound the property tests hold every message to.
 #[cfg(test)]
-const MESSAGE_BOUND: usize = 8000;
+pub(crate) const MESSAGE_BOUND: usize = 8000;
 const LOCAL_SOCKET: &str = "/dev/log";
 const TIMEOUT: Duration = Duration::from_secs(3);
 
