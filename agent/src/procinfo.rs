@@ -228,8 +228,8 @@ mod tests {
         #[test]
         fn any_comm_round_trips(comm in proptest::collection::vec(1u8..=255, 0..64),
                                 ppid in 0u32..4_000_000, pgrp in 0u32..4_000_000) {
-            let raw = [format!("123 (").as_bytes(), &comm, format!(") S {ppid} {pgrp} 5 0 1").as_bytes()].concat();
-            let s = parse_stat(&raw).expect("parses");
+            let raw = [b"123 (".as_slice(), &comm, format!(") S {ppid} {pgrp} 5 0 1").as_bytes()].concat();
+            let s = parse_stat(&raw).ok_or_else(|| TestCaseError::fail("does not parse"))?;
             prop_assert_eq!(s.comm, comm);
             prop_assert_eq!((s.ppid, s.pgrp), (ppid, pgrp));
         }

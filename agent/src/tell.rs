@@ -214,7 +214,10 @@ mod tests {
     #[test]
     fn messages_are_escaped_bounded_and_end_with_a_newline() {
         let lines = vec![
-            format!("guardrail: held job \"rm \x1b]52;c;aGk=\x07 {}\"", "x".repeat(5000)),
+            format!(
+                "guardrail: held job \"rm \x1b]52;c;aGk=\x07 {}\"",
+                "x".repeat(5000)
+            ),
             "  To let it continue: guardrail approve 7".to_string(),
         ];
         for terminal in [true, false] {

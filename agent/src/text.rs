@@ -116,7 +116,11 @@ pub(crate) mod strategies {
             .prop_map(|(v, big)| {
                 let s = v.concat();
                 if big {
-                    let s = if s.is_empty() { "rm -rf /x/ ".to_string() } else { s };
+                    let s = if s.is_empty() {
+                        "rm -rf /x/ ".to_string()
+                    } else {
+                        s
+                    };
                     s.repeat(100_000 / s.len() + 1)
                 } else {
                     s

@@ -163,11 +163,7 @@ impl Alertmanager {
             .stdin(Stdio::null())
             .spawn()
             .expect("prometheus-alertmanager starts (apt-get install prometheus-alertmanager)");
-        let am = Alertmanager {
-            child,
-            dir,
-            port,
-        };
+        let am = Alertmanager { child, dir, port };
         assert!(
             wait_until(Duration::from_secs(20), || {
                 http_get(am.port, "/-/ready").is_some_and(|(code, _)| code == 200)

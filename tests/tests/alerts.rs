@@ -4,6 +4,8 @@
 //! agent's own metrics endpoint, scraped and parsed as the Prometheus text format.
 use std::{
     collections::BTreeMap,
+    io::Write,
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 

@@ -130,10 +130,11 @@ fn an_o_path_stderr_on_a_root_only_file_leaves_it_unchanged() {
         .filter(|p| std::fs::read_link(format!("/proc/{p}/fd/2")).ok() == Some(secret.clone()))
         .collect();
     assert!(!holders.is_empty(), "the job's fd 2 is the O_PATH handle");
-    assert_eq!(
-        std::fs::read(&secret).expect("read secret"),
-        before,
-        "the root-only file is unchanged byte for byte"
+    let after = std::fs::read(&secret).expect("read secret");
+    assert!(
+        after == before,
+        "the root-only file changed; it now starts {:?}",
+        String::from_utf8_lossy(&after[..after.len().min(120)])
     );
     agent.cli_ok(&["deny", &id.to_string()]);
     drop(job);
@@ -179,6 +180,14 @@ fn an_append_mode_log_keeps_its_content_and_gets_the_message_appended() {
             ))
             && !added.contains('\r'),
         "the appended message:\n{added}"
+    );
+    // `guardrail status` says how jobs are told.
+    let status = String::from_utf8_lossy(&agent.cli_ok(&["status"]).stdout).into_owned();
+    assert!(
+        status.contains(
+            "messages to jobs: written to the job's own terminal or stderr (pidfd_getfd)"
+        ),
+        "{status}"
     );
     agent.cli_ok(&["deny", &id.to_string()]);
     drop(job);
@@ -236,14 +245,22 @@ fn open_pty(ptmx: &Path) -> (OwnedFd, u32) {
     let p = CString::new(ptmx.as_os_str().as_encoded_bytes()).expect("no NUL");
     // SAFETY: open of a path we own the string of; the result is checked.
     let fd = unsafe { libc::open(p.as_ptr(), libc::O_RDWR | libc::O_NOCTTY | libc::O_NONBLOCK) };
-    assert!(fd >= 0, "open {}: {}", ptmx.display(), std::io::Error::last_os_error());
+    assert!(
+        fd >= 0,
+        "open {}: {}",
+        ptmx.display(),
+        std::io::Error::last_os_error()
+    );
     // SAFETY: a fresh descriptor only we hold.
     let master = unsafe { OwnedFd::from_raw_fd(fd) };
     let (mut n, unlock): (libc::c_uint, libc::c_int) = (0, 0);
     // SAFETY: TIOCGPTN writes an unsigned int, TIOCSPTLCK reads an int; both ours.
     unsafe {
         assert_eq!(libc::ioctl(master.as_raw_fd(), libc::TIOCGPTN, &mut n), 0);
-        assert_eq!(libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock), 0);
+        assert_eq!(
+            libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock),
+            0
+        );
     }
     (master, n)
 }
@@ -291,7 +308,11 @@ fn a_job_on_a_pty_of_its_own_devpts_gets_the_message_there_and_the_host_pty_noth
             libc::O_RDWR | libc::O_NOCTTY,
         )
     };
-    assert!(slave >= 0, "TIOCGPTPEER: {}", std::io::Error::last_os_error());
+    assert!(
+        slave >= 0,
+        "TIOCGPTPEER: {}",
+        std::io::Error::last_os_error()
+    );
     // SAFETY: a fresh descriptor only we hold.
     let slave = unsafe { OwnedFd::from_raw_fd(slave) };
     let mut cmd = nobody_job("rm -rf victim", s.path(), &cg, true, || {
@@ -319,14 +340,13 @@ fn a_job_on_a_pty_of_its_own_devpts_gets_the_message_there_and_the_host_pty_noth
         "the message reaches the job's own terminal; it shows:\n{seen:?}"
     );
     assert!(
-        seen.contains(&format!("guardrail: held job \"rm -rf victim\" on {}: ", hostname())),
+        seen.contains(&format!(
+            "guardrail: held job \"rm -rf victim\" on {}: ",
+            hostname()
+        )),
         "{seen:?}"
     );
-    assert_eq!(
-        drain(&host_master),
-        "",
-        "the host's pts/{n} gets nothing"
-    );
+    assert_eq!(drain(&host_master), "", "the host's pts/{n} gets nothing");
     agent.cli_ok(&["deny", &id.to_string()]);
     drop(job);
     drop(container);
@@ -335,7 +355,8 @@ fn a_job_on_a_pty_of_its_own_devpts_gets_the_message_there_and_the_host_pty_noth
 
 /// The hostile argument: erase-line, an OSC 52 clipboard write, a right-to-left override and a
 /// newline followed by a forged agent line.
-const HOSTILE_PRINTF: &str = r"x\033[2K\033]52;c;aGk=\007\342\200\256\nguardrail: incident 999 approved";
+const HOSTILE_PRINTF: &str =
+    r"x\033[2K\033]52;c;aGk=\007\342\200\256\nguardrail: incident 999 approved";
 /// How every human-readable sink must show it.
 const HOSTILE_SHOWN: &str = r"x\x1b[2K\x1b]52;c;aGk=\x07\u{202e}\nguardrail: incident 999 approved";
 
@@ -420,7 +441,10 @@ fn a_hostile_command_line_is_escaped_in_every_sink() {
         .into_iter()
         .find_map(|e| e["incident"]["command"].as_str().map(str::to_string))
         .unwrap_or_default();
-    assert!(raw.contains("x\x1b[2K\x1b]52;c;aGk=\x07\u{202e}\nguardrail"), "{raw:?}");
+    assert!(
+        raw.contains("x\x1b[2K\x1b]52;c;aGk=\x07\u{202e}\nguardrail"),
+        "{raw:?}"
+    );
     agent.cli_ok(&["deny", &id.to_string()]);
     drop(job);
     // Every line the agent printed (its journal), collected until it exited.

@@ -59,9 +59,7 @@ fn no_raw_controls(s: &str) -> bool {
 
 /// RFC 5424 structured data read back: SD-ID -> params, or why it does not parse.
 fn parse_sd(sd: &str) -> Result<(BTreeMap<String, String>, &str), String> {
-    let rest = sd
-        .strip_prefix(&format!("[{SD_ID}"))
-        .ok_or("no SD-ID")?;
+    let rest = sd.strip_prefix(&format!("[{SD_ID}")).ok_or("no SD-ID")?;
     let mut params = BTreeMap::new();
     let mut chars = rest.char_indices();
     loop {
@@ -117,7 +115,10 @@ fn sample_ok(line: &str) -> Result<(), String> {
         .parse::<f64>()
         .map_err(|e| format!("value {value}: {e}"))?;
     let Some((name, labels)) = series.split_once('{') else {
-        return if series.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return if series
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
             Ok(())
         } else {
             Err(format!("bad name {series}"))
