@@ -505,3 +505,80 @@ fn a_100_kb_command_line_still_reaches_rsyslog_over_udp() {
     drop(job);
     assert!(agent.stop().expect("agent stops").success());
 }
+
+/// Review finding C1 for the shutdown refusal: the old agent told a refused caller through
+/// `/proc/PID/fd/2` too, so a caller run as nobody with an `O_PATH` fd 2 on a root-only file had
+/// the refusal written over that file. Every class of session must confirm here, so the
+/// stand-in (a copy of /bin/echo named `reboot`) is refused whoever runs it.
+#[test]
+fn a_refused_shutdown_caller_with_an_o_path_stderr_leaves_the_file_unchanged() {
+    let _k = kernel_lock();
+    require_root();
+    let s = scratch();
+    std::fs::set_permissions(s.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let bin = s.path().join("bin");
+    std::fs::create_dir_all(&bin).expect("mkdir bin");
+    let standin = bin.join("reboot");
+    std::fs::copy("/bin/echo", &standin).expect("copying /bin/echo as the stand-in");
+    let target = s.path().join("target");
+    std::fs::create_dir_all(&target).expect("mkdir target");
+    let cg = TestCgroup::new();
+    let extra = format!(
+        "[shutdown]\nremote = \"confirm\"\nlocal = \"confirm\"\nnone = \"confirm\"\nunknown = \"confirm\"\nconfirm_window = \"2m\"\ncommands = [\"{}\"]\n",
+        standin.display()
+    );
+    let agent =
+        Agent::start(&policy_with(100, &[&target], &[], &cg, &extra)).expect("agent starts");
+    let secret = s.path().join("secret");
+    let before = b"root:$y$j9T$not-a-real-hash:19000:0:99999:7:::\n".repeat(20);
+    std::fs::write(&secret, &before).expect("write secret");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let path = CString::new(secret.as_os_str().as_encoded_bytes()).expect("no NUL");
+    let script = format!("exec {} stand-in ran", standin.display());
+    let mut cmd = nobody_job(&script, s.path(), &cg, false, || Ok(()));
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    // SAFETY: open and dup2 only, between fork and exec, as nobody (registered last).
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(path.as_ptr(), libc::O_PATH);
+            if fd < 0 || libc::dup2(fd, 2) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::close(fd);
+            Ok(())
+        });
+    }
+    let mut job = Job {
+        child: cmd.spawn().expect("spawn the caller"),
+    };
+    assert!(
+        job.wait(Duration::from_secs(20)).is_some(),
+        "the refused caller ends"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || agent
+            .saw("guardrail: refused \"reboot\"")),
+        "the agent refused the stand-in:\n{}",
+        agent.log()
+    );
+    std::thread::sleep(Duration::from_millis(800));
+    let mut out = String::new();
+    if let Some(o) = job.child.stdout.as_mut() {
+        use std::io::Read;
+        let _ = o.read_to_string(&mut out);
+    }
+    assert!(
+        !out.contains("stand-in ran"),
+        "the stand-in never ran: {out}"
+    );
+    let after = std::fs::read(&secret).expect("read secret");
+    assert!(
+        after == before,
+        "the root-only file changed; it now starts {:?}",
+        String::from_utf8_lossy(&after[..after.len().min(160)])
+    );
+    drop(job);
+    assert!(agent.stop().expect("agent stops").success());
+}
