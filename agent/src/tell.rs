@@ -231,6 +231,28 @@ mod tests {
         assert_eq!(short, b"\r\na\r\nb\r\n");
     }
 
+    proptest::proptest! {
+        #![proptest_config(crate::text::strategies::config(64))]
+
+        /// Whatever the job's text, the message is at most MESSAGE_MAX bytes, ends with a
+        /// newline, and holds no control or bidi character but the line breaks it chose.
+        #[test]
+        fn any_message_is_bounded_and_safe(
+            command in crate::text::strategies::hostile(),
+            path in crate::text::strategies::hostile(),
+            terminal in proptest::prelude::any::<bool>(),
+        ) {
+            let lines = vec![
+                format!("guardrail: held job \"{}\" on h: {}. Incident 7.", crate::text::cap(&command, 400), crate::text::cap(&path, 300)),
+                "  To let it continue: guardrail approve 7".to_string(),
+            ];
+            let m = String::from_utf8(render(&lines, terminal)).map_err(|e| proptest::test_runner::TestCaseError::fail(e.to_string()))?;
+            proptest::prop_assert!(m.len() <= MESSAGE_MAX && m.ends_with('\n'));
+            proptest::prop_assert!(!m.chars().any(|c| c != '\r' && c != '\n' && crate::text::is_unsafe(c)), "{:?}", m);
+            proptest::prop_assert!(m.contains("guardrail approve 7"), "the approve line fits: {:?}", m);
+        }
+    }
+
     #[test]
     fn our_own_stderr_is_found_through_pidfd_getfd() {
         // The test runner's fd 2 is a pipe or a terminal, writable either way; the kernels the
