@@ -37,6 +37,7 @@ use crate::{
     probe::{self, Tier},
     procinfo,
     sensor::{KernelPolicy, Sensor},
+    text,
 };
 
 #[derive(Debug, Clone, clap::Args)]
@@ -449,6 +450,9 @@ impl Agent {
             println!("{w}");
         }
         println!("guardrail: attached {}", self.backend.attached().join(", "));
+        if let Some(why) = crate::tell::probe() {
+            eprintln!("guardrail: {why}");
+        }
         match &self.backend {
             Backend::Bpf { sensor, .. } => {
                 let ids: Vec<String> = sensor.attached_ids().iter().map(u32::to_string).collect();
@@ -777,15 +781,25 @@ impl Agent {
         // Stop the whole job, not only the task the kernel signalled.
         procinfo::signal_job(key.pgid, Signal::SIGSTOP);
         let timeout = self.policy.hold_timeout;
-        let msg = format!(
-            "\r\nguardrail: held job \"{}\" on {}: {}. Incident {}.\r\n  To let it continue: guardrail approve {}\r\n  To end it:          guardrail deny {}\r\n",
-            inc.command, self.host, inc.reason, inc.id, inc.id, inc.id
-        );
-        procinfo::tell_job(inc.pid, &msg);
+        // The command and the reason (a path) are the job's text: capped and escaped.
+        let lines = [
+            format!(
+                "guardrail: held job \"{}\" on {}: {}. Incident {}.",
+                text::cap(&inc.command, 400),
+                self.host,
+                text::cap(&inc.reason, 300),
+                inc.id
+            ),
+            format!("  To let it continue: guardrail approve {}", inc.id),
+            format!("  To end it:          guardrail deny {}", inc.id),
+        ];
+        crate::tell::tell_job(inc.pid, &lines);
         self.sink.incident(&inc);
         println!(
             "guardrail: incident {} held: {} ({})",
-            inc.id, inc.command, inc.reason
+            inc.id,
+            text::cap_command(&inc.command),
+            text::escape_line(&inc.reason)
         );
         self.holds.insert(
             inc.id,
@@ -900,7 +914,9 @@ impl Agent {
         );
         println!(
             "guardrail: incident {} not held: {} ({})",
-            inc.id, inc.command, inc.reason
+            inc.id,
+            text::cap_command(&inc.command),
+            text::escape_line(&inc.reason)
         );
         self.sink.incident(&inc);
     }
@@ -1090,6 +1106,7 @@ impl Agent {
             holds: self.hold_infos(),
             sessions: self.shutdown.sessions(),
             shutdown_inhibitor: self.shutdown.inhibitor_status(),
+            job_messages: crate::tell::status(),
         }
     }
 }

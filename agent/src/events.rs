@@ -17,7 +17,7 @@ use crate::{
     alert::{self, AgentEvent, Record, session::Session},
     policy_glue::LoadedPolicy,
     probe::Tier,
-    procinfo,
+    procinfo, text,
 };
 
 /// The stable event schema (documented in README.md, "Events"). Fields are only ever added (with
@@ -228,19 +228,21 @@ impl Incident {
         }
     }
 
+    /// The agent's stdout (the journal) line: one line whatever the job's text holds.
     pub fn one_line(&self) -> String {
-        format!(
+        let line = format!(
             "incident {} {} on {}: {} — job \"{}\" (pgid {}, user {}, {}), tier {}",
             self.id,
             self.outcome,
             self.host,
-            self.reason,
-            self.command,
+            text::cap(&self.reason, text::REASON_MAX),
+            text::cap_command(&self.command),
             self.pgid,
-            self.user,
-            self.session_text(),
+            text::cap(&self.user, 64),
+            text::cap(&self.session_text(), 256),
             self.tier
-        )
+        );
+        text::escape_line(&line)
     }
 }
 

@@ -82,6 +82,9 @@ pub struct StatusInfo {
     /// that predate it).
     #[serde(default)]
     pub shutdown_inhibitor: String,
+    /// How held jobs and refused shutdown callers are told ("" from agents that predate it).
+    #[serde(default)]
+    pub job_messages: String,
 }
 
 /// One classified login session, as `guardrail status` lists it.

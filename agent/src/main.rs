@@ -19,6 +19,8 @@ mod selftest;
 mod sensor;
 mod session;
 mod shutdown;
+mod tell;
+mod text;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -228,20 +230,28 @@ fn print_holds(holds: &[ipc::HoldInfo]) {
         return;
     }
     println!("open holds: {}", holds.len());
+    // Command, user, session and reason are the job's text: each line escaped (a newline or an
+    // escape sequence in a command must not redraw the admin's terminal), the command capped.
     for h in holds {
-        println!(
-            "  {:>4}  {}  pgid {}  user {}  {}  [{}]  held {}s of {}s\n        {}\n        approve: guardrail approve {}   deny: guardrail deny {}",
+        let head = format!(
+            "  {:>4}  {}  pgid {}  user {}  {}  [{}]  held {}s of {}s",
             h.id,
             h.host,
             h.pgid,
             h.user,
-            h.command,
+            text::cap_command(&h.command),
             h.session,
             h.age_secs,
             h.timeout_secs,
-            h.reason,
-            h.id,
-            h.id
+        );
+        println!("{}", text::escape_line(&head));
+        println!(
+            "        {}",
+            text::escape_line(&text::cap(&h.reason, text::REASON_MAX))
+        );
+        println!(
+            "        approve: guardrail approve {}   deny: guardrail deny {}",
+            h.id, h.id
         );
     }
 }
@@ -273,12 +283,21 @@ fn cli_status(socket: &std::path::Path, json: bool) -> Result<ExitCode> {
                 if !s.shutdown_inhibitor.is_empty() {
                     println!("logind shutdown inhibitor: {}", s.shutdown_inhibitor);
                 }
+                if !s.job_messages.is_empty() {
+                    println!("messages to jobs: {}", s.job_messages);
+                }
                 if s.sessions.is_empty() {
                     println!("sessions: none classified yet");
                 } else {
                     println!("sessions:");
                     for x in &s.sessions {
-                        println!("  {:>6}  {:<7} {}", x.id, x.class, x.origin);
+                        // The origin names an address from the session's environment.
+                        println!(
+                            "  {:>6}  {:<7} {}",
+                            x.id,
+                            x.class,
+                            text::cap(&x.origin, 256)
+                        );
                     }
                 }
                 print_holds(&s.holds);

@@ -1,5 +1,4 @@
 //! What /proc says about a job: its command line, user, terminal, and its members.
-use std::{io::Write, os::unix::fs::OpenOptionsExt};
 
 pub fn hostname() -> String {
     nix::unistd::gethostname()
@@ -8,8 +7,18 @@ pub fn hostname() -> String {
         .unwrap_or_else(|| "localhost".to_string())
 }
 
+/// The most of a command line the agent reads: the event log keeps the command whole up to
+/// this, every human-readable sink caps it much shorter (`text::cap_command`).
+const CMDLINE_MAX: u64 = 256 * 1024;
+
 pub fn cmdline(pid: u32) -> Option<String> {
-    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    use std::io::Read;
+    let mut raw = Vec::new();
+    std::fs::File::open(format!("/proc/{pid}/cmdline"))
+        .ok()?
+        .take(CMDLINE_MAX)
+        .read_to_end(&mut raw)
+        .ok()?;
     let args: Vec<String> = raw
         .split(|b| *b == 0)
         .filter(|a| !a.is_empty())
@@ -30,18 +39,57 @@ pub fn user_name(uid: u32) -> String {
         .unwrap_or_else(|| uid.to_string())
 }
 
+/// What the agent reads of /proc/PID/stat. The command name (comm) is whatever the process
+/// chose (`prctl(PR_SET_NAME)`): any bytes but NUL, not UTF-8, with `)` and spaces in it, so it
+/// is kept as bytes and the fields after it are read from the LAST `)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stat {
+    pub comm: Vec<u8>,
+    pub state: char,
+    pub ppid: u32,
+    pub pgrp: u32,
+    pub session: u32,
+    pub tty_nr: u32,
+}
+
+impl Stat {
+    /// The command name for display (invalid UTF-8 replaced; escape it before printing).
+    pub fn comm_lossy(&self) -> String {
+        String::from_utf8_lossy(&self.comm).into_owned()
+    }
+}
+
+/// Parses the bytes of /proc/PID/stat: `pid (comm) state ppid pgrp session tty_nr ...`.
+pub fn parse_stat(raw: &[u8]) -> Option<Stat> {
+    let open = raw.iter().position(|b| *b == b'(')?;
+    let close = raw.iter().rposition(|b| *b == b')')?;
+    let comm = raw.get(open + 1..close)?.to_vec();
+    // After the name the kernel writes only ASCII numbers and the state letter.
+    let rest = std::str::from_utf8(raw.get(close + 1..)?).ok()?;
+    let mut f = rest.split_ascii_whitespace();
+    let state = f.next()?.chars().next()?;
+    let mut num = || f.next()?.parse::<i64>().ok();
+    // tty_nr is an int (a device number); pgrp and session are 0 for kernel threads.
+    let (ppid, pgrp, session, tty_nr) = (num()?, num()?, num()?, num()?);
+    Some(Stat {
+        comm,
+        state,
+        ppid: u32::try_from(ppid).ok()?,
+        pgrp: u32::try_from(pgrp).ok()?,
+        session: u32::try_from(session).ok()?,
+        tty_nr: tty_nr as u32,
+    })
+}
+
+/// /proc/PID/stat of a live process; None once it has exited (even in the middle of the read).
+pub fn stat(pid: u32) -> Option<Stat> {
+    parse_stat(&std::fs::read(format!("/proc/{pid}/stat")).ok()?)
+}
+
 /// Fields of /proc/PID/stat after the command name: (state, ppid, pgrp, session, tty_nr).
 fn stat_fields(pid: u32) -> Option<(char, u32, u32, u32, u32)> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &s[s.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    Some((
-        f.first()?.chars().next()?,
-        f.get(1)?.parse().ok()?,
-        f.get(2)?.parse().ok()?,
-        f.get(3)?.parse().ok()?,
-        f.get(4)?.parse().ok()?,
-    ))
+    let s = stat(pid)?;
+    Some((s.state, s.ppid, s.pgrp, s.session, s.tty_nr))
 }
 
 /// Processes whose process group is `pgid`.
@@ -107,19 +155,6 @@ pub fn tty_name(pid: u32) -> Option<String> {
     tty_path(pid).map(|p| p.trim_start_matches("/dev/").to_string())
 }
 
-/// One short message to the job's terminal (the way `wall` writes to a tty), or to its stderr
-/// when it has no terminal.
-pub fn tell_job(pid: u32, msg: &str) {
-    let target = tty_path(pid).unwrap_or_else(|| format!("/proc/{pid}/fd/2"));
-    let opened = std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK)
-        .open(&target);
-    if let Ok(mut f) = opened {
-        let _ = f.write_all(msg.as_bytes());
-    }
-}
-
 /// The stopped ancestors of a job: sudo with `use_pty` (Debian's default) runs the command in a
 /// session of its own on a new pty and stops itself (both its processes) when the command stops,
 /// and only the job's own process group is signalled on approve or deny. Continuing them is what
@@ -154,5 +189,54 @@ pub fn continue_pids(pids: &[u32]) {
             nix::unistd::Pid::from_raw(*pid as i32),
             nix::sys::signal::Signal::SIGCONT,
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[test]
+    fn stat_with_a_hostile_comm_parses_from_the_last_paren() {
+        let raw = b"4242 (a) R 1 2 (\xff) S 77 4242 4200 34817 4242 4194304 0 0";
+        let s = parse_stat(raw).expect("parses");
+        assert_eq!(s.comm, b"a) R 1 2 (\xff".to_vec());
+        assert_eq!(
+            (s.state, s.ppid, s.pgrp, s.session, s.tty_nr),
+            ('S', 77, 4242, 4200, 34817)
+        );
+        let bytes = [b"9 (".as_slice(), &[0xff, 0xfe], b") T 1 9 9 0 -1"].concat();
+        assert_eq!(parse_stat(&bytes).map(|s| s.state), Some('T'));
+        assert_eq!(parse_stat(b"9 (x) R 1"), None, "cut short: None, no panic");
+        assert_eq!(parse_stat(b""), None);
+    }
+
+    #[test]
+    fn our_own_stat_reads() {
+        let s = stat(std::process::id()).expect("our own stat");
+        assert_eq!(s.pgrp, nix::unistd::getpgrp().as_raw() as u32);
+        assert_eq!(stat(u32::MAX), None);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Any comm the kernel could show (no NUL, at most 64 bytes here) and arbitrary garbage
+        /// never panic, and a well-formed line always gives back its numbers.
+        #[test]
+        fn any_comm_round_trips(comm in proptest::collection::vec(1u8..=255, 0..64),
+                                ppid in 0u32..4_000_000, pgrp in 0u32..4_000_000) {
+            let raw = [b"123 (".as_slice(), &comm, format!(") S {ppid} {pgrp} 5 0 1").as_bytes()].concat();
+            let s = parse_stat(&raw).ok_or_else(|| TestCaseError::fail("does not parse"))?;
+            prop_assert_eq!(s.comm, comm);
+            prop_assert_eq!((s.ppid, s.pgrp), (ppid, pgrp));
+        }
+
+        #[test]
+        fn garbage_never_panics(raw in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = parse_stat(&raw);
+        }
     }
 }

@@ -114,11 +114,8 @@ fn read_session(pid: u32) -> Option<u32> {
 }
 
 fn proc_info(pid: u32) -> Option<Proc> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let open = stat.find('(')?;
-    let close = stat.rfind(')')?;
-    let comm = stat[open + 1..close].to_string();
-    let ppid = stat[close + 2..].split_whitespace().nth(1)?.parse().ok()?;
+    let stat = crate::procinfo::stat(pid)?;
+    let (comm, ppid) = (stat.comm_lossy(), stat.ppid);
     let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
         .ok()
         .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))

@@ -34,6 +34,7 @@ use crate::{
     procinfo,
     sensor::Sensor,
     session::{self, Class, Origin},
+    text,
 };
 
 /// How long the process that used a pass may finish its own request (`poweroff` execs, then
@@ -445,10 +446,11 @@ impl Guard {
         {
             let _ = m.insert(session, class, 0);
         }
+        // The description carries an address from the session's environment: the user's text.
         println!(
             "guardrail: session {session} is {} ({})",
             origin.class.name(),
-            origin.describe()
+            text::cap(&origin.describe(), 256)
         );
         self.known.insert(session, origin);
     }
@@ -600,8 +602,8 @@ impl Guard {
         forget_stopped(sensor, ev.tgid);
         let msg = self.refusal_message(&cmd, &verb, session, ev.action, class_name);
         // The kernel stopped the task: it still holds its terminal and stderr.
-        procinfo::tell_job(ev.tgid, &format!("\r\n{msg}\r\n"));
-        println!("{msg}");
+        crate::tell::tell_job(ev.tgid, std::slice::from_ref(&msg));
+        println!("{}", text::escape_line(&msg));
         let pid = Pid::from_raw(ev.tgid as i32);
         if ev.outcome == SD_OUT_STOPPED {
             // Tracepoint tier: the program was loaded but never ran; it must not.
@@ -699,10 +701,11 @@ impl Guard {
     ) -> String {
         let from = match (self.known.get(&session), session) {
             (_, AUDIT_SESSION_UNSET) => "no login session".to_string(),
-            (Some(o), s) => format!("{} (session {s})", o.describe()),
+            (Some(o), s) => format!("{} (session {s})", text::cap(&o.describe(), 256)),
             (None, s) => format!("an unclassified session (session {s})"),
         };
         let h = &self.host;
+        let cmd = text::cap_command(cmd);
         if action == SD_BLOCK {
             format!(
                 "guardrail: refused \"{cmd}\" on {h}, requested from {from}: the policy blocks shutdowns from {class} sessions."
@@ -861,13 +864,8 @@ fn forget_stopped(sensor: &mut Sensor, tgid: u32) {
 }
 
 fn stat_of(pid: u32) -> Option<(char, u32, u32)> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &s[s.rfind(')')? + 2..];
-    let mut f = rest.split_whitespace();
-    let state = f.next()?.chars().next()?;
-    let ppid = f.next()?.parse().ok()?;
-    let pgid = f.next()?.parse().ok()?;
-    Some((state, ppid, pgid))
+    let s = procinfo::stat(pid)?;
+    Some((s.state, s.ppid, s.pgrp))
 }
 
 fn state_of(pid: u32) -> Option<char> {

@@ -13,6 +13,8 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
+pub mod collectors;
+
 static KERNEL_LOCK: Mutex<()> = Mutex::new(());
 
 /// Held while a test attaches BPF programs: the in-process mutex, and an `flock` on a file in

@@ -108,8 +108,10 @@ pub fn alertname(i: &Incident) -> &'static str {
     }
 }
 
-/// The alert of an incident, ending at `ends_ms`.
+/// The alert of an incident, ending at `ends_ms`. Annotations are read by people (in the UI,
+/// in notifications): the job's text in them is escaped and capped like in a syslog line.
 pub fn alert(i: &Incident, severity: &str, ends_ms: i64) -> Value {
+    use crate::text::{REASON_MAX, cap, cap_command};
     let rec = Record::Incident(Box::new(i.clone()));
     json!({
         "labels": {
@@ -123,11 +125,11 @@ pub fn alert(i: &Incident, severity: &str, ends_ms: i64) -> Value {
         },
         "annotations": {
             "summary": rec.summary(),
-            "reason": i.reason,
-            "command": i.command,
-            "user": i.user,
-            "session": i.session_text(),
-            "first_path": i.first_path,
+            "reason": cap(&i.reason, REASON_MAX),
+            "command": cap_command(&i.command),
+            "user": cap(&i.user, 64),
+            "session": cap(&i.session_text(), 256),
+            "first_path": cap(&i.first_path, REASON_MAX),
             "approve": format!("guardrail approve {}", i.id),
             "deny": format!("guardrail deny {}", i.id),
         },

@@ -31,9 +31,10 @@ pub struct EventsArgs {
     pub policy: Option<PathBuf>,
 }
 
-/// One event for a terminal: time, host, then the same words syslog gets.
+/// One event for a terminal: time, host, then the same words syslog gets. One line, escaped:
+/// the log holds the job's text as it was.
 pub fn text_line(rec: &Record) -> String {
-    match rec {
+    let line = match rec {
         Record::Incident(i) => format!(
             "{} {} incident {} {} [rule {}, tier {}]: {}",
             rec.time(),
@@ -45,7 +46,8 @@ pub fn text_line(rec: &Record) -> String {
             rec.summary()
         ),
         Record::Agent(a) => format!("{} {} {}: {}", a.time, a.host, a.kind, a.message),
-    }
+    };
+    crate::text::escape_line(&line)
 }
 
 /// Whether a log line is shown: parsed, and not older than `since` (ms since the epoch).

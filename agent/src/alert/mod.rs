@@ -9,6 +9,8 @@
 pub mod alertmanager;
 pub mod cli;
 pub mod metrics;
+#[cfg(test)]
+mod props;
 pub mod session;
 pub mod syslog;
 pub mod timefmt;
@@ -96,16 +98,28 @@ impl Record {
     }
 
     /// The free text of syslog lines and `guardrail events`: complete on its own, since
-    /// `tail /var/log/syslog` shows only this part.
+    /// `tail /var/log/syslog` shows only this part. One line, the job's text escaped and its
+    /// long fields capped, so the `guardrail approve N` tail survives any command line.
     pub fn summary(&self) -> String {
-        match self {
+        let s = match self {
             Record::Incident(i) => incident_summary(i),
             Record::Agent(a) => a.message.clone(),
-        }
+        };
+        crate::text::escape_line(&s)
     }
 }
 
 fn incident_summary(i: &Incident) -> String {
+    use crate::text::{REASON_MAX, cap, cap_command};
+    // Capped copies of every field a job or a user controls; the rest is the agent's own text.
+    let mut i = i.clone();
+    i.command = cap_command(&i.command);
+    i.reason = cap(&i.reason, REASON_MAX);
+    i.user = cap(&i.user, 64);
+    i.session.remote_host = i.session.remote_host.as_deref().map(|h| cap(h, 128));
+    i.session.tty = i.session.tty.as_deref().map(|t| cap(t, 64));
+    i.tty = i.tty.as_deref().map(|t| cap(t, 64));
+    let i = &i;
     if i.is_shutdown() {
         return format!(
             "{} on {}: {} (user {}, {}). Incident {}",

@@ -21,17 +21,8 @@ pub struct Session {
 const MAX_ANCESTORS: usize = 32;
 
 fn ppid_and_comm(pid: u32) -> Option<(u32, String)> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let open = s.find('(')?;
-    let close = s.rfind(')')?;
-    let comm = s.get(open + 1..close)?.to_string();
-    let ppid = s
-        .get(close + 2..)?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
-    Some((ppid, comm))
+    let s = crate::procinfo::stat(pid)?;
+    Some((s.ppid, s.comm_lossy()))
 }
 
 /// The client address in `SSH_CONNECTION` ("client port server port") or `SSH_CLIENT`.

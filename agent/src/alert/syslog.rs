@@ -21,8 +21,13 @@ use crate::events::Incident;
 /// SD-ID of guardrail's structured data. 32473 is the private enterprise number RFC 5612 reserves
 /// for documentation; a registered number can replace it without changing the parameters.
 pub const SD_ID: &str = "guardrail@32473";
-/// Long command lines are cut so a line fits rsyslog's default 8 KiB message size.
-const MAX_VALUE: usize = 1024;
+/// Long values are cut so a whole message (every parameter at its longest, the command at
+/// `text::COMMAND_MAX`, the summary capped too) stays within rsyslog's default 8 KiB message
+/// size and one UDP datagram, and the summary's `guardrail approve N` tail always arrives.
+const MAX_VALUE: usize = 256;
+/// The bound the property tests hold every message to.
+#[cfg(test)]
+pub(crate) const MESSAGE_BOUND: usize = 8000;
 const LOCAL_SOCKET: &str = "/dev/log";
 const TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -55,7 +60,8 @@ impl Format {
     /// One complete message (without transport framing unless `octet_counted`).
     pub fn message(&self, rec: &Record) -> String {
         let sev = rec.severity();
-        let text = clean(&rec.summary(), usize::MAX);
+        // Escaped and capped by `summary` itself: one line, whatever the job's text holds.
+        let text = rec.summary();
         let line = match self.wire {
             Wire::Rfc5424 => format!(
                 "<{}>1 {} {} {} {} {} {} {}",
@@ -117,27 +123,29 @@ fn header_field(s: &str, max: usize) -> String {
     if v.is_empty() { "-".to_string() } else { v }
 }
 
-/// Control characters (a newline in a command line) would split the line in a log file.
-fn clean(s: &str, max: usize) -> String {
-    let mut out: String = s
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(max)
-        .collect();
-    if s.chars().count() > max {
-        out.push('…');
-    }
-    out
-}
-
-/// A PARAM-VALUE: `"`, `\` and `]` escaped (RFC 5424 §6.3.3).
-fn sd_value(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in clean(s, MAX_VALUE).chars() {
-        if matches!(c, '"' | '\\' | ']') {
-            out.push('\\');
+/// A PARAM-VALUE: control and bidi characters escaped visibly (`text::escape_line`; a newline
+/// would split the line in a log file), then `"`, `\` and `]` escaped (RFC 5424 §6.3.3), at most
+/// `max` bytes. The cut falls between whole characters of the original, so it never separates
+/// a backslash from the character it escapes (which would end the value early).
+fn sd_value(s: &str, max: usize) -> String {
+    let mut out = String::with_capacity(s.len().min(max) + 24);
+    let mut buf = [0u8; 4];
+    for c in s.chars() {
+        let piece = crate::text::escape_line(c.encode_utf8(&mut buf));
+        let need: usize = piece
+            .chars()
+            .map(|c| c.len_utf8() + usize::from(matches!(c, '"' | '\\' | ']')))
+            .sum();
+        if out.len() + need > max {
+            let _ = write!(out, "… ({} bytes)", s.len());
+            break;
         }
-        out.push(c);
+        for c in piece.chars() {
+            if matches!(c, '"' | '\\' | ']') {
+                out.push('\\');
+            }
+            out.push(c);
+        }
     }
     out
 }
@@ -146,7 +154,12 @@ fn sd_value(s: &str) -> String {
 pub fn structured_data(rec: &Record) -> String {
     let mut sd = format!("[{SD_ID}");
     for (k, v) in sd_params(rec) {
-        let _ = write!(sd, " {k}=\"{}\"", sd_value(&v));
+        let max = if k == "cmd" {
+            crate::text::COMMAND_MAX
+        } else {
+            MAX_VALUE
+        };
+        let _ = write!(sd, " {k}=\"{}\"", sd_value(&v, max));
     }
     sd.push(']');
     sd
@@ -403,12 +416,13 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn empty_values_are_left_out_and_newlines_flattened() {
+    fn empty_values_are_left_out_and_newlines_escaped() {
         let mut i = sample();
         i.unit = None;
         i.command = "sh -c 'a\nb'".into();
         let sd = structured_data(&Record::Incident(Box::new(i)));
         assert!(!sd.contains("unit="), "{sd}");
-        assert!(sd.contains("cmd=\"sh -c 'a b'\""), "{sd}");
+        // The newline shown as `\n`, its backslash escaped for the SD-PARAM.
+        assert!(sd.contains("cmd=\"sh -c 'a\\\\nb'\""), "{sd}");
     }
 }
