@@ -5,8 +5,8 @@
 //!    `tester` with a key generated here, networkd, a scratch-root toolbox), and turned into an
 //!    ext4 image with `mkfs.ext4 -d` (no mount needed). Image, kernel, initrd and key are cached
 //!    in `~/.cache/guardrail-sysvm/image-<hash>`, where the hash covers everything the image is
-//!    built from ([`image::image_inputs`]): a change of the package list or of the configuration
-//!    rebuilds it, nothing else does.
+//!    built from (`image_inputs` in [`image`]): a change of the package list or of the
+//!    configuration rebuilds it, nothing else does.
 //! 2. Each run boots a throwaway qcow2 overlay of that image under qemu TCG (KVM hangs on these
 //!    machines) with `lsm=...,bpf`, the kernel and initrd of the image, and the VM's sshd
 //!    forwarded to a free loopback port.

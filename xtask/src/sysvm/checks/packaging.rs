@@ -8,6 +8,8 @@ use super::check_active_lsm;
 use super::shutdown::{inhibitor_line, wait_inhibitor};
 use crate::sysvm::machine::{Vm, output_text};
 
+/// Uploads the .deb and installs it with dpkg (its maintainer scripts enable and start the
+/// unit); the installed binary must name its commit.
 pub fn install(vm: &mut Vm, deb: &Path) -> Result<()> {
     vm.upload(deb, "/tmp/guardrail.deb")?;
     let out = vm.ssh("sudo DEBIAN_FRONTEND=noninteractive dpkg -i /tmp/guardrail.deb 2>&1")?;
