@@ -4,6 +4,7 @@
 //! bpf-linker from crates.io, and the test VM's kernel. Nothing installed by hand is assumed.
 mod bench;
 mod package;
+mod qemu;
 mod sysvm;
 mod vm;
 
