@@ -1,5 +1,5 @@
 #!/bin/sh
-# /init of guardrail's LSM-tier test VM (PID 1 in a busybox initramfs built by xtask/src/vm.rs).
+# /init of guardrail's LSM-tier test VM (PID 1 in a busybox initramfs built by xtask/src/vm/initramfs.rs).
 #
 # It mounts the kernel filesystems the agent needs, runs every /cases/*.sh in name order and
 # reports each one on the serial console with marker lines the host harness parses:
