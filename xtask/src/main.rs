@@ -22,6 +22,8 @@ const APT_PACKAGES: &[&str] = &[
     // The eBPF build (toolchain.md): rustc with a prebuilt `core` for bpfel, LLVM for bpf-linker.
     "rustc-web",
     "libstd-rust-web-dev-bpf",
+    // clippy of the same Debian toolchain, to lint the kernel crate for its own target.
+    "rust-web-clippy",
     "llvm-22-dev",
     // The LSM-tier VM.
     "qemu-system-x86",
@@ -283,6 +285,7 @@ fn test(no_vm: bool, no_sysvm: bool, filter: Option<String>) -> Result<()> {
             "warnings",
         ])),
     );
+    step("clippy (kernel crate, bpfel)", clippy_ebpf());
     let bin = build_release()?;
     let mut unit = cargo(&["test", "--release", "--workspace", "--no-fail-fast"]);
     unit.env("GUARDRAIL_BIN", &bin);
@@ -335,4 +338,37 @@ fn test(no_vm: bool, no_sysvm: bool, filter: Option<String>) -> Result<()> {
         bail!("failed: {}", failures.join(", "));
     }
     Ok(())
+}
+
+/// Lints the kernel crate for the target it is built for (as aya lints its eBPF crates): the
+/// host workspace never compiles it, so `cargo clippy --workspace` does not see it. Debian's
+/// clippy-driver matches Debian's rustc, whose prebuilt `core` for bpfel the crate needs; it is
+/// run as cargo's workspace wrapper around that rustc (rustup's `cargo clippy` would put its own
+/// driver, of another rustc version, in between).
+fn clippy_ebpf() -> Result<()> {
+    let mut c = cargo(&[
+        "check",
+        "--release",
+        "--target",
+        "bpfel-unknown-none",
+        "--target-dir",
+    ]);
+    c.arg(target_dir().join("ebpf-clippy"))
+        .current_dir(root().join("ebpf/guardrail-ebpf"))
+        .env("RUSTC", "/usr/bin/rustc")
+        .env("RUSTC_WORKSPACE_WRAPPER", "/usr/bin/clippy-driver")
+        .env(
+            "CLIPPY_ARGS",
+            "-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__",
+        )
+        .env("RUSTC_BOOTSTRAP", "1")
+        .env(
+            "CARGO_TARGET_BPFEL_UNKNOWN_NONE_LINKER",
+            cargo_bin("bpf-linker"),
+        )
+        .env(
+            "CARGO_TARGET_BPFEL_UNKNOWN_NONE_RUSTFLAGS",
+            "-C link-arg=--btf -C target-cpu=v3",
+        );
+    run_cmd(&mut c)
 }
