@@ -343,7 +343,7 @@ impl SystemResolver {
             out.skipped.push(Skipped {
                 path: p,
                 reason: format!(
-                    "is a symlink that root does not control (link owned by uid {}, in {}):                      declared paths follow only root's symlinks in directories only root can                      write",
+                    "is a symlink that root does not control (link owned by uid {}, in {}): declared paths follow only root's symlinks in directories only root can write",
                     m.uid(),
                     w.dir.display()
                 ),
@@ -393,7 +393,7 @@ impl SystemResolver {
                 out.skipped.push(Skipped {
                     path: w.dir,
                     reason: format!(
-                        "is owned by uid {owner}, neither root nor the user {name:?} whose                          directory the glob matched"
+                        "is owned by uid {owner}, neither root nor the user {name:?} whose directory the glob matched"
                     ),
                 });
                 return;
