@@ -434,8 +434,9 @@ impl Watcher {
                     {
                         self.pending.get_or_insert_with(|| {
                             format!(
-                                "declared directory {} was removed, renamed or replaced: directory identities resolved again",
-                                pw.dir.display()
+                                // Debug-quoted: below a `*`, names are a user's choice.
+                                "declared directory {:?} was removed, renamed or replaced: directory identities resolved again",
+                                pw.dir.to_string_lossy()
                             )
                         });
                     } else if let Some(n) = &name
@@ -447,8 +448,8 @@ impl Watcher {
                     {
                         self.pending.get_or_insert_with(|| {
                             format!(
-                                "{} appeared on the way to a declared directory: directory identities resolved again",
-                                pw.dir.join(n).display()
+                                "{:?} appeared on the way to a declared directory: directory identities resolved again",
+                                pw.dir.join(n).to_string_lossy()
                             )
                         });
                     }

@@ -114,9 +114,10 @@ impl Builder<'_> {
         let s = p.to_string_lossy();
         let d = self.resolver.declared(&s);
         for sk in &d.skipped {
+            // Quoted: below a `*`, names are whatever a user chose (escape sequences).
             self.warn(
                 "path-unsafe",
-                sk.path.to_string_lossy(),
+                format!("{:?}", sk.path.to_string_lossy()),
                 format!("{}; left out of {s}", sk.reason),
             );
         }
@@ -146,7 +147,7 @@ impl Builder<'_> {
             Some(inner) => {
                 self.warn(
                     "target-too-wide",
-                    q.to_string_lossy(),
+                    format!("{:?}", q.to_string_lossy()),
                     format!(
                         "is / or holds the protected root or data directory {}; never a target \
                          (left out of {})",

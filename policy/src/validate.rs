@@ -282,7 +282,8 @@ impl V<'_, '_, '_> {
                 format!(
                     "{} in {field}: {} {}; it is left out",
                     quoted(&s.value),
-                    sk.path.display(),
+                    // Quoted: below a `*`, names are whatever a user chose (escape sequences).
+                    quoted(&sk.path.to_string_lossy()),
                     sk.reason
                 ),
                 "a user can point their own symlinks and directories anywhere; name the real \
@@ -870,8 +871,8 @@ fn validate_deletion(d: &RawDeletion, span: &Range<usize>, v: &mut V<'_, '_, '_>
                         format!(
                             "{} in {field} matches {}, which is / or holds {}; it is left out",
                             quoted(&ts.value),
-                            q.display(),
-                            k.display()
+                            quoted(&q.to_string_lossy()),
+                            quoted(&k.to_string_lossy())
                         ),
                         "a target may not contain a protected root or data directory",
                     );

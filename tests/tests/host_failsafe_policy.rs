@@ -74,7 +74,8 @@ fn a_users_cache_symlink_does_not_make_its_target_free() {
     let cg = TestCgroup::new();
     let agent = Agent::start(&policy(BUDGET, &[&target, &glob], &[], &cg)).expect("agent starts");
     assert!(
-        agent.saw("warning[W0008]") && agent.saw(&format!("{} is a symlink", link.display())),
+        agent.saw("warning[W0008]")
+            && agent.saw(&format!("{:?} is a symlink", link.display().to_string())),
         "the start-up log names the skipped link:\n{}",
         agent.log()
     );
@@ -167,8 +168,8 @@ fn a_target_renamed_away_is_replaced_by_the_new_directory() {
     let moved = s.path().join("moved");
     std::fs::rename(&target, &moved).expect("mv target moved");
     let removed = format!(
-        "declared directory {} was removed, renamed or replaced",
-        target.display()
+        "declared directory {:?} was removed, renamed or replaced",
+        target.display().to_string()
     );
     assert!(
         wait_until(Duration::from_secs(10), || agent.saw(&removed)),
@@ -178,8 +179,8 @@ fn a_target_renamed_away_is_replaced_by_the_new_directory() {
     let fresh = s.path().join("target");
     fill(&fresh.join("third"), FILES);
     let appeared = format!(
-        "{} appeared on the way to a declared directory",
-        fresh.display()
+        "{:?} appeared on the way to a declared directory",
+        fresh.display().to_string()
     );
     assert!(
         wait_until(Duration::from_secs(10), || agent.saw(&appeared)),
