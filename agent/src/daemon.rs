@@ -507,7 +507,7 @@ impl Agent {
         }
         mask.thread_block()?;
         let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK)?;
-        let mut watcher = crate::policy_glue::Watcher::new(&self.source, self.policy.unit_names())?;
+        let mut watcher = crate::policy_glue::Watcher::new(&self.source, &self.policy)?;
         if let Backend::Bpf { sensor, .. } = &mut self.backend {
             self.shutdown.promise_to_answer(sensor);
         }
@@ -566,6 +566,9 @@ impl Agent {
                     match Signal::try_from(info.ssi_signo as i32) {
                         Ok(Signal::SIGHUP) => {
                             self.reload("SIGHUP");
+                            if let Some(w) = watcher.as_mut() {
+                                w.rearm(&self.policy);
+                            }
                             self.sink.reopen();
                         }
                         Ok(s) => {
@@ -576,11 +579,12 @@ impl Agent {
                     }
                 }
             }
-            if watch_ready
-                && let Some(w) = watcher.as_mut()
-                && w.changed()
+            // Also when not ready: a directory change may wait for its turn (Watcher::changed).
+            if let Some(w) = watcher.as_mut()
+                && let Some(why) = w.changed(watch_ready)
             {
-                self.reload("policy file changed, or a unit it names started");
+                self.reload(&why);
+                w.rearm(&self.policy);
             }
             if sessions_ready && let Backend::Bpf { sensor, .. } = &mut self.backend {
                 self.shutdown.tick(sensor, true);
@@ -618,6 +622,9 @@ impl Agent {
                         eprintln!("guardrail: shutdown tables not updated: {e:#}");
                     }
                     println!("guardrail: policy reloaded ({why}): {}", new.summary());
+                    for w in &new.warnings {
+                        println!("{w}");
+                    }
                     self.sink.agent_event(
                         "policy_reloaded",
                         &format!("policy reloaded ({why}): {}", new.summary()),

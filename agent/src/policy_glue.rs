@@ -1,15 +1,16 @@
 //! Where the policy comes from (the embedded default or /etc/guardrail), how it is turned into
 //! the kernel's tables, and how the agent notices that an admin edited it.
 use std::{
+    collections::BTreeMap,
     ffi::OsStr,
     os::fd::{AsFd, BorrowedFd},
     path::{Path, PathBuf},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
 use guardrail_policy as gp;
-use inotify::{Inotify, WatchMask};
+use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
 
 use crate::sensor::KernelPolicy;
 
@@ -212,12 +213,37 @@ pub fn dropin_files(dir: &Path) -> Vec<PathBuf> {
 /// Editors save by writing a temporary file and renaming it over the original (vim also
 /// creates and deletes a probe file named `4913`): watch the directories, not the file, and
 /// react to whole files appearing under the policy's names.
+///
+/// Declared directories (targets, data directories, protected roots) are keys of (dev, inode):
+/// one that is removed, renamed or replaced keeps its entry until the tables are rebuilt, and
+/// ext4 hands freed inode numbers out again, so a new directory could inherit a rule. So every
+/// resolved declared directory is watched for `IN_DELETE_SELF | IN_MOVE_SELF`, and every
+/// directory on the way to one (each glob's parents included) for a new entry of the name the
+/// path needs next; any of these rebuilds the tables.
 pub struct Watcher {
     inotify: Inotify,
     names: Vec<(PathBuf, Option<String>)>,
     /// Units the policy names: a rule matched by unit applies through the unit's cgroup id,
     /// which exists only while the unit runs, so the policy is compiled again when one starts.
     units: Vec<String>,
+    /// Watches of the policy files and unit slices, never removed by [`Watcher::rearm`].
+    fixed: Vec<WatchDescriptor>,
+    /// Watches on the way to declared directories, and what each one is for.
+    paths: BTreeMap<WatchDescriptor, PathWatch>,
+    /// A directory change seen while the last one's reload is younger than [`DIR_RELOAD_GAP`].
+    pending: Option<String>,
+    last_dir_reload: Option<Instant>,
+}
+
+/// Least time between two reloads caused by directory changes: a user who can create entries
+/// in a globbed directory must not make the agent rebuild its tables in a loop.
+const DIR_RELOAD_GAP: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone, Default)]
+struct PathWatch {
+    dir: PathBuf,
+    /// Names whose appearance here matters (`None`: any directory, for a `*`).
+    next: Vec<Option<String>>,
 }
 
 impl LoadedPolicy {
@@ -246,79 +272,189 @@ impl LoadedPolicy {
         units.dedup();
         units
     }
+
+    /// Every declared directory as written (targets with their globs, data directories,
+    /// protected roots).
+    pub fn declared_patterns(&self) -> Vec<String> {
+        let d = &self.policy.deletion;
+        let mut v: Vec<String> = d
+            .targets
+            .iter()
+            .chain(d.rules.iter().flat_map(|r| r.targets.iter()))
+            .chain(d.data_dirs.iter().map(|dd| &dd.path))
+            .chain(d.protected_roots.iter())
+            .map(|p| p.to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+}
+
+/// The directories to watch for one declared pattern: each directory the pattern's prefix
+/// resolves to (as the policy resolves it), with the component that must appear in it next, and
+/// the resolved directories themselves (with nothing to appear: only their own removal matters).
+fn watch_points(pattern: &str) -> Vec<(PathBuf, Option<Option<String>>)> {
+    let resolver = gp::SystemResolver;
+    let comps: Vec<&str> = pattern.split('/').filter(|c| !c.is_empty()).collect();
+    let mut out = Vec::new();
+    for i in 0..comps.len() {
+        let prefix = format!("/{}", comps[..i].join("/"));
+        let next = (comps[i] != "*").then(|| comps[i].to_string());
+        for (dir, _) in gp::Resolver::declared(&resolver, &prefix).found {
+            out.push((dir, Some(next.clone())));
+        }
+    }
+    for (dir, _) in gp::Resolver::declared(&resolver, pattern).found {
+        out.push((dir, None));
+    }
+    out
 }
 
 impl Watcher {
-    pub fn new(source: &PolicySource, units: Vec<String>) -> Result<Option<Self>> {
+    pub fn new(source: &PolicySource, policy: &LoadedPolicy) -> Result<Option<Self>> {
         let inotify = Inotify::init().context("inotify_init")?;
+        let units = policy.unit_names();
         let mut names = Vec::new();
+        let mut fixed = Vec::new();
         if !units.is_empty() {
             // Services and transient units live in system.slice; the cgroup appears before the
             // unit's first process runs (a deletion in the moment between is judged by the rule
             // the job would have without the unit: a documented race).
             let root = gp::cgroup2_root();
             for dir in [root.join("system.slice"), root.clone()] {
-                if dir.is_dir() {
-                    let _ = inotify
+                if dir.is_dir()
+                    && let Ok(wd) = inotify
                         .watches()
-                        .add(&dir, WatchMask::CREATE | WatchMask::ONLYDIR);
+                        .add(&dir, WatchMask::CREATE | WatchMask::ONLYDIR)
+                {
+                    fixed.push(wd);
                 }
             }
         }
-        let PolicySource::File { main, dropins } = source else {
-            return Ok(if units.is_empty() {
-                None
-            } else {
-                Some(Watcher {
-                    inotify,
-                    names,
-                    units,
-                })
-            });
-        };
-        let mask = WatchMask::CLOSE_WRITE
-            | WatchMask::MOVED_TO
-            | WatchMask::DELETE
-            | WatchMask::MOVED_FROM
-            | WatchMask::CREATE;
-        let main_dir = main.parent().unwrap_or(Path::new("/")).to_path_buf();
-        inotify
-            .watches()
-            .add(&main_dir, mask)
-            .with_context(|| format!("watching {}", main_dir.display()))?;
-        names.push((
-            main_dir,
-            main.file_name().map(|n| n.to_string_lossy().into_owned()),
-        ));
-        if let Some(d) = dropins
-            && d.is_dir()
-        {
-            inotify
-                .watches()
-                .add(d, mask)
-                .with_context(|| format!("watching {}", d.display()))?;
-            names.push((d.clone(), None));
+        if let PolicySource::File { main, dropins } = source {
+            let mask = WatchMask::CLOSE_WRITE
+                | WatchMask::MOVED_TO
+                | WatchMask::DELETE
+                | WatchMask::MOVED_FROM
+                | WatchMask::CREATE;
+            let main_dir = main.parent().unwrap_or(Path::new("/")).to_path_buf();
+            fixed.push(
+                inotify
+                    .watches()
+                    .add(&main_dir, mask)
+                    .with_context(|| format!("watching {}", main_dir.display()))?,
+            );
+            names.push((
+                main_dir,
+                main.file_name().map(|n| n.to_string_lossy().into_owned()),
+            ));
+            if let Some(d) = dropins
+                && d.is_dir()
+            {
+                fixed.push(
+                    inotify
+                        .watches()
+                        .add(d, mask)
+                        .with_context(|| format!("watching {}", d.display()))?,
+                );
+                names.push((d.clone(), None));
+            }
         }
-        Ok(Some(Watcher {
+        let mut w = Watcher {
             inotify,
             names,
             units,
-        }))
+            fixed,
+            paths: BTreeMap::new(),
+            pending: None,
+            last_dir_reload: None,
+        };
+        w.rearm(policy);
+        Ok((!w.fixed.is_empty() || !w.paths.is_empty()).then_some(w))
+    }
+
+    /// Watches the declared directories of `policy` (call after every reload: identities and
+    /// glob matches change), and drops the watches no longer needed.
+    pub fn rearm(&mut self, policy: &LoadedPolicy) {
+        self.units = policy.unit_names();
+        let mut paths: BTreeMap<WatchDescriptor, PathWatch> = BTreeMap::new();
+        for pattern in policy.declared_patterns() {
+            for (dir, next) in watch_points(&pattern) {
+                let mut mask = WatchMask::DELETE_SELF | WatchMask::MOVE_SELF | WatchMask::MASK_ADD;
+                if next.is_some() {
+                    mask |= WatchMask::CREATE | WatchMask::MOVED_TO;
+                }
+                // The same inode gives the same descriptor, so an unchanged directory keeps its
+                // watch (and its queued events) across a rearm.
+                let Ok(wd) = self.inotify.watches().add(&dir, mask) else {
+                    continue;
+                };
+                let e = paths.entry(wd).or_default();
+                e.dir = dir;
+                if let Some(n) = next
+                    && !e.next.contains(&n)
+                {
+                    e.next.push(n);
+                }
+            }
+        }
+        for wd in self.paths.keys() {
+            if !paths.contains_key(wd) && !self.fixed.contains(wd) {
+                let _ = self.inotify.watches().remove(wd.clone());
+            }
+        }
+        self.paths = paths;
     }
 
     pub fn as_fd(&self) -> BorrowedFd<'_> {
         self.inotify.as_fd()
     }
 
-    /// Drains pending events; true if one concerns the policy.
-    pub fn changed(&mut self) -> bool {
+    /// Drains pending events when `ready`; returns why the policy must be loaded again, if it
+    /// must now. Directory changes are coalesced: at most one reload per [`DIR_RELOAD_GAP`]
+    /// (call this regularly so a deferred one happens).
+    pub fn changed(&mut self, ready: bool) -> Option<String> {
         let mut buf = [0u8; 4096];
         let mut relevant = false;
-        while let Ok(events) = self.inotify.read_events(&mut buf) {
+        while ready && let Ok(events) = self.inotify.read_events(&mut buf) {
             let mut any = false;
             for ev in events {
                 any = true;
-                let Some(name) = ev.name.map(|n| n.to_string_lossy().into_owned()) else {
+                if ev.mask.contains(EventMask::Q_OVERFLOW) {
+                    self.pending
+                        .get_or_insert_with(|| "inotify queue overflowed".to_string());
+                    continue;
+                }
+                let name = ev.name.map(|n| n.to_string_lossy().into_owned());
+                if let Some(pw) = self.paths.get(&ev.wd) {
+                    if ev
+                        .mask
+                        .intersects(EventMask::DELETE_SELF | EventMask::MOVE_SELF)
+                    {
+                        self.pending.get_or_insert_with(|| {
+                            format!(
+                                // Debug-quoted: below a `*`, names are a user's choice.
+                                "declared directory {:?} was removed, renamed or replaced: directory identities resolved again",
+                                pw.dir.to_string_lossy()
+                            )
+                        });
+                    } else if let Some(n) = &name
+                        && ev.mask.intersects(EventMask::CREATE | EventMask::MOVED_TO)
+                        && pw.next.iter().any(|want| match want {
+                            Some(w) => w == n,
+                            None => !n.starts_with('.') && ev.mask.contains(EventMask::ISDIR),
+                        })
+                    {
+                        self.pending.get_or_insert_with(|| {
+                            format!(
+                                "{:?} appeared on the way to a declared directory: directory identities resolved again",
+                                pw.dir.join(n).to_string_lossy()
+                            )
+                        });
+                    }
+                }
+                let Some(name) = name else {
                     continue;
                 };
                 relevant |= self.units.contains(&name);
@@ -331,6 +467,20 @@ impl Watcher {
                 break;
             }
         }
-        relevant
+        if relevant {
+            // The reload resolves every directory again too.
+            self.pending = None;
+            self.last_dir_reload = Some(Instant::now());
+            return Some("policy file changed, or a unit it names started".to_string());
+        }
+        if self.pending.is_some()
+            && self
+                .last_dir_reload
+                .is_none_or(|t| t.elapsed() >= DIR_RELOAD_GAP)
+        {
+            self.last_dir_reload = Some(Instant::now());
+            return self.pending.take();
+        }
+        None
     }
 }

@@ -18,7 +18,9 @@ use crate::validate::Key;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct CompileWarning {
     /// `path-missing`, `glob-empty`, `exe-missing`, `unit-not-running`, `cgroup-missing`,
-    /// `user-unknown`, `identity-shared`, `too-many-rules`.
+    /// `user-unknown`, `identity-shared`, `too-many-rules`, `path-unsafe` (a symlink or a
+    /// directory of someone else, left out), `target-too-wide` (a glob match that is `/` or holds
+    /// a protected root or data directory, left out).
     pub kind: &'static str,
     /// The path, unit, user or cgroup.
     pub subject: String,
@@ -106,30 +108,57 @@ impl Builder<'_> {
         });
     }
 
-    /// Identities of a declared path (a glob expands to every existing match).
+    /// Identities (as the kernel keys them) of a declared path; a glob expands to every
+    /// existing match. What [`Resolver::declared`] left out becomes a `path-unsafe` warning.
     fn declared(&mut self, p: &Path) -> Vec<(PathBuf, (u64, u64))> {
         let s = p.to_string_lossy();
-        let paths = if components(&s).any(|c| c == "*") {
-            let v = self.resolver.glob(&s);
-            if v.is_empty() {
+        let d = self.resolver.declared(&s);
+        for sk in &d.skipped {
+            // Quoted: below a `*`, names are whatever a user chose (escape sequences).
+            self.warn(
+                "path-unsafe",
+                format!("{:?}", sk.path.to_string_lossy()),
+                format!("{}; left out of {s}", sk.reason),
+            );
+        }
+        if d.found.is_empty() && d.skipped.is_empty() {
+            if components(&s).any(|c| c == "*") {
                 self.warn("glob-empty", s.to_string(), "matches nothing on this host");
-            }
-            v
-        } else {
-            vec![p.to_path_buf()]
-        };
-        let mut out = Vec::new();
-        for q in paths {
-            match kernel_identity(self.resolver, &q) {
-                Some(id) => out.push((q, id)),
-                None => self.warn(
-                    "path-missing",
-                    q.to_string_lossy(),
-                    "does not exist; ignored",
-                ),
+            } else {
+                self.warn("path-missing", s.to_string(), "does not exist; ignored");
             }
         }
-        out
+        d.found
+            .into_iter()
+            .map(|(q, (dev, ino))| (q, (kernel_dev_from_user(dev), ino)))
+            .collect()
+    }
+
+    /// Identities of a target's directories, without those that are `/` or hold a protected
+    /// root or a data directory (`too_wide`): freeing one would free what the policy keeps.
+    fn targets(
+        &mut self,
+        p: &Path,
+        too_wide: &BTreeMap<(u64, u64), PathBuf>,
+    ) -> Vec<(PathBuf, (u64, u64))> {
+        let mut v = self.declared(p);
+        v.retain(|(q, id)| match too_wide.get(id) {
+            None => true,
+            Some(inner) => {
+                self.warn(
+                    "target-too-wide",
+                    format!("{:?}", q.to_string_lossy()),
+                    format!(
+                        "is / or holds the protected root or data directory {}; never a target \
+                         (left out of {})",
+                        inner.display(),
+                        p.display()
+                    ),
+                );
+                false
+            }
+        });
+        v
     }
 
     fn entry(&mut self, id: (u64, u64)) -> &mut DirRule {
@@ -227,7 +256,7 @@ pub fn compile(policy: &Policy, resolver: &dyn Resolver) -> Compiled {
 
     let default = RuleParams {
         budget: d.budget,
-        window_ns: d.window.as_nanos() as u64,
+        window_ns: nanos(d.window),
         action: d.action.kernel(),
         flags: flags(Mode::Enforce),
     };
@@ -240,7 +269,7 @@ pub fn compile(policy: &Policy, resolver: &dyn Resolver) -> Compiled {
             r.name.clone(),
             RuleParams {
                 budget: r.budget,
-                window_ns: r.window.as_nanos() as u64,
+                window_ns: nanos(r.window),
                 action: r.action.kernel(),
                 flags: flags(r.mode),
             },
@@ -334,9 +363,19 @@ pub fn compile(policy: &Policy, resolver: &dyn Resolver) -> Compiled {
     for id in &owner_rules {
         global_bits |= bit(*id);
     }
+    let too_wide: BTreeMap<(u64, u64), PathBuf> = crate::resolver::too_wide_for_targets(
+        resolver,
+        d.protected_roots
+            .iter()
+            .chain(d.data_dirs.iter().map(|dd| &dd.path))
+            .map(PathBuf::as_path),
+    )
+    .into_iter()
+    .map(|((dev, ino), p)| ((kernel_dev_from_user(dev), ino), p))
+    .collect();
     let mut declared: Vec<(PathBuf, (u64, u64))> = Vec::new();
     for t in &d.targets {
-        for (p, id) in b.declared(t) {
+        for (p, id) in b.targets(t, &too_wide) {
             let e = b.entry(id);
             e.kind |= DIR_TARGET;
             e.target_rules |= global_bits;
@@ -346,7 +385,7 @@ pub fn compile(policy: &Policy, resolver: &dyn Resolver) -> Compiled {
     for (i, r) in d.rules.iter().enumerate() {
         let rb = bit(i as u32 + 1);
         for t in &r.targets {
-            for (p, id) in b.declared(t) {
+            for (p, id) in b.targets(t, &too_wide) {
                 let e = b.entry(id);
                 e.kind |= DIR_TARGET;
                 e.target_rules |= rb;
@@ -403,6 +442,12 @@ pub fn compile(policy: &Policy, resolver: &dyn Resolver) -> Compiled {
         }
     }
     b.out
+}
+
+/// A duration in nanoseconds for the kernel, saturating (validation bounds every duration far
+/// below `u64::MAX` ns, about 584 years; a plain `as u64` would wrap to almost nothing).
+fn nanos(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// What the ancestor walk from inside the filesystem mounted at `m` would decide if it could go

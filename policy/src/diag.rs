@@ -89,9 +89,14 @@ codes! {
     BadPath = ("E0016", "bad-path", Error),
     /// Another malformed value (e.g. a syslog app name with spaces).
     BadValue = ("E0017", "bad-value", Error),
+    /// A target that is `/` or holds a protected root or a data directory.
+    TargetTooWide = ("E0018", "target-too-wide", Error),
+    /// A duration above its documented maximum.
+    DurationTooLong = ("E0019", "duration-too-long", Error),
     /// A declared path (or glob) that does not exist on this host.
     PathMissing = ("W0001", "path-missing", Warning),
-    /// A protected root below a target: the root itself is kept, its contents are free.
+    /// A protected root below a target. No longer emitted: that is E0018 since targets may not
+    /// hold protected roots; the code keeps its meaning for old reports.
     ProtectedInTarget = ("W0002", "protected-in-target", Warning),
     /// Every budget is 0: no job may delete anything outside its targets.
     NoDeletionBudget = ("W0003", "no-deletion-budget", Warning),
@@ -103,6 +108,10 @@ codes! {
     UnknownUser = ("W0006", "unknown-user", Warning),
     /// `/` is not among the protected roots.
     RootUnprotected = ("W0007", "root-unprotected", Warning),
+    /// A declared path, or a glob match, left out because a user could have redirected it: a
+    /// symlink root does not control, or a glob match owned by someone other than root or the
+    /// matched user; or a glob match that is `/` or holds a protected root or data directory.
+    UnsafePath = ("W0008", "unsafe-path", Warning),
 }
 
 impl fmt::Display for Code {

@@ -18,11 +18,15 @@
 //!                             # global audit overrides every rule's mode
 //! [deletion]
 //! budget = 300                # deletions outside targets per job per window, 0..=100000000
-//! window = "1m"               # durations: integer + ms|s|m|h ("500ms", "90s", "10m", "1h"), > 0
+//! window = "1m"               # durations: integer + ms|s|m|h ("500ms", "90s", "10m", "1h"), > 0;
+//!                             # window <= 24h (E0019 above)
 //! action = "hold"             # hold | block | alert, when a job crosses its budget
-//! hold_timeout = "30m"        # an unanswered hold is denied after this
+//! hold_timeout = "30m"        # an unanswered hold is denied after this; <= 168h
 //! on_deny = "kill"            # kill | refuse (resume, refusing deletions outside scope while it runs)
-//! targets = ["/tmp", "/home/*/.cache"]  # free to delete in; `*` only as a whole component
+//! targets = ["/tmp", "/home/*/.cache"]  # free to delete in; `*` only as a whole component;
+//!                             # never `/` or a directory holding a protected root or data dir
+//!                             # (E0018); symlinks and foreign directories are left out (W0008,
+//!                             # see SystemResolver)
 //! protected_roots = ["/", "/etc"]       # these entries themselves are never deleted or renamed
 //! protect_mount_points = true # other filesystems' mount points are protected roots too
 //!
@@ -53,7 +57,7 @@
 //! unknown = "confirm"         # a session the agent cannot classify: like remote
 //! serial_console = "local"    # local | remote: how ttyS*/hvc0 sessions count (default local;
 //!                             # say remote when the console is IPMI serial-over-LAN or a cloud console)
-//! confirm_window = "2m"
+//! confirm_window = "2m"      # <= 1h
 //! logind_inhibitor = true     # hold logind's block lock on shutdown (D-Bus requests to logind)
 //! commands = []               # extra executables treated as shutdown commands
 //! [[shutdown.exception]]      # allowed whatever the session
@@ -84,8 +88,12 @@
 //! A job's rule is chosen by executable (its identity, inherited by everything the matching
 //! exec starts) > unit or cgroup > user > the default rule 0. Units must be `.service` or
 //! `.scope` instances: other unit types (a `.timer`, a `.slice`, a template `foo@.service`) never
-//! hold a job's processes, so naming one is E0006. A data directory owner is any identity listed
-//! in `owners`; name it the way the job will actually be matched (precedence above).
+//! hold a job's processes, so naming one is E0006. A unit is a system unit: its cgroup is looked
+//! up where only root can create cgroups (`system.slice/<unit>`, nested system slices, the root),
+//! never in `user.slice` or `machine.slice`, whose trees are delegated to users and containers
+//! ([`find_system_unit`]); to match a cgroup elsewhere, name its path with `cgroup`. A data
+//! directory owner is any identity listed in `owners`; name it the way the job will actually be
+//! matched (precedence above).
 //!
 //! "An exemption wider than `/`" (W0004) is one that covers arbitrary commands rather than a
 //! specific program: user `root`/`0`; the root cgroup, `system.slice`, `user.slice`,
@@ -120,8 +128,8 @@ pub use explain::{
 };
 pub use model::*;
 pub use resolver::{
-    MemResolver, Resolver, SystemResolver, ancestors, cgroup2_root, glob_matches, parse_mountinfo,
-    parse_passwd,
+    Declared, MemResolver, Resolver, Skipped, SystemResolver, ancestors, cgroup2_root,
+    find_system_unit, glob_matches, parse_mountinfo, parse_passwd, too_wide_for_targets,
 };
 
 /// The shipped default policy (`packaging/policy.toml`, installed as

@@ -10,6 +10,14 @@ use serde::Serialize;
 /// `action = "alert"` instead.
 pub const MAX_BUDGET: u64 = 100_000_000;
 
+/// Longest `deletion.window` (and rule `window`): a budget over more than a day is no longer a
+/// runaway guard, and the kernel keeps the window in nanoseconds.
+pub const MAX_WINDOW: Duration = Duration::from_secs(24 * 3600);
+/// Longest `deletion.hold_timeout`: a week covers a long weekend; longer holds are forgotten jobs.
+pub const MAX_HOLD_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Longest `shutdown.confirm_window`: a confirmation is typed by someone at the prompt.
+pub const MAX_CONFIRM_WINDOW: Duration = Duration::from_secs(3600);
+
 /// `[[deletion.rule]]` + `[[deletion.exempt]]` + data-directory owners that are neither, plus the
 /// default rule, must fit the kernel's 64-bit rule masks.
 pub const MAX_POLICY_RULES: usize = guardrail_common::MAX_RULES as usize;

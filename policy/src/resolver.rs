@@ -21,8 +21,45 @@ pub trait Resolver {
     /// Uid of a user name (a numeric string is taken as the uid itself by callers).
     fn uid(&self, user: &str) -> Option<u32>;
     /// cgroup v2 id (inode of the cgroup dir under /sys/fs/cgroup) of a unit name or cgroup
-    /// path; None if not running.
+    /// path; None if not running. A unit name is only looked up among system units (see
+    /// [`find_system_unit`]), never in a tree a user created or was delegated.
     fn cgroup_id(&self, unit_or_cgroup: &str) -> Option<u64>;
+    /// The directories a declared path (target, data directory, protected root; `*` components
+    /// in targets) stands for on this host, and what was left out and why. Unlike
+    /// [`Resolver::identity`], this must not let a user redirect the path: see
+    /// [`SystemResolver`]. The default (for in-memory hosts, which have no symlinks or owners)
+    /// is [`Resolver::glob`] for patterns and [`Resolver::identity`] for paths.
+    fn declared(&self, pattern: &str) -> Declared {
+        let paths = if components(pattern).any(|c| c == "*") {
+            self.glob(pattern)
+        } else {
+            vec![normalize(Path::new(pattern))]
+        };
+        Declared {
+            found: paths
+                .into_iter()
+                .filter_map(|p| self.identity(&p).map(|id| (p, id)))
+                .collect(),
+            skipped: Vec::new(),
+        }
+    }
+}
+
+/// What a declared path resolved to.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Declared {
+    /// Real paths (no symlink in them but trusted ones, see [`SystemResolver`]) and their
+    /// identities (st_dev as userspace sees it, st_ino).
+    pub found: Vec<(PathBuf, (u64, u64))>,
+    /// Matches or paths left out, each with the reason (for a warning).
+    pub skipped: Vec<Skipped>,
+}
+
+/// A path a declared directory was not resolved to, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Skipped {
+    pub path: PathBuf,
+    pub reason: String,
 }
 
 /// The real host: `stat(2)`, directory listings, `/proc/self/mountinfo`, `/etc/passwd` and
@@ -30,6 +67,19 @@ pub trait Resolver {
 ///
 /// Users are looked up in `/etc/passwd` only (no NSS): a directory-service user can be named by
 /// its numeric uid instead.
+///
+/// Declared directories ([`Resolver::declared`]) are resolved one component at a time with
+/// `lstat`, because the agent runs as root and every user can plant a symlink in their own
+/// directories (`~/.cache -> /` would otherwise make the whole root filesystem a target):
+/// - a symlink matched by a `*`, or met anywhere below one, is skipped;
+/// - a symlink written literally (before any `*`) in the path is followed only when the link and the directory it
+///   sits in are owned by root and the directory is not group- or world-writable (Debian's
+///   `/var/run -> /run`, merged-/usr `/bin -> usr/bin`); its target is resolved by the same
+///   rules;
+/// - a glob match must be a directory owned by root or by the user whose directory the first `*`
+///   matched: the user of that name in `/etc/passwd`, or the owner of that directory when its
+///   parent is root's and not group- or world-writable (so only root could have made it, as
+///   `/home/<name>`).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SystemResolver;
 
@@ -111,35 +161,246 @@ impl Resolver for SystemResolver {
                 .filter(|m| m.is_dir())
                 .map(|m| m.ino());
         }
-        // Services usually sit in system.slice; scopes and user services deeper.
-        let direct = root.join("system.slice").join(unit_or_cgroup);
-        if let Ok(m) = std::fs::metadata(&direct) {
-            return Some(m.ino());
-        }
-        find_dir_named(root, unit_or_cgroup, 4)
-            .and_then(|p| std::fs::metadata(p).ok())
+        find_system_unit(root, unit_or_cgroup)
+            .and_then(|p| std::fs::symlink_metadata(p).ok())
             .map(|m| m.ino())
+    }
+
+    fn declared(&self, pattern: &str) -> Declared {
+        let mut out = Declared::default();
+        let rest: Vec<String> = components(pattern).map(str::to_string).collect();
+        let mut work = vec![Walk {
+            dir: PathBuf::from("/"),
+            rest,
+            star: None,
+            hops: 0,
+        }];
+        while let Some(w) = work.pop() {
+            self.step(w, &mut work, &mut out);
+        }
+        out.found.sort();
+        out.found.dedup();
+        out.skipped.sort_by(|a, b| a.path.cmp(&b.path));
+        out.skipped.dedup();
+        out
     }
 }
 
-fn find_dir_named(dir: &Path, name: &str, depth: u32) -> Option<PathBuf> {
-    if depth == 0 {
+/// Cgroup trees systemd delegates to users or containers: a unit name found there is somebody's
+/// own cgroup, not the system unit.
+const UNTRUSTED_SLICES: &[&str] = &["user.slice", "machine.slice"];
+
+/// The cgroup of system unit `unit` below the cgroup2 mount `root`, if it runs.
+///
+/// Only cgroups only root can create are looked at: `system.slice/<unit>` first, then `<unit>`
+/// directly below the root (`init.scope`) or in a `*.slice` reached from the root through
+/// `*.slice` directories only (`system.slice/system-getty.slice/getty@tty1.service`, a unit with
+/// `Slice=backup.slice`), at most 4 levels deep, every directory on the way owned by root.
+/// `user.slice` and `machine.slice` are never entered: user managers (`user@UID.service`,
+/// `systemd-run --user`) and containers get their trees delegated there, so a user could name a
+/// cgroup `ssh.service`. A service's own delegated subtree is never entered either: it is not a
+/// slice.
+pub fn find_system_unit(root: &Path, unit: &str) -> Option<PathBuf> {
+    let owned_dir =
+        |p: &Path| std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir() && m.uid() == 0);
+    if unit.is_empty() || unit.contains('/') || unit.starts_with('.') {
         return None;
     }
-    let mut subdirs = Vec::new();
-    for e in std::fs::read_dir(dir).ok()?.filter_map(Result::ok) {
-        if !e.file_type().is_ok_and(|t| t.is_dir()) {
-            continue;
-        }
-        if e.file_name() == name {
-            return Some(e.path());
-        }
-        subdirs.push(e.path());
+    let direct = root.join("system.slice").join(unit);
+    if owned_dir(&root.join("system.slice")) && owned_dir(&direct) {
+        return Some(direct);
     }
-    subdirs.sort();
-    subdirs
-        .into_iter()
-        .find_map(|d| find_dir_named(&d, name, depth - 1))
+    let mut level = vec![root.to_path_buf()];
+    for _ in 0..4 {
+        let mut next = Vec::new();
+        for dir in &level {
+            let candidate = dir.join(unit);
+            if owned_dir(&candidate) {
+                return Some(candidate);
+            }
+            let Ok(rd) = std::fs::read_dir(dir) else {
+                continue;
+            };
+            let mut slices: Vec<PathBuf> = rd
+                .filter_map(Result::ok)
+                .filter(|e| {
+                    let n = e.file_name();
+                    let n = n.to_string_lossy();
+                    n.ends_with(".slice") && !UNTRUSTED_SLICES.contains(&n.as_ref())
+                })
+                .map(|e| e.path())
+                .filter(|p| owned_dir(p))
+                .collect();
+            slices.sort();
+            next.extend(slices);
+        }
+        level = next;
+    }
+    None
+}
+
+/// One partial resolution of a declared path: `dir` is a real directory reached so far, `rest`
+/// the components still to resolve.
+struct Walk {
+    dir: PathBuf,
+    rest: Vec<String>,
+    /// Where the first `*` matched: (its parent directory, the name it matched).
+    star: Option<(PathBuf, String)>,
+    /// Symlinks followed so far (a loop ends at 16, like a bounded ELOOP).
+    hops: u32,
+}
+
+impl SystemResolver {
+    /// Resolves the next component of `w`, pushing what remains to `work`.
+    fn step(&self, w: Walk, work: &mut Vec<Walk>, out: &mut Declared) {
+        let Some((comp, rest)) = w.rest.split_first() else {
+            self.finish(w, out);
+            return;
+        };
+        if comp == ".." {
+            // Only from a followed symlink's target: `dir` holds no symlink, so `..` is lexical.
+            let dir = w
+                .dir
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or(w.dir.clone());
+            work.push(Walk {
+                dir,
+                rest: rest.to_vec(),
+                ..w
+            });
+            return;
+        }
+        if comp == "." {
+            work.push(Walk {
+                rest: rest.to_vec(),
+                ..w
+            });
+            return;
+        }
+        if comp == "*" {
+            let Ok(rd) = std::fs::read_dir(&w.dir) else {
+                return;
+            };
+            let mut names: Vec<String> = rd
+                .filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| !n.starts_with('.'))
+                .collect();
+            // Reverse so that the stack pops them in name order.
+            names.sort();
+            for name in names.into_iter().rev() {
+                let p = w.dir.join(&name);
+                let Ok(m) = std::fs::symlink_metadata(&p) else {
+                    continue;
+                };
+                if m.file_type().is_symlink() {
+                    out.skipped.push(Skipped {
+                        path: p,
+                        reason: "is a symlink: a glob never follows one".to_string(),
+                    });
+                    continue;
+                }
+                if !m.is_dir() {
+                    // Only directories hold deletions; files in a globbed directory are noise.
+                    continue;
+                }
+                let star = w.star.clone().or(Some((w.dir.clone(), name)));
+                work.push(Walk {
+                    dir: p,
+                    rest: rest.to_vec(),
+                    star,
+                    hops: w.hops,
+                });
+            }
+            return;
+        }
+        let p = w.dir.join(comp);
+        let Ok(m) = std::fs::symlink_metadata(&p) else {
+            return;
+        };
+        if !m.file_type().is_symlink() {
+            if rest.is_empty() || m.is_dir() {
+                work.push(Walk {
+                    dir: p,
+                    rest: rest.to_vec(),
+                    ..w
+                });
+            }
+            return;
+        }
+        if w.star.is_some() {
+            // Below a `*` the path is whatever the matched directory's owner made it.
+            out.skipped.push(Skipped {
+                path: p,
+                reason: "is a symlink: a glob match never goes through one".to_string(),
+            });
+            return;
+        }
+        let parent_ok =
+            std::fs::symlink_metadata(&w.dir).is_ok_and(|d| d.uid() == 0 && d.mode() & 0o022 == 0);
+        if m.uid() != 0 || !parent_ok {
+            out.skipped.push(Skipped {
+                path: p,
+                reason: format!(
+                    "is a symlink that root does not control (link owned by uid {}, in {}): declared paths follow only root's symlinks in directories only root can write",
+                    m.uid(),
+                    w.dir.display()
+                ),
+            });
+            return;
+        }
+        if w.hops >= 16 {
+            out.skipped.push(Skipped {
+                path: p,
+                reason: "too many levels of symlinks".to_string(),
+            });
+            return;
+        }
+        let Ok(target) = std::fs::read_link(&p) else {
+            return;
+        };
+        let t = target.to_string_lossy();
+        let (dir, mut comps) = if t.starts_with('/') {
+            (PathBuf::from("/"), Vec::new())
+        } else {
+            (w.dir.clone(), Vec::new())
+        };
+        comps.extend(components(&t).map(str::to_string));
+        comps.extend(rest.iter().cloned());
+        work.push(Walk {
+            dir,
+            rest: comps,
+            star: w.star,
+            hops: w.hops + 1,
+        });
+    }
+
+    /// A fully resolved path: a glob match must belong to root or to the matched user.
+    fn finish(&self, w: Walk, out: &mut Declared) {
+        let Ok(m) = std::fs::symlink_metadata(&w.dir) else {
+            return;
+        };
+        if let Some((parent, name)) = &w.star {
+            let owner = m.uid();
+            let user_uid = self.uid(name);
+            let home_owner = std::fs::symlink_metadata(parent)
+                .ok()
+                .filter(|pm| pm.uid() == 0 && pm.mode() & 0o022 == 0)
+                .and_then(|_| std::fs::symlink_metadata(parent.join(name)).ok())
+                .map(|hm| hm.uid());
+            if owner != 0 && Some(owner) != user_uid && Some(owner) != home_owner {
+                out.skipped.push(Skipped {
+                    path: w.dir,
+                    reason: format!(
+                        "is owned by uid {owner}, neither root nor the user {name:?} whose directory the glob matched"
+                    ),
+                });
+                return;
+            }
+        }
+        out.found.push((w.dir, (m.dev(), m.ino())));
+    }
 }
 
 /// Mount points (field 5) of `/proc/self/mountinfo`, unescaped, without `/`, deduplicated,
@@ -278,6 +539,28 @@ impl Resolver for MemResolver {
     fn cgroup_id(&self, unit_or_cgroup: &str) -> Option<u64> {
         self.cgroups.get(unit_or_cgroup).copied()
     }
+}
+
+/// Identities (st_dev as userspace sees it, st_ino) a target must never have, each with the
+/// kept directory it would swallow: `/`, and every directory in `kept` (protected roots, data
+/// directories) with all its ancestors. A target there frees everything around the kept
+/// directory; in the kernel's walk from inside it, the kept directory's own entry still wins, but
+/// not in the tracepoint tier's approximations.
+pub fn too_wide_for_targets<'a>(
+    resolver: &dyn Resolver,
+    kept: impl Iterator<Item = &'a Path>,
+) -> BTreeMap<(u64, u64), PathBuf> {
+    let mut out = BTreeMap::new();
+    for k in std::iter::once(Path::new("/")).chain(kept) {
+        for (real, _) in resolver.declared(&k.to_string_lossy()).found {
+            for a in std::iter::once(real.clone()).chain(ancestors(&real)) {
+                if let Some(id) = resolver.identity(&a) {
+                    out.entry(id).or_insert_with(|| real.clone());
+                }
+            }
+        }
+    }
+    out
 }
 
 // --- path helpers ------------------------------------------------------------------------------

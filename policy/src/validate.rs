@@ -162,9 +162,23 @@ impl V<'_, '_, '_> {
         default
     }
 
-    fn duration(&mut self, s: &Str, field: &str, default: Duration) -> Duration {
+    /// A positive duration of at most `max`.
+    fn duration(&mut self, s: &Str, field: &str, default: Duration, max: Duration) -> Duration {
         let Some(s) = s else { return default };
         match parse_duration(&s.value) {
+            Some(d) if d > max => {
+                self.push(
+                    Code::DurationTooLong,
+                    &s.span,
+                    format!(
+                        "{field} {} is longer than its maximum, {}",
+                        quoted(&s.value),
+                        format_duration(max)
+                    ),
+                    format!("write at most \"{}\"", format_duration(max)),
+                );
+                default
+            }
             Some(d) if !d.is_zero() => d,
             Some(_) => {
                 self.push(
@@ -257,10 +271,34 @@ impl V<'_, '_, '_> {
         Some(crate::resolver::normalize(Path::new(v)))
     }
 
+    /// Warns about a declared directory (target, protected root, data directory) that does not
+    /// resolve, or whose resolution left something out (W0008: what compile will skip).
+    fn warn_declared(&mut self, s: &Sp<String>, p: &Path, field: &str) {
+        let d = self.resolver.declared(&p.to_string_lossy());
+        for sk in &d.skipped {
+            self.push(
+                Code::UnsafePath,
+                &s.span,
+                format!(
+                    "{} in {field}: {} {}; it is left out",
+                    quoted(&s.value),
+                    // Quoted: below a `*`, names are whatever a user chose (escape sequences).
+                    quoted(&sk.path.to_string_lossy()),
+                    sk.reason
+                ),
+                "a user can point their own symlinks and directories anywhere; name the real \
+                 directory, owned by root (or, below a `*`, by the user it belongs to)",
+            );
+        }
+        if d.found.is_empty() && d.skipped.is_empty() {
+            self.warn_missing(s, p, field);
+        }
+    }
+
     fn warn_missing(&mut self, s: &Sp<String>, p: &Path, field: &str) {
         let pat = p.to_string_lossy();
         let missing = if components(&pat).any(|c| c == "*") {
-            self.resolver.glob(&pat).is_empty()
+            self.resolver.declared(&pat).found.is_empty()
         } else {
             self.resolver.identity(p).is_none()
         };
@@ -288,7 +326,7 @@ impl V<'_, '_, '_> {
         for s in list.iter().flatten() {
             if let Some(p) = self.path(s, field, glob) {
                 if check_exists {
-                    self.warn_missing(s, &p, field);
+                    self.warn_declared(s, &p, field);
                 }
                 if !out.iter().any(|(q, _)| *q == p) {
                     out.push((p, s.clone()));
@@ -523,12 +561,13 @@ pub(crate) fn validate(raw: &RawFile, sources: Vec<String>, v: &mut V<'_, '_, '_
 
 fn validate_deletion(d: &RawDeletion, span: &Range<usize>, v: &mut V<'_, '_, '_>) -> Deletion {
     let budget = v.budget(&d.budget, "deletion.budget", defaults::BUDGET);
-    let window = v.duration(&d.window, "deletion.window", defaults::WINDOW);
+    let window = v.duration(&d.window, "deletion.window", defaults::WINDOW, MAX_WINDOW);
     let action = v.choice(&d.action, "deletion.action", ACTIONS, Action::Hold);
     let hold_timeout = v.duration(
         &d.hold_timeout,
         "deletion.hold_timeout",
         defaults::HOLD_TIMEOUT,
+        MAX_HOLD_TIMEOUT,
     );
     let on_deny = v.choice(&d.on_deny, "deletion.on_deny", ON_DENY, OnDeny::Kill);
     let never_hold: Vec<String> = match &d.never_hold {
@@ -582,7 +621,7 @@ fn validate_deletion(d: &RawDeletion, span: &Range<usize>, v: &mut V<'_, '_, '_>
         let Some(p) = v.path(ps, &format!("{field}.path"), false) else {
             continue;
         };
-        v.warn_missing(ps, &p, &format!("{field}.path"));
+        v.warn_declared(ps, &p, &format!("{field}.path"));
         let o = dd.value.owners.as_ref().map(|o| RawOwnersLike {
             units: o.units.as_ref(),
             executables: o.executables.as_ref(),
@@ -647,7 +686,7 @@ fn validate_deletion(d: &RawDeletion, span: &Range<usize>, v: &mut V<'_, '_, '_>
             rule_targets.push((p.clone(), s.clone(), format!("{field}.targets")));
         }
         let budget_r = v.budget(&rr.budget, &format!("{field}.budget"), budget);
-        let window_r = v.duration(&rr.window, &format!("{field}.window"), window);
+        let window_r = v.duration(&rr.window, &format!("{field}.window"), window, MAX_WINDOW);
         let action_r = v.choice(&rr.action, &format!("{field}.action"), ACTIONS, action);
         let mode_r = v.choice(&rr.mode, &format!("{field}.mode"), MODES, Mode::Enforce);
         rule_spans.push(r.span.clone());
@@ -766,7 +805,15 @@ fn validate_deletion(d: &RawDeletion, span: &Range<usize>, v: &mut V<'_, '_, '_>
         );
     }
 
-    // Target conflicts.
+    // Target conflicts. Identities (as userspace sees them) a glob match must not have: `/`,
+    // and the protected roots and data directories with their ancestors.
+    let too_wide = crate::resolver::too_wide_for_targets(
+        v.resolver,
+        protected
+            .iter()
+            .chain(data_paths.iter())
+            .map(|(p, _)| p.as_path()),
+    );
     let all_targets: Vec<(PathBuf, Sp<String>, String)> = targets
         .iter()
         .map(|(p, s)| (p.clone(), s.clone(), "deletion.targets".to_string()))
@@ -784,8 +831,52 @@ fn validate_deletion(d: &RawDeletion, span: &Range<usize>, v: &mut V<'_, '_, '_>
         for (p, ps) in &protected {
             if p != t && crate::resolver::glob_matches(&tl, p) {
                 v.push(Code::TargetConflict, &ps.span, format!("protected root {} is also matched by target {} ({field})", quoted(&ps.value), quoted(&ts.value)), "a directory is either free to delete in (target) or kept (protected root); narrow the glob or drop the protected root");
-            } else if p != t && pattern_covers(&tl, &p.to_string_lossy()) {
-                v.push(Code::ProtectedInTarget, &ps.span, format!("protected root {} is inside target {} ({field})", quoted(&ps.value), quoted(&ts.value)), "the directory itself is kept, but everything in it may be deleted freely; narrow the target if that is not what you want");
+            }
+        }
+        // A target that is `/` or an ancestor of a kept directory: everything around the kept
+        // directory, and in the tracepoint tier whatever its walk cannot tell apart, is free.
+        let kept = protected
+            .iter()
+            .map(|(p, ps)| (p, ps, "protected root"))
+            .chain(data_paths.iter().map(|(p, ps)| (p, ps, "data directory")));
+        let mut inner: Option<(&Sp<String>, &str)> = None;
+        for (p, ps, what) in kept {
+            if p != t
+                && !crate::resolver::glob_matches(&tl, p)
+                && pattern_covers(&tl, &p.to_string_lossy())
+            {
+                inner = Some((ps, what));
+                break;
+            }
+        }
+        if t == Path::new("/") {
+            v.push(
+                Code::TargetTooWide,
+                &ts.span,
+                format!(
+                    "{} in {field} makes the whole filesystem free to delete in",
+                    quoted(&ts.value)
+                ),
+                "name the directories whose contents may go, e.g. \"/var/tmp\"",
+            );
+        } else if let Some((ps, what)) = inner {
+            v.push(Code::TargetTooWide, &ts.span, format!("target {} in {field} holds the {what} {}", quoted(&ts.value), quoted(&ps.value)), "a target may not contain a protected root or data directory: name the directories below it that may be emptied instead");
+        } else if components(&tl).any(|c| c == "*") {
+            // The same rule for what a glob matches on this host (compile leaves those out).
+            for (q, id) in v.resolver.declared(&tl).found {
+                if let Some(k) = too_wide.get(&id) {
+                    v.push(
+                        Code::UnsafePath,
+                        &ts.span,
+                        format!(
+                            "{} in {field} matches {}, which is / or holds {}; it is left out",
+                            quoted(&ts.value),
+                            quoted(&q.to_string_lossy()),
+                            quoted(&k.to_string_lossy())
+                        ),
+                        "a target may not contain a protected root or data directory",
+                    );
+                }
             }
         }
     }
@@ -907,6 +998,7 @@ fn validate_shutdown(s: &RawShutdown, v: &mut V<'_, '_, '_>) -> Shutdown {
         &s.confirm_window,
         "shutdown.confirm_window",
         defaults::CONFIRM_WINDOW,
+        MAX_CONFIRM_WINDOW,
     );
     let logind_inhibitor = s.logind_inhibitor.as_ref().is_none_or(|b| b.value);
     let mut commands = Vec::new();

@@ -211,14 +211,25 @@ fn mount_points_unprotected_when_asked() {
 }
 
 #[test]
-fn mount_below_a_data_dir_and_a_nearer_target() {
-    // target /srv (rule 0), data dir /srv/db owned by nobody, a filesystem mounted at /srv/db/disk:
-    // the data directory is nearer, so the mount root must refuse everyone.
+fn mount_below_a_data_dir() {
+    // data dir /srv/db owned by nobody, a filesystem mounted at /srv/db/disk: the mount root must
+    // refuse everyone. (A target /srv around the data directory is refused: E0018.)
     let h = common::host()
         .with_tree(0x801, &["/srv/db/disk"])
         .with_mount("/srv/db/disk", 0x813, 2);
     let text = "[deletion]\nprotected_roots = [\"/\"]\ntargets = [\"/srv\"]\nprotect_mount_points = false\n[[deletion.data_dir]]\npath = \"/srv/db\"\n";
-    let p = check_str("p.toml", text, &h).policy.expect("loads");
+    let refused = check_str("p.toml", text, &h);
+    assert!(refused.policy.is_none());
+    assert!(
+        refused
+            .errors()
+            .any(|d| d.code == guardrail_policy::Code::TargetTooWide
+                && (d.line, d.column) == (3, 12)),
+        "{:#?}",
+        refused.diagnostics
+    );
+    let text = text.replace("targets = [\"/srv\"]", "targets = [\"/tmp\"]");
+    let p = check_str("p.toml", &text, &h).policy.expect("loads");
     let c = compile(&p, &h);
     let e = c.dirs[&id(&h, "/srv/db/disk")];
     assert_eq!((e.kind, e.data_owner_rules), (DIR_DATA, 0));

@@ -69,7 +69,7 @@ fn policies() -> impl Strategy<Value = Gen> {
                 protect_mounts,
                 audit,
             )| Gen {
-                role,
+                role: without_too_wide_targets(role),
                 target_mask,
                 owners,
                 nrules,
@@ -80,6 +80,22 @@ fn policies() -> impl Strategy<Value = Gen> {
                 audit,
             },
         )
+}
+
+/// A target may not hold a protected root or a data directory (E0018): such a target is
+/// dropped from the generated policy.
+fn without_too_wide_targets(mut role: Vec<u8>) -> Vec<u8> {
+    let u = universe();
+    for i in 0..u.len() {
+        let holds_kept = u
+            .iter()
+            .enumerate()
+            .any(|(j, q)| j != i && matches!(role[j], 1 | 2) && Path::new(q).starts_with(&u[i]));
+        if role[i] == 3 && holds_kept {
+            role[i] = 0;
+        }
+    }
+    role
 }
 
 fn user(i: usize) -> String {

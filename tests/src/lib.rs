@@ -614,3 +614,20 @@ impl Default for NobodyKit {
         Self::new()
     }
 }
+
+/// `setpriv` arguments that run a command as `uid` (group `uid`, no supplementary groups): an
+/// unprivileged user for attack scenarios (65534 is `nobody`).
+pub fn as_uid(uid: u32) -> String {
+    format!("setpriv --reuid={uid} --regid={uid} --clear-groups")
+}
+
+/// Runs `argv` as `uid` (see [`as_uid`]) and returns its output.
+pub fn run_as(uid: u32, argv: &[&str]) -> Output {
+    Command::new("setpriv")
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={uid}"))
+        .arg("--clear-groups")
+        .args(argv)
+        .output()
+        .expect("running setpriv")
+}
