@@ -297,7 +297,8 @@ fn test(no_vm: bool, no_sysvm: bool, filter: Option<String>) -> Result<()> {
         let args = vm::VmCli {
             binary: Vec::new(),
             filter: filter.clone(),
-            timeout_secs: 1200,
+            // Limits for a hung VM, not for speed: a busy host (TCG) doubles the usual ~10 min.
+            timeout_secs: 1800,
             case_timeout_secs: 300,
             cases_dir: None,
             cache_dir: None,
@@ -319,7 +320,8 @@ fn test(no_vm: bool, no_sysvm: bool, filter: Option<String>) -> Result<()> {
             cache_dir: None,
             deb: None,
             rpm: None,
-            timeout_secs: 1200,
+            // Usually ~6 min; a busy host has taken 20 (the image build is not counted).
+            timeout_secs: 2400,
             memory_mb: 2048,
             // One vCPU, as for the VM tests: with two, a TCG vCPU thread starved by the busy host
             // left the other spinning in a cross-CPU wait while the agent attached its programs
