@@ -82,10 +82,11 @@ mod tests {
 
     #[test]
     fn this_job_predates_now_but_not_the_past() {
-        // SAFETY: getpgrp/getsid have no preconditions.
         let key = JobKey {
-            pgid: unsafe { libc::getpgrp() } as u32,
-            sid: unsafe { libc::getsid(0) } as u32,
+            pgid: nix::unistd::getpgrp().as_raw() as u32,
+            sid: nix::unistd::getsid(None)
+                .map(|p| p.as_raw() as u32)
+                .unwrap_or(0),
         };
         assert!(job_predates(&key, boottime_ns()));
         assert!(!job_predates(&key, 1), "no process started 1 ns after boot");

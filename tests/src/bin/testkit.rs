@@ -230,6 +230,7 @@ fn setsid_unlink(n: usize, dir: &Path) -> Result<()> {
         // functions (setsid, unlink, _exit).
         match unsafe { libc::fork() } {
             -1 => bail!("fork failed"),
+            // SAFETY: async-signal-safe calls on a NUL-terminated path built before the fork.
             0 => unsafe {
                 libc::setsid();
                 libc::unlink(path.as_ptr());
