@@ -243,8 +243,9 @@ struct Agent {
 struct KernelJobs {
     /// Incidents of blocked jobs already reported (their crossing event, or found by a tick).
     blocked_reported: std::collections::BTreeSet<u64>,
-    /// Ticks since the maps' fill was last measured.
-    ticks: u32,
+    /// When the maps' fill was last measured (every 5 s: counting is one syscall per entry; the
+    /// first tick after the agent was stalled measures at once, before ended jobs are removed).
+    fill_checked: Option<Instant>,
     /// Whether `JOBS` / `HELD` were last reported 80 % full (reported again once below 50 %).
     jobs_full: bool,
     held_full: bool,
@@ -551,11 +552,14 @@ impl Agent {
     /// Alerts when `JOBS` or `HELD` is 80 % full: past that, a flood of jobs evicts counters
     /// (JOBS) or a new hold may find no room (HELD, then only JOBS holds it).
     fn check_map_fill(&mut self) {
-        self.kernel_jobs.ticks += 1;
-        if self.kernel_jobs.ticks < 10 {
+        if self
+            .kernel_jobs
+            .fill_checked
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(5))
+        {
             return;
         }
-        self.kernel_jobs.ticks = 0;
+        self.kernel_jobs.fill_checked = Some(Instant::now());
         let Backend::Bpf { sensor, .. } = &mut self.backend else {
             return;
         };

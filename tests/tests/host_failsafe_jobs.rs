@@ -355,6 +355,17 @@ fn a_flood_of_new_jobs_does_not_free_a_held_job() {
         0,
         "every flood job deleted its file"
     );
+    // The flood filled the kernel's job table: the agent says so.
+    assert!(
+        wait_until(Duration::from_secs(10), || agent.events().iter().any(|e| {
+            e["agent"]["kind"] == "tier_degraded"
+                && e["agent"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("JOBS map is"))
+        })),
+        "no alert that the JOBS map is 80 % full; log:\n{}",
+        agent.log()
+    );
     assert_eq!(
         count_files(&victim),
         at_hold,
