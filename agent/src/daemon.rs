@@ -470,7 +470,10 @@ impl Agent {
             count: job.count,
             ..Default::default()
         };
-        println!("guardrail: {how}: open hold {} (pgid {})", inc.id, key.pgid);
+        println!(
+            "guardrail: adopted open hold {} (pgid {}): {how}",
+            inc.id, key.pgid
+        );
         procinfo::signal_job(key.pgid, Signal::SIGSTOP);
         if report {
             self.sink.incident(&inc);
