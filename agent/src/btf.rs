@@ -130,6 +130,13 @@ pub fn resolve_offsets(path: &Path) -> Result<KernelOffsets> {
         io_uring_opcode: 0,
         valid: 1,
         task_flags: o("task_struct", "flags")?,
+        task_group_leader: o("task_struct", "group_leader")?,
+        // Named real_start_time before 5.5; 0 (nobody is the agent) if neither exists.
+        task_start_boottime: o("task_struct", "start_boottime")
+            .or_else(|_| o("task_struct", "real_start_time"))
+            .unwrap_or(0),
+        task_cred: o("task_struct", "cred")?,
+        cred_euid: o("cred", "euid")?,
     })
 }
 

@@ -232,6 +232,21 @@ struct Agent {
     lost_reported: u64,
     forks_lost_reported: u64,
     shutdown: crate::shutdown::Guard,
+    /// Kernel bookkeeping the agent keeps in step with (adoption of unrecorded holds, map fill).
+    kernel_jobs: KernelJobs,
+}
+
+/// What the daemon remembers about the kernel's job maps between ticks.
+#[derive(Default)]
+struct KernelJobs {
+    /// Incidents of blocked jobs already reported (their crossing event, or found by a tick).
+    blocked_reported: std::collections::BTreeSet<u64>,
+    /// When the maps' fill was last measured (every 5 s: counting is one syscall per entry; the
+    /// first tick after the agent was stalled measures at once, before ended jobs are removed).
+    fill_checked: Option<Instant>,
+    /// Whether `JOBS` / `HELD` were last reported 80 % full (reported again once below 50 %).
+    jobs_full: bool,
+    held_full: bool,
 }
 
 pub fn run(args: AgentArgs) -> Result<()> {
@@ -301,6 +316,7 @@ pub fn run(args: AgentArgs) -> Result<()> {
         lost_reported: 0,
         forks_lost_reported: 0,
         shutdown,
+        kernel_jobs: KernelJobs::default(),
     };
     agent.announce();
     if adopting {
@@ -321,6 +337,11 @@ pub fn run(args: AgentArgs) -> Result<()> {
             // From now on no agent writes refusal messages: the pinned shutdown programs refuse
             // without stopping the caller to wait for one.
             agent.shutdown.set_alive_until(sensor, 0);
+            // Nor is any process the agent: a process that gets this pid is judged like any
+            // other.
+            if let Err(e) = sensor.forget_agent() {
+                eprintln!("guardrail: could not clear the agent's identity: {e:#}");
+            }
             agent.sink.agent_event(
                 "agent_stopped",
                 "guardrail agent stopped; programs stay pinned and enforcing until the next agent adopts them",
@@ -343,6 +364,17 @@ pub fn run(args: AgentArgs) -> Result<()> {
         }
     }
     result
+}
+
+/// The `Instant` a hold began, from the kernel's `CLOCK_BOOTTIME` stamp (0: now).
+fn held_since(held_ns: u64) -> Instant {
+    let now = crate::identity::boottime_ns();
+    if held_ns == 0 || held_ns > now {
+        return Instant::now();
+    }
+    Instant::now()
+        .checked_sub(Duration::from_nanos(now - held_ns))
+        .unwrap_or_else(Instant::now)
 }
 
 /// Whether systemd is restarting this unit (restart, try-restart, reload-or-restart: a package
@@ -374,7 +406,8 @@ fn systemd_restart_pending() -> bool {
 
 impl Agent {
     /// Holds left by a previous agent (crash, restart, upgrade) are open holds again: same
-    /// incident ids, the job still stopped, the kernel still refusing or re-stopping it.
+    /// incident ids, the job still stopped, the kernel still refusing or re-stopping it, and the
+    /// hold's original start (a restart never extends it past `hold_timeout`).
     fn adopt_holds(&mut self) {
         let Ok(jobs) = self.backend.jobs() else {
             return;
@@ -383,56 +416,192 @@ impl Agent {
             if job.state != JOB_HELD || !procinfo::pgid_alive(key.pgid) {
                 continue;
             }
-            let end = job
-                .comm
-                .iter()
-                .position(|c| *c == 0)
-                .unwrap_or(job.comm.len());
-            let comm = String::from_utf8_lossy(&job.comm[..end]).into_owned();
-            let pid = procinfo::pids_in_group(key.pgid)
-                .first()
-                .copied()
-                .unwrap_or(key.pgid);
-            let inc = Incident {
-                id: job.incident,
-                time: events::now_rfc3339(),
-                host: self.host.clone(),
-                tier: self.tier.to_string(),
-                kind: "budget_crossed".into(),
-                rule: self.policy.rule_name(job.rule),
-                outcome: "held".into(),
-                reason: format!(
-                    "{} deletions outside the deletion targets (budget {}, rule {}); adopted from the previous agent",
-                    job.count,
-                    self.policy.rule_budget(job.rule),
-                    self.policy.rule_name(job.rule)
-                ),
-                pid,
-                pgid: key.pgid,
-                sid: key.sid,
-                uid: job.uid,
-                user: procinfo::user_name(job.uid),
-                command: procinfo::cmdline(pid).unwrap_or(comm.clone()),
-                comm,
-                count: job.count,
-                ..Default::default()
-            };
-            println!(
-                "guardrail: adopted open hold {} (pgid {})",
-                inc.id, key.pgid
-            );
-            procinfo::signal_job(key.pgid, Signal::SIGSTOP);
-            let timeout = self.policy.hold_timeout;
-            self.holds.insert(
-                inc.id,
-                Hold {
-                    incident: inc,
-                    key,
-                    since: Instant::now(),
-                    timeout,
-                },
-            );
+            self.adopt_job(key, &job, "adopted from the previous agent", false);
         }
+    }
+
+    /// Makes `job`, which the kernel holds, an open hold of this agent. Only when a live process
+    /// of the same session started before the hold: a process group id reused by a newer job is
+    /// never stopped (its stale entry is dropped instead). `report`: the incident was never
+    /// reported (its event was lost) and goes to the sinks now.
+    fn adopt_job(&mut self, key: JobKey, job: &JobState, how: &str, report: bool) -> bool {
+        if !crate::identity::job_predates(&key, job.held_ns) {
+            let _ = self.backend.remove_job(&key);
+            return false;
+        }
+        let end = job
+            .comm
+            .iter()
+            .position(|c| *c == 0)
+            .unwrap_or(job.comm.len());
+        let comm = String::from_utf8_lossy(&job.comm[..end]).into_owned();
+        let pid = procinfo::pids_in_group(key.pgid)
+            .first()
+            .copied()
+            .unwrap_or(key.pgid);
+        let id = if job.incident != 0 {
+            job.incident
+        } else {
+            self.next_local_incident()
+        };
+        let inc = Incident {
+            id,
+            time: events::now_rfc3339(),
+            host: self.host.clone(),
+            tier: self.tier.to_string(),
+            kind: "budget_crossed".into(),
+            rule: self.policy.rule_name(job.rule),
+            outcome: "held".into(),
+            reason: format!(
+                "{} deletions outside the deletion targets (budget {}, rule {}); {how}",
+                job.count,
+                self.policy.rule_budget(job.rule),
+                self.policy.rule_name(job.rule)
+            ),
+            pid,
+            pgid: key.pgid,
+            sid: key.sid,
+            uid: job.uid,
+            user: procinfo::user_name(job.uid),
+            command: procinfo::cmdline(pid).unwrap_or(comm.clone()),
+            comm,
+            count: job.count,
+            ..Default::default()
+        };
+        println!(
+            "guardrail: adopted open hold {} (pgid {}): {how}",
+            inc.id, key.pgid
+        );
+        procinfo::signal_job(key.pgid, Signal::SIGSTOP);
+        if report {
+            self.sink.incident(&inc);
+        }
+        let timeout = self.policy.hold_timeout;
+        self.holds.insert(
+            inc.id,
+            Hold {
+                incident: inc,
+                key,
+                since: held_since(job.held_ns),
+                timeout,
+            },
+        );
+        true
+    }
+
+    /// A job the kernel holds or blocked, whose crossing event never reached the agent (ring
+    /// full, agent stalled): adopted as a hold with an id and a timeout (blocked: reported), so
+    /// no job is ever left stopped with no record. Jobs held for under a second are left to the
+    /// event still on its way.
+    fn adopt_unrecorded(&mut self) {
+        if !matches!(self.backend, Backend::Bpf { .. }) {
+            return;
+        }
+        self.drain_events();
+        let Ok(jobs) = self.backend.jobs() else {
+            return;
+        };
+        let now = crate::identity::boottime_ns();
+        for (key, job) in jobs {
+            let settled = job.held_ns != 0 && now.saturating_sub(job.held_ns) >= 1_000_000_000;
+            if !settled || !procinfo::pgid_alive(key.pgid) {
+                continue;
+            }
+            let recorded =
+                self.holds.contains_key(&job.incident) || self.holds.values().any(|h| h.key == key);
+            if job.state == JOB_HELD && !recorded {
+                self.adopt_job(
+                    key,
+                    &job,
+                    "found held by the kernel, its crossing event was lost",
+                    true,
+                );
+            } else if job.state == JOB_BLOCKED
+                && !self.kernel_jobs.blocked_reported.contains(&job.incident)
+                && crate::identity::job_predates(&key, job.held_ns)
+            {
+                self.kernel_jobs.blocked_reported.insert(job.incident);
+                let mut inc = Incident {
+                    id: job.incident,
+                    time: events::now_rfc3339(),
+                    host: self.host.clone(),
+                    tier: self.tier.to_string(),
+                    kind: "budget_crossed".into(),
+                    rule: self.policy.rule_name(job.rule),
+                    pgid: key.pgid,
+                    sid: key.sid,
+                    uid: job.uid,
+                    user: procinfo::user_name(job.uid),
+                    count: job.count,
+                    ..Default::default()
+                };
+                inc.outcome = if self.tier == Tier::Lsm {
+                    "refused"
+                } else {
+                    "killed"
+                }
+                .into();
+                inc.reason = format!(
+                    "{} deletions outside the deletion targets (rule {}); found blocked by the kernel, its crossing event was lost",
+                    job.count, inc.rule
+                );
+                self.sink.incident(&inc);
+            }
+        }
+    }
+
+    /// Alerts when `JOBS` or `HELD` is 80 % full: past that, a flood of jobs evicts counters
+    /// (JOBS) or a new hold may find no room (HELD, then only JOBS holds it).
+    fn check_map_fill(&mut self) {
+        if self
+            .kernel_jobs
+            .fill_checked
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(5))
+        {
+            return;
+        }
+        self.kernel_jobs.fill_checked = Some(Instant::now());
+        let Backend::Bpf { sensor, .. } = &mut self.backend else {
+            return;
+        };
+        let Ok((jobs, held)) = sensor.job_map_fill() else {
+            return;
+        };
+        let checks = [
+            (
+                "JOBS",
+                jobs,
+                guardrail_common::JOBS_CAPACITY as usize,
+                self.kernel_jobs.jobs_full,
+            ),
+            (
+                "HELD",
+                held,
+                guardrail_common::HELD_CAPACITY as usize,
+                self.kernel_jobs.held_full,
+            ),
+        ];
+        let mut now_full = [false; 2];
+        for (i, (name, n, cap, was)) in checks.into_iter().enumerate() {
+            now_full[i] = if n * 10 >= cap * 8 {
+                if !was {
+                    self.tier_degraded(format!(
+                        "the kernel's {name} map is {} % full ({n} of {cap} jobs): a flood of new jobs{}",
+                        n * 100 / cap,
+                        if name == "JOBS" {
+                            " evicts the counters of running ones (held jobs stay held)"
+                        } else {
+                            " may leave a new hold in the evictable JOBS map only"
+                        }
+                    ));
+                }
+                true
+            } else {
+                was && n * 2 >= cap
+            };
+        }
+        self.kernel_jobs.jobs_full = now_full[0];
+        self.kernel_jobs.held_full = now_full[1];
     }
 
     fn announce(&mut self) {
@@ -691,12 +860,17 @@ impl Agent {
                     .map(|j| j.state)
                     .unwrap_or(JOB_HELD);
                 if state == JOB_BLOCKED {
+                    self.kernel_jobs.blocked_reported.insert(inc.id);
                     inc.outcome = if self.tier == Tier::Lsm {
                         "refused".into()
                     } else {
                         "killed".into()
                     };
                     self.sink.incident(&inc);
+                    return;
+                }
+                if self.holds.contains_key(&inc.id) {
+                    // Already adopted by a tick that found the job held before this event.
                     return;
                 }
                 inc.outcome = "held".into();
@@ -731,6 +905,7 @@ impl Agent {
                     let mut job = self.backend.job(&key).ok().flatten().unwrap_or_default();
                     job.state = JOB_HELD;
                     job.incident = inc.id;
+                    job.held_ns = crate::identity::boottime_ns();
                     let _ = self.backend.set_job(&key, &job);
                     self.hold(inc, key);
                 } else {
@@ -843,6 +1018,8 @@ impl Agent {
         if let Backend::Bpf { sensor, .. } = &mut self.backend {
             self.shutdown.tick(sensor, false);
         }
+        self.adopt_unrecorded();
+        self.check_map_fill();
         let expired: Vec<u64> = self
             .holds
             .iter()
@@ -863,6 +1040,7 @@ impl Agent {
                 }
                 if !procinfo::pgid_alive(key.pgid) && !self.holds.values().any(|h| h.key == key) {
                     let _ = self.backend.remove_job(&key);
+                    self.kernel_jobs.blocked_reported.remove(&job.incident);
                     // One summary per job that deleted outside scope, for `policy test`.
                     if job.total >= crate::replay::SUMMARY_MIN_DELETIONS {
                         let summary = crate::replay::JobSummary::new(
@@ -929,10 +1107,13 @@ impl Agent {
     }
 
     fn approve(&mut self, id: u64, budget: Option<u64>, for_job: bool, by: u32) -> Result<String> {
-        let Some(h) = self.holds.remove(&id) else {
+        // The hold record goes only once the kernel's maps say the job may go on: a failed write
+        // leaves the job held *and* listed, with its timeout still running.
+        let Some(h) = self.holds.get(&id) else {
             bail!("no open hold with id {id} (see `guardrail status`)")
         };
-        let mut job = self.backend.job(&h.key)?.unwrap_or(JobState {
+        let key = h.key;
+        let mut job = self.backend.job(&key)?.unwrap_or(JobState {
             state: JOB_HELD,
             ..Default::default()
         });
@@ -951,8 +1132,14 @@ impl Agent {
         job.prev_count = 0;
         job.window_start_ns = crate::replay::ktime_ns();
         job.incident = 0;
+        job.held_ns = 0;
         job.state = JOB_ACTIVE;
-        self.backend.set_job(&h.key, &job)?;
+        self.backend
+            .set_job(&key, &job)
+            .context("the job stays held")?;
+        let Some(h) = self.holds.remove(&id) else {
+            bail!("no open hold with id {id}")
+        };
         let wrappers = procinfo::stopped_ancestors(h.key.pgid);
         procinfo::signal_job(h.key.pgid, Signal::SIGCONT);
         procinfo::continue_pids(&wrappers);
@@ -972,12 +1159,19 @@ impl Agent {
     }
 
     fn deny(&mut self, id: u64, outcome: &str, by: &str) -> Result<String> {
-        let Some(h) = self.holds.remove(&id) else {
+        let Some(h) = self.holds.get(&id) else {
             bail!("no open hold with id {id} (see `guardrail status`)")
         };
-        let mut job = self.backend.job(&h.key)?.unwrap_or_default();
+        let key = h.key;
+        let mut job = self.backend.job(&key)?.unwrap_or_default();
         job.state = JOB_DENIED;
-        self.backend.set_job(&h.key, &job)?;
+        // On failure the record stays: the job is still held in the kernel, and listed.
+        self.backend
+            .set_job(&key, &job)
+            .context("the job stays held")?;
+        let Some(h) = self.holds.remove(&id) else {
+            bail!("no open hold with id {id}")
+        };
         let kill_it = self.policy.deny_kills || self.tier != Tier::Lsm;
         // Found before the job goes: a wrapper stopped in sympathy (sudo) is continued after.
         let wrappers = procinfo::stopped_ancestors(h.key.pgid);

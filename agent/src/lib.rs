@@ -6,6 +6,7 @@ pub mod btf;
 pub mod cgroup;
 pub mod fallback;
 pub mod forklog;
+pub mod identity;
 pub mod probe;
 pub mod scratch;
 pub mod sensor;

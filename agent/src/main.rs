@@ -8,6 +8,7 @@ mod events;
 mod fallback;
 mod forklog;
 mod generate;
+mod identity;
 mod inhibit;
 mod ipc;
 mod policy_glue;

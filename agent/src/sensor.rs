@@ -12,8 +12,8 @@ use aya::{
     },
 };
 use guardrail_common::{
-    CgroupKey, Config, DirKey, DirRule, ExeKey, JobKey, JobState, KernelOffsets, MAX_RULES,
-    RuleParams, SelftestAnswer, UidKey,
+    CgroupKey, Config, DirKey, DirRule, ExeKey, HeldJob, JOB_ACTIVE, JobKey, JobState,
+    KernelOffsets, MAX_RULES, RuleParams, SelftestAnswer, UidKey,
 };
 
 use crate::probe::Tier;
@@ -73,7 +73,7 @@ pub struct KernelPolicy {
 /// Maps whose contents must outlive one agent process: job counters and holds, the incident
 /// counter, the executable tags of running processes, and shutdown callers stopped to wait for
 /// their refusal message.
-pub const PINNED_MAPS: &[&str] = &["JOBS", "INCIDENTS", "TASK_RULE", "SD_STOPPED"];
+pub const PINNED_MAPS: &[&str] = &["JOBS", "HELD", "INCIDENTS", "TASK_RULE", "SD_STOPPED"];
 
 pub struct Sensor {
     ebpf: Ebpf,
@@ -413,6 +413,9 @@ impl Sensor {
         cfg.active_slot = next;
         cfg.mode = policy.mode;
         cfg.agent_tgid = std::process::id();
+        // The pid alone exempts nobody: a process that gets it after this agent died started
+        // later (see guardrail_common::is_agent).
+        (cfg.agent_start_lo, cfg.agent_start_hi) = crate::identity::own_start_range();
         cfg.policy_loaded = 1;
         self.set_config(cfg)?;
         self.active_slot = next;
@@ -443,30 +446,110 @@ impl Sensor {
         Ok(())
     }
 
+    /// A job as the kernel judges it: its `JOBS` counters, with the held state from `HELD` when
+    /// the counters were evicted or made afresh since it was held.
     pub fn job(&mut self, key: &JobKey) -> Result<Option<JobState>> {
         let m: HashMap<_, JobKey, JobState> = HashMap::try_from(self.map_mut("JOBS")?)?;
-        match m.get(key, 0) {
+        let counters = match m.get(key, 0) {
+            Ok(v) => Some(v),
+            Err(aya::maps::MapError::KeyNotFound) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let held = self.held(key)?;
+        Ok(merge_held(counters, held))
+    }
+
+    fn held(&mut self, key: &JobKey) -> Result<Option<HeldJob>> {
+        let h: HashMap<_, JobKey, HeldJob> = HashMap::try_from(self.map_mut("HELD")?)?;
+        match h.get(key, 0) {
             Ok(v) => Ok(Some(v)),
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(e.into()),
         }
     }
 
+    /// Writes a job's state. Letting a job go (active again) first removes it from `HELD`, so the
+    /// kernel never restores a hold the agent lifted; holding or denying writes `HELD` first. An
+    /// error means the kernel may still hold the job: the caller keeps its hold record.
     pub fn set_job(&mut self, key: &JobKey, state: &JobState) -> Result<()> {
+        {
+            let mut h: HashMap<_, JobKey, HeldJob> = HashMap::try_from(self.map_mut("HELD")?)?;
+            if state.state == JOB_ACTIVE {
+                match h.remove(key) {
+                    Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                    Err(e) => return Err(e).context("removing the job from HELD"),
+                }
+            } else {
+                let held = HeldJob {
+                    state: state.state,
+                    rule: state.rule,
+                    incident: state.incident,
+                    held_ns: state.held_ns,
+                };
+                // A full HELD map (the daemon alerts at 80 %) leaves JOBS to hold the job.
+                if let Err(e) = h.insert(key, held, 0) {
+                    eprintln!(
+                        "guardrail: HELD map: {e}; job {} held in JOBS only",
+                        key.pgid
+                    );
+                }
+            }
+        }
         let mut m: HashMap<_, JobKey, JobState> = HashMap::try_from(self.map_mut("JOBS")?)?;
-        m.insert(key, state, 0)?;
+        m.insert(key, state, 0)
+            .context("writing the job's state (JOBS)")?;
         Ok(())
     }
 
+    /// Every job the kernel knows: those with counters, and held ones whose counters are gone.
     pub fn jobs(&mut self) -> Result<Vec<(JobKey, JobState)>> {
+        let held: std::collections::HashMap<JobKey, HeldJob> = {
+            let h: HashMap<_, JobKey, HeldJob> = HashMap::try_from(self.map_mut("HELD")?)?;
+            h.iter().filter_map(|r| r.ok()).collect()
+        };
         let m: HashMap<_, JobKey, JobState> = HashMap::try_from(self.map_mut("JOBS")?)?;
-        Ok(m.iter().filter_map(|r| r.ok()).collect())
+        let mut out: Vec<(JobKey, JobState)> = m
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter_map(|(k, j)| merge_held(Some(j), held.get(&k).copied()).map(|j| (k, j)))
+            .collect();
+        let counted: std::collections::HashSet<JobKey> = out.iter().map(|(k, _)| *k).collect();
+        for (k, h) in held {
+            if !counted.contains(&k)
+                && let Some(j) = merge_held(None, Some(h))
+            {
+                out.push((k, j));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Entries in (`JOBS`, `HELD`), for the fill alert.
+    pub fn job_map_fill(&mut self) -> Result<(usize, usize)> {
+        let jobs = {
+            let m: HashMap<_, JobKey, JobState> = HashMap::try_from(self.map_mut("JOBS")?)?;
+            m.keys().filter(|k| k.is_ok()).count()
+        };
+        let h: HashMap<_, JobKey, HeldJob> = HashMap::try_from(self.map_mut("HELD")?)?;
+        Ok((jobs, h.keys().filter(|k| k.is_ok()).count()))
     }
 
     pub fn remove_job(&mut self, key: &JobKey) -> Result<()> {
         let mut m: HashMap<_, JobKey, JobState> = HashMap::try_from(self.map_mut("JOBS")?)?;
         let _ = m.remove(key);
+        let mut h: HashMap<_, JobKey, HeldJob> = HashMap::try_from(self.map_mut("HELD")?)?;
+        let _ = h.remove(key);
         Ok(())
+    }
+
+    /// This agent exits and leaves its programs pinned: from now on no process is the agent
+    /// (the next agent's own configuration replaces this one).
+    pub fn forget_agent(&mut self) -> Result<()> {
+        let mut cfg = self.config()?;
+        cfg.agent_tgid = 0;
+        cfg.agent_start_lo = 0;
+        cfg.agent_start_hi = 0;
+        self.set_config(cfg)
     }
 
     /// The ring buffer of events, taken out of the object (call once).
@@ -498,6 +581,27 @@ pub fn selftest_answer(ebpf: &mut Ebpf) -> Result<SelftestAnswer> {
     let ans: Array<_, SelftestAnswer> =
         Array::try_from(ebpf.map("SELFTEST").ok_or_else(|| anyhow!("no SELFTEST"))?)?;
     Ok(ans.get(&0, 0)?)
+}
+
+/// A job's state from its counters (`JOBS`) and its entry in `HELD`: the held state wins over an
+/// active one (the counters were evicted and made afresh), as it does in the kernel.
+pub fn merge_held(counters: Option<JobState>, held: Option<HeldJob>) -> Option<JobState> {
+    match (counters, held) {
+        (Some(mut j), Some(h)) if j.state == JOB_ACTIVE && h.state != JOB_ACTIVE => {
+            j.state = h.state;
+            j.incident = h.incident;
+            j.held_ns = h.held_ns;
+            Some(j)
+        }
+        (None, Some(h)) if h.state != JOB_ACTIVE => Some(JobState {
+            state: h.state,
+            rule: h.rule,
+            incident: h.incident,
+            held_ns: h.held_ns,
+            ..Default::default()
+        }),
+        (j, _) => j,
+    }
 }
 
 /// Unpins every link pinned in `dir`, detaching its program; returns how many.

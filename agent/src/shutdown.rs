@@ -339,6 +339,8 @@ impl Guard {
                 .unwrap_or(0),
             cleared_ns: CLEARED.as_nanos() as u64,
             alive_until_ns: monotonic_ns() + ALIVE_FOR.as_nanos() as u64,
+            agent_start_lo: crate::identity::own_start_range().0,
+            agent_start_hi: crate::identity::own_start_range().1,
         };
         let mut a: Array<_, ShutdownConfig> = Array::try_from(
             sensor
@@ -380,6 +382,12 @@ impl Guard {
             && let Ok(mut cfg) = a.get(&0, 0)
         {
             cfg.alive_until_ns = until_ns;
+            if until_ns == 0 {
+                // The agent is going: its pid exempts nobody from now on.
+                cfg.agent_tgid = 0;
+                cfg.agent_start_lo = 0;
+                cfg.agent_start_hi = 0;
+            }
             let _ = a.set(0, cfg, 0);
         }
     }

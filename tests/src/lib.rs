@@ -631,3 +631,17 @@ pub fn run_as(uid: u32, argv: &[&str]) -> Output {
         .output()
         .expect("running setpriv")
 }
+
+/// Prefix of a shell command line that runs the rest of it as user nobody (uid and gid 65534, no
+/// supplementary groups): the unprivileged attacker of the security tests.
+pub const AS_NOBODY: &str = "setpriv --reuid=65534 --regid=65534 --clear-groups";
+
+/// Gives `path` and everything below it to nobody, so a job run as nobody may delete in it.
+pub fn chown_nobody(path: &Path) {
+    let status = Command::new("chown")
+        .args(["-R", "65534:65534"])
+        .arg(path)
+        .status()
+        .expect("running chown");
+    assert!(status.success(), "chown -R nobody {}", path.display());
+}

@@ -41,6 +41,8 @@ const APT_PACKAGES: &[&str] = &[
     "openssh-client",
     "sudo",
     "tmux",
+    // The exemption tests run a user's logrotate (tests/tests/host_failsafe_jobs.rs).
+    "logrotate",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 

@@ -119,6 +119,14 @@ pub struct UidKey {
 
 // --- global configuration --------------------------------------------------------------------
 
+/// Whether a task whose thread group leader started at `start_ns` (`start_boottime`) with
+/// `tgid` is the agent the configuration names: the tgid and the start time must both match, so
+/// a process that inherits a dead agent's pid is not exempt.
+#[inline(always)]
+pub fn is_agent(tgid: u32, start_ns: u64, agent_tgid: u32, lo: u64, hi: u64) -> bool {
+    agent_tgid != 0 && tgid == agent_tgid && start_ns != 0 && lo <= start_ns && start_ns < hi
+}
+
 /// Global mode: enforce.
 pub const MODE_ENFORCE: u32 = 0;
 /// Global mode: audit (nothing refused or stopped anywhere).
@@ -139,6 +147,12 @@ pub struct Config {
     pub policy_loaded: u32,
     /// Monotonic incident counter base; the kernel adds to `INCIDENTS` on each new hold.
     pub incident_base: u64,
+    /// The agent's identity besides its tgid: its start time (`task_struct.start_boottime` of
+    /// the thread group leader, ns) lies in `[agent_start_lo, agent_start_hi)`. A process that
+    /// later gets a dead agent's pid started after it and is judged like any other. Both 0: no
+    /// process is the agent.
+    pub agent_start_lo: u64,
+    pub agent_start_hi: u64,
 }
 
 // --- jobs ------------------------------------------------------------------------------------
@@ -195,6 +209,42 @@ pub struct JobState {
     pub uid: u32,
     pub _pad: u32,
     pub comm: [u8; 16],
+    /// `CLOCK_BOOTTIME` (ns) when the job crossed its budget and was held or blocked (0: never):
+    /// the hold's start, kept across agent restarts, and the age a job's processes must exceed
+    /// to be the job that was held (a reused process group id is younger).
+    pub held_ns: u64,
+}
+
+/// Capacity of the `JOBS` LRU map (counters of every job that deleted outside scope).
+pub const JOBS_CAPACITY: u32 = 16384;
+/// Capacity of the `HELD` map. Held, denied and blocked jobs are also kept there, in a plain
+/// hash the kernel never evicts from: a flood of new jobs may push a held job's counters out of
+/// the LRU map `JOBS`, but not the fact that it is held. The agent removes jobs that ended.
+pub const HELD_CAPACITY: u32 = 4096;
+
+/// Value of the `HELD` map (keyed by [`JobKey`]): what the kernel restores into a job's `JOBS`
+/// entry when it finds it missing or active while this says otherwise.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HeldJob {
+    /// `JOB_HELD`, `JOB_DENIED` or `JOB_BLOCKED`.
+    pub state: u32,
+    pub rule: u32,
+    pub incident: u64,
+    /// As [`JobState::held_ns`].
+    pub held_ns: u64,
+}
+
+/// Key of the `REFUSALS` map: refusals of one kind (`EV_PROTECTED_ROOT`, `EV_DATA_DIR`) for one
+/// job, counted so that the kernel reports the 1st, 2nd, 3rd, 5th, 9th, ... (powers of two),
+/// never one event per refused file.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RefusalKey {
+    pub sid: u32,
+    pub pgid: u32,
+    pub kind: u32,
+    pub _pad: u32,
 }
 
 // --- events ----------------------------------------------------------------------------------
@@ -340,6 +390,15 @@ pub struct KernelOffsets {
     pub valid: u32,
     /// `task_struct.flags` (PF_KTHREAD, PF_IO_WORKER).
     pub task_flags: u32,
+    /// `task_struct.group_leader`
+    pub task_group_leader: u32,
+    /// `task_struct.start_boottime` (0: the kernel has none; then no process counts as the
+    /// agent).
+    pub task_start_boottime: u32,
+    /// `task_struct.cred` (the subjective credentials)
+    pub task_cred: u32,
+    /// `cred.euid`
+    pub cred_euid: u32,
 }
 
 /// The self-test program's answer: values read through the resolved offsets, compared by the
@@ -530,6 +589,10 @@ pub struct ShutdownConfig {
     /// refused caller is not stopped to wait for a message no agent will write: the LSM tier
     /// just refuses, the tracepoint tier kills the program before its first instruction.
     pub alive_until_ns: u64,
+    /// The agent's start time, as [`Config::agent_start_lo`]: `agent_tgid` alone is never
+    /// enough to be let through.
+    pub agent_start_lo: u64,
+    pub agent_start_hi: u64,
 }
 
 /// Key of `SD_EXES` and `SD_EXCEPT_EXES`: an executable's identity.
@@ -646,6 +709,8 @@ mod pod {
         super::Config,
         super::JobKey,
         super::JobState,
+        super::HeldJob,
+        super::RefusalKey,
         super::KernelOffsets,
         super::SelftestAnswer,
         super::SdArgs,

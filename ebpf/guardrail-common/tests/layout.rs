@@ -46,13 +46,21 @@ fn deletion_guard_tables() {
     layout!(UidKey, 8, [uid, slot]);
     layout!(
         Config,
-        24,
-        [active_slot, mode, agent_tgid, policy_loaded, incident_base]
+        40,
+        [
+            active_slot,
+            mode,
+            agent_tgid,
+            policy_loaded,
+            incident_base,
+            agent_start_lo,
+            agent_start_hi
+        ]
     );
     layout!(JobKey, 8, [sid, pgid]);
     layout!(
         JobState,
-        112,
+        120,
         [
             state,
             rule,
@@ -68,9 +76,27 @@ fn deletion_guard_tables() {
             first_ns,
             uid,
             _pad,
-            comm
+            comm,
+            held_ns
         ]
     );
+    layout!(HeldJob, 24, [state, rule, incident, held_ns]);
+    layout!(RefusalKey, 16, [sid, pgid, kind, _pad]);
+}
+
+#[test]
+fn agent_identity_needs_pid_and_start_time() {
+    // The agent: pid 4242, started 5.000s..5.010s after boot (/proc's 10 ms tick).
+    let (lo, hi) = (5_000_000_000, 5_010_000_000);
+    assert!(is_agent(4242, 5_004_000_000, 4242, lo, hi));
+    // The same pid, reused by a process started later: not the agent.
+    assert!(!is_agent(4242, 9_000_000_000, 4242, lo, hi));
+    // Another pid with the same start tick.
+    assert!(!is_agent(4243, 5_004_000_000, 4242, lo, hi));
+    // Zeroed configuration (the agent exited): nobody.
+    assert!(!is_agent(4242, 5_004_000_000, 0, 0, 0));
+    // Unknown start time (no BTF field): nobody.
+    assert!(!is_agent(4242, 0, 4242, 0, u64::MAX));
 }
 
 #[test]
@@ -105,7 +131,7 @@ fn deletion_event() {
 fn offsets_and_selftest() {
     layout!(
         KernelOffsets,
-        4 * 32,
+        4 * 36,
         [
             task_tgid,
             task_pid,
@@ -138,7 +164,11 @@ fn offsets_and_selftest() {
             mm_exe_file,
             io_uring_opcode,
             valid,
-            task_flags
+            task_flags,
+            task_group_leader,
+            task_start_boottime,
+            task_cred,
+            cred_euid
         ]
     );
     layout!(
@@ -159,7 +189,7 @@ fn shutdown_guard() {
     );
     layout!(
         ShutdownConfig,
-        4 * SD_CLASSES + 16 + 16,
+        4 * SD_CLASSES + 16 + 16 + 16,
         [
             action,
             enabled,
@@ -167,7 +197,9 @@ fn shutdown_guard() {
             agent_tgid,
             sysrq_ino,
             cleared_ns,
-            alive_until_ns
+            alive_until_ns,
+            agent_start_lo,
+            agent_start_hi
         ]
     );
     layout!(FileId, 16, [dev, ino]);

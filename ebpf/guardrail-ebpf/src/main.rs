@@ -32,7 +32,8 @@ use aya_ebpf::{
     EbpfContext,
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_task, bpf_get_current_uid_gid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_get_current_task, bpf_get_current_uid_gid, bpf_ktime_get_boot_ns, bpf_ktime_get_ns,
+        bpf_probe_read_kernel,
         bpf_probe_read_kernel_str_bytes, bpf_probe_read_user_str_bytes, bpf_send_signal,
     },
     macros::{lsm, map, raw_tracepoint, tracepoint},
@@ -91,6 +92,10 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     io_uring_opcode: 0,
     valid: 0,
     task_flags: 0,
+    task_group_leader: 0,
+    task_start_boottime: 0,
+    task_cred: 0,
+    cred_euid: 0,
 };
 
 #[map]
@@ -109,7 +114,13 @@ static UIDS: HashMap<UidKey, u32> = HashMap::with_max_entries(4096, 0);
 #[map]
 static TASK_RULE: LruHashMap<u32, u32> = LruHashMap::with_max_entries(65536, 0);
 #[map]
-static JOBS: LruHashMap<JobKey, JobState> = LruHashMap::with_max_entries(16384, 0);
+static JOBS: LruHashMap<JobKey, JobState> = LruHashMap::with_max_entries(JOBS_CAPACITY, 0);
+/// Held, denied and blocked jobs, in a map nothing evicts (see [`HeldJob`]).
+#[map]
+static HELD: HashMap<JobKey, HeldJob> = HashMap::with_max_entries(HELD_CAPACITY, 0);
+/// Refusals (protected root, foreign data directory) per job and kind, for rate limiting.
+#[map]
+static REFUSALS: LruHashMap<RefusalKey, u64> = LruHashMap::with_max_entries(16384, 0);
 /// Scratch space for a new job's entry (too big for the BPF stack).
 #[map]
 static JOB_INIT: PerCpuArray<JobState> = PerCpuArray::with_max_entries(1, 0);
@@ -277,11 +288,14 @@ fn judge(d: &Deletion) -> Verdict {
     }
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
-    if tgid == cfg.agent_tgid {
+    if tgid == cfg.agent_tgid
+        && is_current_agent(&o, cfg.agent_tgid, cfg.agent_start_lo, cfg.agent_start_hi)
+    {
         return Verdict::Allow;
     }
     let slot = cfg.active_slot & 1;
     let audit = cfg.mode == MODE_AUDIT;
+    let key = job_key(&o, current_task(), tgid);
 
     // 1. A protected root itself is never deleted, by anyone.
     if !d.entry.is_null() {
@@ -297,9 +311,9 @@ fn judge(d: &Deletion) -> Verdict {
             } {
                 if r.kind & DIR_PROTECTED_ROOT != 0 {
                     let flags = if audit { EVF_AUDIT } else { EVF_REFUSED };
-                    emit(
+                    emit_refusal(
                         d,
-                        &Report {
+                        &mut Report {
                             kind: EV_PROTECTED_ROOT,
                             flags: flags,
                             rule: 0,
@@ -307,6 +321,7 @@ fn judge(d: &Deletion) -> Verdict {
                             count: 0,
                             incident: 0,
                         },
+                        &key,
                     );
                     return if audit {
                         Verdict::Allow
@@ -318,7 +333,6 @@ fn judge(d: &Deletion) -> Verdict {
         }
     }
 
-    let key = job_key(&o, current_task(), tgid);
     let uid = bpf_get_current_uid_gid() as u32;
     // The task's own rule decides scope and exemption (an exempt package manager run from a
     // script is exempt; a data directory's own daemon is its owner); the job's counters run
@@ -350,9 +364,9 @@ fn judge(d: &Deletion) -> Verdict {
                 Scope::InTarget | Scope::DataOwner => return Verdict::Allow,
                 Scope::DataForeign { data_dir_id } => {
                     let flags = if rule_audit { EVF_AUDIT } else { EVF_REFUSED };
-                    emit(
+                    emit_refusal(
                         d,
-                        &Report {
+                        &mut Report {
                             kind: EV_DATA_DIR,
                             flags: flags,
                             rule: rule,
@@ -360,6 +374,7 @@ fn judge(d: &Deletion) -> Verdict {
                             count: 0,
                             incident: 0,
                         },
+                        &key,
                     );
                     return if rule_audit {
                         Verdict::Allow
@@ -434,7 +449,10 @@ fn judge(d: &Deletion) -> Verdict {
         )
     };
     // SAFETY: as above.
-    let state = unsafe { read_volatile(state_p) };
+    let mut state = unsafe { read_volatile(state_p) };
+    if state == JOB_ACTIVE {
+        state = restore_held(&key, job);
+    }
     if state != JOB_ACTIVE {
         let n = fetch_add(refused_p, 1);
         if state == JOB_HELD {
@@ -533,8 +551,14 @@ fn judge(d: &Deletion) -> Verdict {
     if cas(state_p, JOB_ACTIVE, new_state) {
         // This CPU made the crossing: it alone reports it.
         let inc = next_incident();
+        // SAFETY: helper without preconditions.
+        let held_ns = unsafe { bpf_ktime_get_boot_ns() };
         // SAFETY: as above.
-        unsafe { (*job).incident = inc };
+        unsafe {
+            (*job).incident = inc;
+            (*job).held_ns = held_ns;
+        }
+        remember_held(&key, new_state, rule, inc, held_ns);
         let mut flags = d.tier_flags;
         if d.tier_flags & EVF_TRACEPOINT == 0 {
             flags |= EVF_REFUSED;
@@ -567,6 +591,106 @@ fn judge(d: &Deletion) -> Verdict {
         Verdict::Hold
     } else {
         Verdict::Refuse
+    }
+}
+
+/// Whether the current task belongs to the agent named by (`agent_tgid`, start time range): the
+/// start time of its thread group leader must match too, so a process that got a dead agent's
+/// pid is judged like any other.
+#[inline(always)]
+pub(crate) fn is_current_agent(o: &KernelOffsets, agent_tgid: u32, lo: u64, hi: u64) -> bool {
+    if o.task_start_boottime == 0 || o.task_group_leader == 0 {
+        return false;
+    }
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let Ok(leader) = kptr(current_task(), o.task_group_leader) else {
+        return false;
+    };
+    let start: u64 = kread(leader, o.task_start_boottime).unwrap_or(0);
+    is_agent(tgid, start, agent_tgid, lo, hi)
+}
+
+/// A job found active in `JOBS` while `HELD` says it is held, denied or blocked (its counters were
+/// evicted by a flood of new jobs, and the entry made afresh): the held state comes back before
+/// the deletion is judged, so `kill -CONT` never buys a fresh budget. Returns the state to act on.
+#[inline(never)]
+fn restore_held(key: &JobKey, job: *mut JobState) -> u32 {
+    // SAFETY: map value pointer valid for this run.
+    let Some(h) = (unsafe { HELD.get(key) }) else {
+        return JOB_ACTIVE;
+    };
+    let (held_state, incident, held_ns) = (h.state, h.incident, h.held_ns);
+    if held_state == JOB_ACTIVE {
+        return JOB_ACTIVE;
+    }
+    // SAFETY: `job` points into a JOBS value valid for this run.
+    let state_p = unsafe { addr_of_mut!((*job).state) };
+    if cas(state_p, JOB_ACTIVE, held_state) {
+        // SAFETY: as above.
+        unsafe {
+            (*job).incident = incident;
+            (*job).held_ns = held_ns;
+        }
+    }
+    // SAFETY: as above.
+    unsafe { read_volatile(state_p) }
+}
+
+/// Records a crossing in `HELD`, where no flood of new jobs can evict it.
+#[inline(never)]
+fn remember_held(key: &JobKey, state: u32, rule: u32, incident: u64, held_ns: u64) {
+    let h = HeldJob {
+        state,
+        rule,
+        incident,
+        held_ns,
+    };
+    // Full map (the agent alerts at 80 %): the JOBS entry still holds the job.
+    let _ = HELD.insert(key, &h, 0);
+}
+
+/// Reports a refusal (protected root, foreign data directory) once per job and kind, then at
+/// the 2nd, 3rd, 5th, 9th, ... (powers of two): a foreign `rm -rf` of a large tree is a handful
+/// of events with its running count, never one per file.
+#[inline(never)]
+fn emit_refusal(d: &Deletion, r: &mut Report, job: &JobKey) {
+    let key = RefusalKey {
+        sid: job.sid,
+        pgid: job.pgid,
+        kind: r.kind,
+        _pad: 0,
+    };
+    // BPF_NOEXIST: a racing CPU may have created it.
+    let _ = REFUSALS.insert(&key, &0, 1);
+    let n = match REFUSALS.get_ptr_mut(&key) {
+        Some(p) => fetch_add(p, 1),
+        None => 0,
+    };
+    if n == 0 || n.is_power_of_two() {
+        r.count = n + 1;
+        emit(d, r);
+    }
+}
+
+/// Whether an exec may tag its process with the rule of its executable: only when root started
+/// it (real and effective uid 0) or the user the policy names for that same rule (a data
+/// directory's owner set listing both the program and its user). Any other user running an
+/// exempt or owning program (logrotate with their own configuration, systemd-tmpfiles with their
+/// own rules) gets nothing from it.
+#[inline(always)]
+fn exec_may_tag(o: &KernelOffsets, slot: u32, rule: u32) -> bool {
+    let uid = bpf_get_current_uid_gid() as u32;
+    let euid: u32 = match kptr(current_task(), o.task_cred) {
+        Ok(cred) if o.task_cred != 0 && o.cred_euid != 0 => kread(cred, o.cred_euid).unwrap_or(1),
+        _ => 1,
+    };
+    if uid == 0 && euid == 0 {
+        return true;
+    }
+    // SAFETY: map value pointer valid for this run.
+    match unsafe { UIDS.get(&UidKey { uid, slot }) } {
+        Some(r) => *r == rule && uid != 0,
+        None => false,
     }
 }
 
@@ -987,10 +1111,17 @@ pub fn sched_process_exec(_ctx: RawTracePointContext) -> i32 {
         slot: cfg.active_slot & 1,
         _pad: 0,
     };
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     // SAFETY: map value pointer valid for this run.
-    if let Some(rule) = unsafe { EXES.get(&key) } {
-        let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-        let _ = TASK_RULE.insert(&tgid, rule, 0);
+    match unsafe { EXES.get(&key) }.copied() {
+        Some(rule) if exec_may_tag(&o, key.slot, rule) => {
+            let _ = TASK_RULE.insert(&tgid, &rule, 0);
+        }
+        // A program not on the list (a shell started from a pager or from a cleaner's script),
+        // or a listed one run by a user it does not count for: the tag inherited at fork goes.
+        _ => {
+            let _ = TASK_RULE.remove(&tgid);
+        }
     }
     0
 }

@@ -375,7 +375,10 @@ fn judge(op: u32, signal: u32, tid: u32, tracepoint: bool) -> bool {
     }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     // PID 1 (and systemd-shutdown, which runs as PID 1) and the agent are never judged.
-    if tgid <= 1 || tgid == cfg.agent_tgid {
+    if tgid <= 1
+        || (tgid == cfg.agent_tgid
+            && crate::is_current_agent(&o, cfg.agent_tgid, cfg.agent_start_lo, cfg.agent_start_hi))
+    {
         return false;
     }
     let task = current_task();

@@ -283,6 +283,34 @@ fn dribble(addr: &str, secs: u64) -> Result<()> {
     Ok(())
 }
 
+/// `n` short-lived jobs, one after the other: each a forked process in a session of its own (so a
+/// job of its own) that deletes one file, `dir/f00000`, `dir/f00001`, ... (as `fill` names them).
+/// What a flood of new jobs looks like to the kernel's job table.
+fn setsid_unlink(n: usize, dir: &Path) -> Result<()> {
+    // Relative names: the tracepoint tier judges a path by the directory it starts from.
+    std::env::set_current_dir(dir).with_context(|| format!("cd {}", dir.display()))?;
+    for i in 0..n {
+        let path = std::ffi::CString::new(format!("f{i:05}"))?;
+        // SAFETY: fork in a single-threaded process; the child only calls async-signal-safe
+        // functions (setsid, unlink, _exit).
+        match unsafe { libc::fork() } {
+            -1 => bail!("fork failed"),
+            // SAFETY: async-signal-safe calls on a NUL-terminated path built before the fork.
+            0 => unsafe {
+                libc::setsid();
+                libc::unlink(path.as_ptr());
+                libc::_exit(0);
+            },
+            child => {
+                let mut status = 0;
+                // SAFETY: waiting for our own child.
+                unsafe { libc::waitpid(child, &mut status, 0) };
+            }
+        }
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args
@@ -297,6 +325,7 @@ fn main() -> Result<()> {
         ["fill", n, dir] => fill(n.parse().context("file count")?, Path::new(dir)),
         ["mirror-stop", cmd @ ..] => mirror_stop(cmd),
         ["with-pid", pid, cmd @ ..] => with_pid(pid.parse().context("pid")?, cmd),
+        ["setsid-unlink", n, dir] => setsid_unlink(n.parse().context("job count")?, Path::new(dir)),
         ["rm-rf", path] => match std::fs::remove_dir_all(path) {
             Ok(()) => {
                 println!("rm-rf: removed {path}");
@@ -319,7 +348,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         _ => bail!(
-            "usage: guardrail-testkit uring-unlink DIR | fork-unlink N DIR | rename-over SRC DST | fill N DIR | count DIR | rm-rf PATH | mirror-stop CMD... | with-pid PID CMD... | plant-links TARGET FROM COUNT TEMPLATE... | dribble ADDR SECS"
+            "usage: guardrail-testkit uring-unlink DIR | fork-unlink N DIR | rename-over SRC DST | fill N DIR | count DIR | rm-rf PATH | mirror-stop CMD... | with-pid PID CMD... | plant-links TARGET FROM COUNT TEMPLATE... | dribble ADDR SECS | setsid-unlink N DIR"
         ),
     }
 }
