@@ -76,6 +76,10 @@ pub struct Incident {
     pub first_path: String,
     #[serde(default)]
     pub last_path: String,
+    /// The audit session of whoever approved, denied or confirmed (with `decided_by`, their
+    /// uid), as the kernel reported it for the control socket's caller.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_by_session: Option<u32>,
 }
 
 fn cstr(b: &[u8]) -> String {
@@ -177,6 +181,7 @@ impl Incident {
             retries: 0,
             decided_by: None,
             decided_by_text: None,
+            decided_by_session: None,
             tier_gaps: tier.gaps().iter().map(|s| s.to_string()).collect(),
             action: String::new(),
             pids: procinfo::pids_in_group(ev.pgid),
@@ -378,6 +383,7 @@ pub(crate) mod tests {
             retries: 0,
             decided_by: None,
             decided_by_text: None,
+            decided_by_session: None,
             tier_gaps: vec![],
             action: String::new(),
             pids: vec![1234, 1240],
