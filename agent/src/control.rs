@@ -69,13 +69,19 @@ pub struct Peer {
 }
 
 impl Peer {
+    /// The caller's audit session, if it has one (not "unset", 4294967295).
     pub fn session_id(&self) -> Option<u32> {
-        self.session.as_ref().ok().copied()
+        self.session
+            .as_ref()
+            .ok()
+            .copied()
+            .filter(|s| *s != u32::MAX)
     }
 
-    /// "uid 1000 (session 7)" for the event log.
+    /// "uid 1000 (audit session 7)" for the event log.
     pub fn describe(&self) -> String {
         match &self.session {
+            Ok(u32::MAX) => format!("uid {} (no audit session)", self.uid),
             Ok(s) => format!("uid {} (audit session {s})", self.uid),
             Err(_) => format!("uid {} (audit session unknown)", self.uid),
         }

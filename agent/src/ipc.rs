@@ -182,7 +182,7 @@ pub enum Response {
 
 /// Sends one request to the daemon and returns its answer.
 pub fn call(socket: &Path, req: &Request) -> Result<Response> {
-    let mut stream = UnixStream::connect(socket).with_context(|| {
+    let stream = UnixStream::connect(socket).with_context(|| {
         format!(
             "connecting to the guardrail agent at {} (is `guardrail agent` running?)",
             socket.display()
@@ -190,13 +190,15 @@ pub fn call(socket: &Path, req: &Request) -> Result<Response> {
     })?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let line = encode_request(req);
-    stream
-        .write_all(line.as_bytes())
-        .with_context(|| format!("writing to {}", socket.display()))?;
+    // An agent that turns the connection away (too many open) answers before reading: its
+    // reason is worth more than our EPIPE.
+    let wrote = (&stream).write_all(line.as_bytes());
     let mut answer = String::new();
-    BufReader::new(stream)
-        .read_line(&mut answer)
-        .with_context(|| format!("reading the answer from {}", socket.display()))?;
+    let read = BufReader::new(&stream).read_line(&mut answer);
+    if answer.is_empty() {
+        wrote.with_context(|| format!("writing to {}", socket.display()))?;
+    }
+    read.with_context(|| format!("reading the answer from {}", socket.display()))?;
     if answer.is_empty() {
         bail!(
             "the agent at {} closed the connection without answering",

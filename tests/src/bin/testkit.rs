@@ -10,6 +10,8 @@
 //!   guardrail-testkit with-pid PID CMD...     run CMD as a child with exactly this pid
 //!                                             (clone3 set_tid: root, Linux >= 5.5), to
 //!                                             reproduce pid reuse on demand
+//!   guardrail-testkit sock MODE SOCKET ARG    a hostile or raw client of the admin socket
+//!                                             (see `sock_client`)
 //! Each prints how many operations succeeded and failed, and exits 0.
 use std::{
     ffi::CString,
@@ -218,6 +220,83 @@ fn with_pid(pid: i32, cmd: &[&str]) -> Result<()> {
     }
 }
 
+/// Clients of the admin socket, for the tests of its server (tests/tests/host_socket.rs):
+///   dribble SOCKET SECS   one byte a second for SECS seconds, never a newline (reconnects
+///                         when cut off)
+///   stream SOCKET MIB     MIB MiB without a newline, as fast as the agent takes them
+///   noread SOCKET SECS    sends a status request, then neither reads nor closes for SECS
+///   send SOCKET LINE      sends LINE and a newline, prints the answer line
+/// Each prints what it managed (bytes written, how it ended, the answer if any).
+fn sock_client(mode: &str, socket: &Path, arg: &str) -> Result<()> {
+    use std::{
+        io::{BufRead, BufReader, Write},
+        os::unix::net::UnixStream,
+        time::Duration,
+    };
+    let mut s =
+        UnixStream::connect(socket).with_context(|| format!("connecting {}", socket.display()))?;
+    let answer = |s: &UnixStream| {
+        let _ = s.set_read_timeout(Some(Duration::from_secs(20)));
+        let mut line = String::new();
+        let _ = BufReader::new(s).read_line(&mut line);
+        line.trim_end().to_string()
+    };
+    match mode {
+        "dribble" => {
+            // An attacker reconnects whenever the agent cuts it off.
+            let secs: u64 = arg.parse().context("seconds")?;
+            let end = std::time::Instant::now() + Duration::from_secs(secs);
+            // Said at once, so a test knows the connection is made.
+            println!("sock dribble: connected");
+            let (mut sent, mut connections) = (0, 1);
+            while std::time::Instant::now() < end {
+                if s.write_all(b"{").is_err() {
+                    s = UnixStream::connect(socket)?;
+                    connections += 1;
+                    continue;
+                }
+                sent += 1;
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            println!("sock dribble: sent {sent} bytes over {connections} connections");
+            return Ok(());
+        }
+        "stream" => {
+            let mib: usize = arg.parse().context("MiB")?;
+            let chunk = vec![b'x'; 64 * 1024];
+            let mut sent = 0usize;
+            let mut end = "done".to_string();
+            while sent < mib * 1024 * 1024 {
+                match s.write(&chunk) {
+                    Ok(n) => sent += n,
+                    Err(e) => {
+                        end = e.to_string();
+                        break;
+                    }
+                }
+            }
+            println!("sock stream: wrote {sent} bytes, then {end}");
+        }
+        "noread" => {
+            let secs: u64 = arg.parse().context("seconds")?;
+            s.write_all(b"{\"request\":\"status\"}\n")?;
+            std::thread::sleep(Duration::from_secs(secs));
+            println!("sock noread: done");
+            return Ok(());
+        }
+        "send" => {
+            // An agent that turns the connection away answers before reading: a failed write
+            // still leaves its answer to read.
+            if let Err(e) = s.write_all(format!("{arg}\n").as_bytes()) {
+                println!("write: {e}");
+            }
+        }
+        _ => bail!("sock MODE: dribble | stream | noread | send"),
+    }
+    println!("answer: {}", answer(&s));
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args
@@ -232,6 +311,7 @@ fn main() -> Result<()> {
         ["fill", n, dir] => fill(n.parse().context("file count")?, Path::new(dir)),
         ["mirror-stop", cmd @ ..] => mirror_stop(cmd),
         ["with-pid", pid, cmd @ ..] => with_pid(pid.parse().context("pid")?, cmd),
+        ["sock", mode, socket, arg] => sock_client(mode, Path::new(socket), arg),
         ["rm-rf", path] => match std::fs::remove_dir_all(path) {
             Ok(()) => {
                 println!("rm-rf: removed {path}");
@@ -247,7 +327,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         _ => bail!(
-            "usage: guardrail-testkit uring-unlink DIR | fork-unlink N DIR | rename-over SRC DST | fill N DIR | count DIR | rm-rf PATH | mirror-stop CMD... | with-pid PID CMD..."
+            "usage: guardrail-testkit uring-unlink DIR | fork-unlink N DIR | rename-over SRC DST | fill N DIR | count DIR | rm-rf PATH | mirror-stop CMD... | with-pid PID CMD... | sock dribble|stream|noread|send SOCKET ARG"
         ),
     }
 }
