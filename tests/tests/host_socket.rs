@@ -544,3 +544,35 @@ fn confirm_checks_the_callers_session_and_is_rate_limited() {
         assert!(g["incident"]["decided_by_session"].as_u64().is_some());
     }
 }
+
+/// A confirmation whose connecting process exited and whose pid now belongs to a process in
+/// another audit session (reproduced with clone3 set_tid). The old agent read
+/// /proc/<SO_PEERCRED pid>/sessionid, found the new process's session, and granted a pass for a
+/// session the caller never ran in. Through the pidfd the agent sees the caller is gone.
+#[test]
+fn confirm_from_a_reused_pid_is_refused() {
+    let _k = kernel_lock();
+    let setup = setup();
+    let mut reuse = Command::new(testkit_bin());
+    reuse.args([
+        "sock",
+        "reuse",
+        setup.agent.socket.to_str().expect("utf-8"),
+        &host(),
+    ]);
+    let out = in_new_session(0, &reuse);
+    let (o, e) = text(&out);
+    assert!(o.contains("sock reuse: claimed session"), "{o}{e}");
+    assert!(
+        o.contains("\"response\":\"error\"") && o.contains("nothing confirmed"),
+        "a reused pid must not speak for its new owner's session: {o}"
+    );
+    assert!(
+        !setup
+            .agent
+            .events()
+            .iter()
+            .any(|e| e["incident"]["kind"] == "shutdown_confirmation"),
+        "no pass granted"
+    );
+}

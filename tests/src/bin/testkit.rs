@@ -11,7 +11,7 @@
 //!                                             (clone3 set_tid: root, Linux >= 5.5), to
 //!                                             reproduce pid reuse on demand
 //!   guardrail-testkit sock MODE SOCKET ARG    a hostile or raw client of the admin socket
-//!                                             (see `sock_client`)
+//!                                             (see `sock_client`, `sock_reuse`)
 //! Each prints how many operations succeeded and failed, and exits 0.
 use std::{
     ffi::CString,
@@ -220,6 +220,98 @@ fn with_pid(pid: i32, cmd: &[&str]) -> Result<()> {
     }
 }
 
+/// `sock reuse SOCKET HOST`: a confirmation from a reused pid. A child A connects to the socket
+/// and hands the connection to its own child C, then exits; this process reaps A and starts B
+/// with A's pid (clone3 set_tid) in a new audit session; C then claims B's session for A's
+/// connection. An agent that reads /proc/<peer pid>/sessionid believes it.
+fn sock_reuse(socket: &Path, host: &str) -> Result<()> {
+    use std::{
+        io::{BufRead, BufReader, Write},
+        os::unix::net::UnixStream,
+        time::{Duration, Instant},
+    };
+    let session_of = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/sessionid"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+    };
+    // SAFETY: this process is single-threaded; the children only use the socket, /proc and exit.
+    let a = unsafe { libc::fork() };
+    if a == 0 {
+        let me = std::process::id() as i32;
+        let Ok(mut s) = UnixStream::connect(socket) else {
+            // SAFETY: ending the forked child.
+            unsafe { libc::_exit(1) };
+        };
+        // SAFETY: as above.
+        if unsafe { libc::fork() } != 0 {
+            // SAFETY: A leaves its connection to C.
+            unsafe { libc::_exit(0) };
+        }
+        let mine = session_of(std::process::id() as i32);
+        let start = Instant::now();
+        let claimed = loop {
+            if let Some(s) = session_of(me).filter(|s| Some(*s) != mine) {
+                break s;
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                println!("sock reuse: pid {me} was not reused");
+                // SAFETY: ending the forked child.
+                unsafe { libc::_exit(1) };
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let line =
+            format!("{{\"request\":\"confirm\",\"host\":\"{host}\",\"session\":{claimed}}}\n");
+        let _ = s.write_all(line.as_bytes());
+        let _ = s.set_read_timeout(Some(Duration::from_secs(20)));
+        let mut answer = String::new();
+        let _ = BufReader::new(&s).read_line(&mut answer);
+        println!(
+            "sock reuse: claimed session {claimed}; answer: {}",
+            answer.trim_end()
+        );
+        // SAFETY: ending the forked child.
+        unsafe { libc::_exit(0) };
+    }
+    if a < 0 {
+        bail!("fork: {}", std::io::Error::last_os_error());
+    }
+    let mut status = 0;
+    // SAFETY: reaping our own child A, which frees its pid.
+    unsafe { libc::waitpid(a, &mut status, 0) };
+    let tids = [a];
+    let ca = CloneArgs {
+        exit_signal: libc::SIGCHLD as u64,
+        set_tid: tids.as_ptr() as u64,
+        set_tid_size: 1,
+        ..CloneArgs::default()
+    };
+    // SAFETY: clone3 without CLONE_VM or a stack is a fork of this single-threaded process.
+    let b = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &ca as *const CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    match b {
+        -1 => bail!("clone3 with pid {a}: {}", std::io::Error::last_os_error()),
+        0 => {
+            // B: a new audit session (as a login would make), kept while C asks.
+            let _ = std::fs::write("/proc/self/loginuid", "0");
+            std::thread::sleep(Duration::from_secs(5));
+            // SAFETY: ending the forked child.
+            unsafe { libc::_exit(0) };
+        }
+        b => {
+            // SAFETY: waiting for our own child B.
+            unsafe { libc::waitpid(b as i32, &mut status, 0) };
+        }
+    }
+    Ok(())
+}
+
 /// Clients of the admin socket, for the tests of its server (tests/tests/host_socket.rs):
 ///   dribble SOCKET SECS   one byte a second for SECS seconds, never a newline (reconnects
 ///                         when cut off)
@@ -311,6 +403,7 @@ fn main() -> Result<()> {
         ["fill", n, dir] => fill(n.parse().context("file count")?, Path::new(dir)),
         ["mirror-stop", cmd @ ..] => mirror_stop(cmd),
         ["with-pid", pid, cmd @ ..] => with_pid(pid.parse().context("pid")?, cmd),
+        ["sock", "reuse", socket, host] => sock_reuse(Path::new(socket), host),
         ["sock", mode, socket, arg] => sock_client(mode, Path::new(socket), arg),
         ["rm-rf", path] => match std::fs::remove_dir_all(path) {
             Ok(()) => {
