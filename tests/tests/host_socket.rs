@@ -576,3 +576,75 @@ fn confirm_from_a_reused_pid_is_refused() {
         "no pass granted"
     );
 }
+
+/// Entries of the map named `name` used by the agent's programs (found through the program ids
+/// the agent prints at start-up), read with bpftool.
+fn map_entries(agent: &Agent, name: &str) -> usize {
+    let json = |args: &[&str]| -> serde_json::Value {
+        let out = Command::new("bpftool")
+            .arg("-j")
+            .args(args)
+            .output()
+            .expect("bpftool");
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+    };
+    let log = agent.log();
+    let progs: Vec<String> = log
+        .lines()
+        .find_map(|l| l.strip_prefix("guardrail: program ids "))
+        .expect("the agent prints its program ids")
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    for p in progs {
+        let maps = json(&["prog", "show", "id", &p]);
+        for m in maps["map_ids"].as_array().into_iter().flatten() {
+            let id = m.as_u64().expect("map id").to_string();
+            if json(&["map", "show", "id", &id])["name"] == name {
+                return json(&["map", "dump", "id", &id])
+                    .as_array()
+                    .map_or(0, Vec::len);
+            }
+        }
+    }
+    panic!("no map {name} among the agent's programs");
+}
+
+/// A confirmation pass left unused is deleted when its window ends. The old agent never deleted
+/// one: the kernel's table holds 1024, so that many sessions confirming without shutting down
+/// made every later `guardrail confirm` fail ("writing the confirmation pass") until a restart.
+#[test]
+fn unused_confirmation_passes_are_deleted_when_their_window_ends() {
+    let _k = kernel_lock();
+    require_root();
+    let s = scratch();
+    let cg = TestCgroup::new();
+    let policy = policy_with(
+        100,
+        &[s.path()],
+        &[],
+        &cg,
+        "[shutdown]\nconfirm_window = \"2s\"\n",
+    );
+    let agent = Agent::start(&policy).expect("agent starts");
+    assert_eq!(map_entries(&agent, "SD_PASSES"), 0);
+    let mut confirm = Command::new(guardrail_bin());
+    confirm.args([
+        "--socket",
+        agent.socket.to_str().expect("utf-8"),
+        "confirm",
+        &host(),
+    ]);
+    let out = in_new_session(0, &confirm);
+    assert!(out.status.success(), "confirm: {:?}", text(&out));
+    assert_eq!(
+        map_entries(&agent, "SD_PASSES"),
+        1,
+        "one pass while the window is open"
+    );
+    assert!(
+        wait_until(Duration::from_secs(6), || map_entries(&agent, "SD_PASSES")
+            == 0),
+        "the unused pass is still in the kernel's table 6 s after its 2 s window"
+    );
+}
