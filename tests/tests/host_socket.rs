@@ -648,3 +648,28 @@ fn unused_confirmation_passes_are_deleted_when_their_window_ends() {
         "the unused pass is still in the kernel's table 6 s after its 2 s window"
     );
 }
+
+/// The event log names users, commands, paths and remote addresses. The old agent created it
+/// with the default mode (0644 under umask 022): any user could read every incident with
+/// `guardrail events`. Now the agent creates it 0600, and other users are told why they cannot.
+#[test]
+fn other_users_cannot_read_the_event_log() {
+    let _k = kernel_lock();
+    let setup = setup();
+    let mode = std::fs::metadata(&setup.agent.event_log)
+        .expect("the agent made its event log")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let log = setup.agent.event_log.to_str().expect("utf-8");
+    let out = nobody_cli(&setup.agent, None, &["events", "--log", log]);
+    let (o, e) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "events as nobody: {o}{e}");
+    assert!(o.is_empty(), "nothing of the log is shown: {o}");
+    assert_eq!(
+        e.trim(),
+        format!(
+            "guardrail: error: opening {log} (the event log is readable by root only, and by group adm where the packages set it up): Permission denied (os error 13)"
+        )
+    );
+}
