@@ -4,7 +4,6 @@
 //! timeouts.
 use std::{
     collections::BTreeMap,
-    io::{BufRead, BufReader, Write},
     os::{
         fd::{AsFd, BorrowedFd},
         unix::{fs::PermissionsExt, net::UnixListener},
@@ -29,7 +28,7 @@ use nix::{
 };
 
 use crate::{
-    btf,
+    btf, control,
     events::{self, Incident},
     fallback::{self, Fallback},
     ipc::{HoldInfo, Request, Response, StatusInfo},
@@ -666,9 +665,9 @@ impl Agent {
         let _ = std::fs::remove_file(socket);
         let listener =
             UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
-        // Any local user may ask for status; approve and deny check the caller is root.
+        // Any local user may connect: each request is checked against the caller's credentials
+        // (control.rs), and clients are served off this loop.
         std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o666))?;
-        listener.set_nonblocking(true)?;
 
         let mut mask = SigSet::empty();
         for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
@@ -676,6 +675,9 @@ impl Agent {
         }
         mask.thread_block()?;
         let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK)?;
+        // After the mask: the server's threads inherit it and never take SIGTERM.
+        let server = control::Server::start(listener)?;
+        let mut gate = control::Gate::new();
         let mut watcher = crate::policy_glue::Watcher::new(&self.source, &self.policy)?;
         if let Backend::Bpf { sensor, .. } = &mut self.backend {
             self.shutdown.promise_to_answer(sensor);
@@ -688,7 +690,7 @@ impl Agent {
             let (ring_ready, sock_ready, sig_ready, watch_ready, sessions_ready) = {
                 let mut fds = vec![
                     PollFd::new(self.backend.as_fd(), PollFlags::POLLIN),
-                    PollFd::new(listener.as_fd(), PollFlags::POLLIN),
+                    PollFd::new(server.wake_fd(), PollFlags::POLLIN),
                     PollFd::new(signals.as_fd(), PollFlags::POLLIN),
                 ];
                 let mut watch_index = usize::MAX;
@@ -724,10 +726,10 @@ impl Agent {
                 self.drain_events();
             }
             if sock_ready {
-                while let Ok((stream, _)) = listener.accept() {
-                    if let Err(e) = self.on_client(stream) {
-                        log::warn!("admin request failed: {e:#}");
-                    }
+                for incoming in server.take() {
+                    let resp =
+                        self.answer(incoming.request.clone(), &incoming.peer, &mut gate, &server);
+                    incoming.reply(resp);
                 }
             }
             if sig_ready {
@@ -739,6 +741,7 @@ impl Agent {
                                 w.rearm(&self.policy);
                             }
                             self.sink.reopen();
+                            gate.refresh();
                         }
                         Ok(s) => {
                             println!("guardrail: {s} received, detaching");
@@ -1027,7 +1030,7 @@ impl Agent {
             .map(|(id, _)| *id)
             .collect();
         for id in expired {
-            let _ = self.deny(id, "timed_out", "hold timeout");
+            let _ = self.deny(id, "timed_out", "hold timeout", None);
         }
         // Jobs whose process group is gone: forget them, so a recycled pgid starts afresh.
         if let Ok(jobs) = self.backend.jobs() {
@@ -1106,7 +1109,13 @@ impl Agent {
         self.sink.incident(&inc);
     }
 
-    fn approve(&mut self, id: u64, budget: Option<u64>, for_job: bool, by: u32) -> Result<String> {
+    fn approve(
+        &mut self,
+        id: u64,
+        budget: Option<u64>,
+        for_job: bool,
+        by: &control::Peer,
+    ) -> Result<String> {
         // The hold record goes only once the kernel's maps say the job may go on: a failed write
         // leaves the job held *and* listed, with its timeout still running.
         let Some(h) = self.holds.get(&id) else {
@@ -1145,7 +1154,8 @@ impl Agent {
         procinfo::continue_pids(&wrappers);
         let mut inc = h.incident;
         inc.outcome = "approved".into();
-        inc.decided_by = Some(by);
+        inc.decided_by = Some(by.uid);
+        inc.decided_by_session = by.session_id();
         self.sink.incident(&inc);
         let how = if for_job {
             "for the rest of the job".to_string()
@@ -1158,7 +1168,14 @@ impl Agent {
         ))
     }
 
-    fn deny(&mut self, id: u64, outcome: &str, by: &str) -> Result<String> {
+    /// `caller`: who denied (None for a timeout).
+    fn deny(
+        &mut self,
+        id: u64,
+        outcome: &str,
+        by: &str,
+        caller: Option<&control::Peer>,
+    ) -> Result<String> {
         let Some(h) = self.holds.get(&id) else {
             bail!("no open hold with id {id} (see `guardrail status`)")
         };
@@ -1185,6 +1202,10 @@ impl Agent {
         let mut inc = h.incident;
         inc.outcome = outcome.into();
         inc.decided_by_text = Some(by.to_string());
+        if let Some(c) = caller {
+            inc.decided_by = Some(c.uid);
+            inc.decided_by_session = c.session_id();
+        }
         self.sink.incident(&inc);
         let what = if kill_it {
             "ended"
@@ -1197,9 +1218,11 @@ impl Agent {
         ))
     }
 
-    fn hold_infos(&self) -> Vec<HoldInfo> {
+    /// Open holds, all or only those of `only_uid`'s jobs (filtered before the /proc scan).
+    fn hold_infos(&self, only_uid: Option<u32>) -> Vec<HoldInfo> {
         self.holds
             .values()
+            .filter(|h| only_uid.is_none_or(|u| h.incident.uid == u))
             .map(|h| HoldInfo {
                 id: h.incident.id,
                 host: self.host.clone(),
@@ -1221,59 +1244,86 @@ impl Agent {
             .collect()
     }
 
-    fn on_client(&mut self, stream: std::os::unix::net::UnixStream) -> Result<()> {
-        stream.set_nonblocking(false)?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        let cred =
-            nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)?;
-        let mut line = String::new();
-        BufReader::new(&stream).read_line(&mut line)?;
-        let resp = match serde_json::from_str::<Request>(&line) {
-            Err(e) => Response::Error {
-                message: format!("malformed request: {e}"),
-            },
-            Ok(req) => self.answer(req, cred.uid(), cred.pid()),
+    /// One admin request, from `peer` (credentials from the kernel, see control.rs). Returns at
+    /// once: nothing here waits on the client.
+    fn answer(
+        &mut self,
+        req: Request,
+        peer: &control::Peer,
+        gate: &mut control::Gate,
+        server: &control::Server,
+    ) -> Response {
+        let admin = gate.is_admin(peer);
+        let what = match &req {
+            Request::Approve { id, .. } => Some(format!("approve incident {id}")),
+            Request::Deny { id } => Some(format!("deny incident {id}")),
+            Request::Confirm { .. } => Some("confirm a shutdown".to_string()),
+            _ => None,
         };
-        let mut out = serde_json::to_string(&resp)?;
-        out.push('\n');
-        (&stream).write_all(out.as_bytes())?;
-        Ok(())
-    }
-
-    fn answer(&mut self, req: Request, uid: u32, pid: i32) -> Response {
-        let admin_only = matches!(
-            req,
-            Request::Approve { .. } | Request::Deny { .. } | Request::Reload
-        );
-        if admin_only && uid != 0 {
+        if let Some(what) = &what
+            && !admin
+        {
+            let verb = what.split(' ').next().unwrap_or("this");
+            if gate.log_refusal(peer.uid, Instant::now()) {
+                self.sink.agent_event(
+                    "request_refused",
+                    &format!(
+                        "{} asked to {what}: refused, not root nor in the {} group",
+                        peer.describe(),
+                        control::ADMIN_GROUP
+                    ),
+                );
+            }
             return Response::Error {
-                message: "only root may approve, deny or reload (try sudo)".into(),
+                message: gate.refusal(verb),
             };
         }
+        if matches!(req, Request::Reload) && peer.uid != 0 {
+            return Response::Error {
+                message: "only root may reload (try sudo)".into(),
+            };
+        }
+        // What a caller who is not an admin sees: their own jobs and session only.
+        let view = (!admin).then_some(peer);
         let result = match req {
-            Request::Status => return Response::Status(Box::new(self.status())),
+            Request::Status => return Response::Status(Box::new(self.status(view, server))),
             Request::Holds => {
                 return Response::Holds {
-                    holds: self.hold_infos(),
+                    holds: self.hold_infos(view.map(|p| p.uid)),
+                    filtered: view.map(|_| filtered_note()),
                 };
             }
             Request::Approve {
                 id,
                 budget,
                 for_job,
-            } => self.approve(id, budget, for_job, uid),
-            Request::Deny { id } => self.deny(id, "denied", &format!("uid {uid}")),
-            Request::Confirm { host, session } => match &mut self.backend {
-                Backend::Bpf { sensor, .. } => {
-                    self.shutdown
-                        .confirm(&host, session, pid, uid, sensor, &mut self.sink)
+            } => self.approve(id, budget, for_job, peer),
+            Request::Deny { id } => {
+                self.deny(id, "denied", &format!("uid {}", peer.uid), Some(peer))
+            }
+            Request::Confirm { host, session } => {
+                if let Err(e) = gate.take_confirm(peer.uid, Instant::now()) {
+                    if gate.log_refusal(peer.uid, Instant::now()) {
+                        self.sink.agent_event(
+                            "request_refused",
+                            &format!("{} asked to confirm a shutdown: {e}", peer.describe()),
+                        );
+                    }
+                    return Response::Error { message: e };
                 }
-                Backend::Userspace(_) => Err(anyhow::anyhow!(
-                    "the shutdown guard needs BPF, and this host runs the userspace tier: nothing to confirm"
-                )),
-            },
+                match &mut self.backend {
+                    Backend::Bpf { sensor, .. } => {
+                        self.shutdown
+                            .confirm(&host, session, peer, sensor, &mut self.sink)
+                    }
+                    Backend::Userspace(_) => Err(anyhow::anyhow!(
+                        "the shutdown guard needs BPF, and this host runs the userspace tier: nothing to confirm"
+                    )),
+                }
+            }
             Request::Reload => {
                 self.reload("guardrail reload");
+                gate.refresh();
                 match &self.last_reload_error {
                     None => Ok("policy reloaded".to_string()),
                     Some(e) => Err(anyhow::anyhow!(
@@ -1290,8 +1340,13 @@ impl Agent {
         }
     }
 
-    fn status(&self) -> StatusInfo {
+    /// `view`: the caller, when they may see only their own jobs and session.
+    fn status(&self, view: Option<&control::Peer>, server: &control::Server) -> StatusInfo {
         let on_disk = self.source.fingerprint_on_disk();
+        let mut sessions = self.shutdown.sessions();
+        if let Some(p) = view {
+            sessions.retain(|s| Some(s.id) == p.session_id());
+        }
         StatusInfo {
             host: self.host.clone(),
             version: crate::VERSION.to_string(),
@@ -1304,12 +1359,22 @@ impl Agent {
             policy_on_disk_differs: on_disk.is_some_and(|f| f != self.policy.fingerprint),
             last_reload_error: self.last_reload_error.clone(),
             attached: self.backend.attached(),
-            holds: self.hold_infos(),
-            sessions: self.shutdown.sessions(),
+            holds: self.hold_infos(view.map(|p| p.uid)),
+            sessions,
             shutdown_inhibitor: self.shutdown.inhibitor_status(),
             job_messages: crate::tell::status(),
+            filtered: view.map(|_| filtered_note()),
+            caller_check: server.caller_check(),
         }
     }
+}
+
+/// What `status` and `holds` say to a caller who is neither root nor in the admin group.
+fn filtered_note() -> String {
+    format!(
+        "only your own jobs and session are shown (not root, not in the {} group)",
+        control::ADMIN_GROUP
+    )
 }
 
 // Silence "unused" for states only read through the kernel.

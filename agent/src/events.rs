@@ -76,6 +76,10 @@ pub struct Incident {
     pub first_path: String,
     #[serde(default)]
     pub last_path: String,
+    /// The audit session of whoever approved, denied or confirmed (with `decided_by`, their
+    /// uid), as the kernel reported it for the control socket's caller.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_by_session: Option<u32>,
 }
 
 fn cstr(b: &[u8]) -> String {
@@ -177,6 +181,7 @@ impl Incident {
             retries: 0,
             decided_by: None,
             decided_by_text: None,
+            decided_by_session: None,
             tier_gaps: tier.gaps().iter().map(|s| s.to_string()).collect(),
             action: String::new(),
             pids: procinfo::pids_in_group(ev.pgid),
@@ -279,16 +284,34 @@ impl Sink {
         Ok(s)
     }
 
-    /// Reopens the event log (after logrotate moved it).
+    /// Reopens the event log (after logrotate moved it). The log names users, commands, paths
+    /// and remote hosts: what the agent creates is root-only (directories 0700, the file 0600),
+    /// and a log other users could read (left by an older agent) loses its "other" bits. Group
+    /// bits are the admin's choice (the packages give group adm read access).
     pub fn reopen(&mut self) {
-        if let Some(dir) = self.log_path.parent() {
-            let _ = std::fs::create_dir_all(dir);
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+        if let Some(dir) = self.log_path.parent()
+            && !dir.as_os_str().is_empty()
+        {
+            let _ = std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir);
         }
         self.log = OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(&self.log_path)
             .ok();
+        if let Some(f) = &self.log
+            && let Ok(meta) = f.metadata()
+            && meta.permissions().mode() & 0o007 != 0
+        {
+            let _ = f.set_permissions(std::fs::Permissions::from_mode(
+                meta.permissions().mode() & 0o7770,
+            ));
+        }
         if self.log.is_none() {
             eprintln!(
                 "guardrail: cannot open the event log {}; events go to stdout only",
@@ -380,6 +403,7 @@ pub(crate) mod tests {
             retries: 0,
             decided_by: None,
             decided_by_text: None,
+            decided_by_session: None,
             tier_gaps: vec![],
             action: String::new(),
             pids: vec![1234, 1240],
@@ -396,6 +420,52 @@ pub(crate) mod tests {
             first_path: "/srv/www/x/f00100".into(),
             last_path: "/srv/www/x/f00100".into(),
         }
+    }
+
+    /// A sink writing to `log_path` only (no syslog, no forwarding).
+    fn test_sink(log_path: PathBuf) -> Sink {
+        let gp = guardrail_policy::check_str(
+            "(embedded default)",
+            guardrail_policy::DEFAULT_POLICY,
+            &guardrail_policy::SystemResolver,
+        )
+        .policy
+        .expect("the embedded policy is valid");
+        let mut cfg = gp.alerts.clone();
+        cfg.syslog.enabled = false;
+        cfg.alertmanager_url = None;
+        cfg.prometheus_listen = None;
+        cfg.prometheus_textfile = None;
+        let mut s = Sink {
+            log_path,
+            log: None,
+            host: "h".into(),
+            tier: String::new(),
+            alerts: alert::Alerts::start(&cfg),
+        };
+        s.reopen();
+        s
+    }
+
+    #[test]
+    fn the_event_log_is_created_root_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = std::env::temp_dir().join(format!("guardrail-sink-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).expect("mkdir");
+        let path = d.join("new/sub/events.jsonl");
+        let mut s = test_sink(path.clone());
+        s.agent_event("agent_started", "x");
+        let mode =
+            |p: &std::path::Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o7777;
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(&d.join("new")), 0o700);
+        assert_eq!(mode(&d.join("new/sub")), 0o700);
+        // A world-readable log from an older agent loses its "other" bits, keeps the group's.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        s.reopen();
+        assert_eq!(mode(&path), 0o640);
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]

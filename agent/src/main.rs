@@ -2,6 +2,7 @@
 mod alert;
 mod btf;
 mod cgroup;
+mod control;
 mod daemon;
 mod decode;
 mod events;
@@ -301,7 +302,13 @@ fn cli_status(socket: &std::path::Path, json: bool) -> Result<ExitCode> {
                         );
                     }
                 }
+                if !s.caller_check.is_empty() {
+                    println!("caller check: {}", s.caller_check);
+                }
                 print_holds(&s.holds);
+                if let Some(note) = &s.filtered {
+                    println!("note: {note}");
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -311,11 +318,19 @@ fn cli_status(socket: &std::path::Path, json: bool) -> Result<ExitCode> {
 
 fn cli_holds(socket: &std::path::Path, json: bool) -> Result<ExitCode> {
     match ipc::call(socket, &ipc::Request::Holds)? {
-        ipc::Response::Holds { holds } => {
+        ipc::Response::Holds { holds, filtered } => {
             if json {
                 println!("{}", serde_json::to_string_pretty(&holds)?);
             } else {
                 print_holds(&holds);
+            }
+            // On stderr with --json, so the JSON stays a plain list of holds.
+            if let Some(note) = filtered {
+                if json {
+                    eprintln!("note: {note}");
+                } else {
+                    println!("note: {note}");
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -556,6 +556,7 @@ impl Guard {
         if woken || self.last_scan.elapsed() >= Duration::from_secs(1) {
             self.scan(sensor);
             self.refresh_exception_units(sensor);
+            prune_passes(sensor, monotonic_ns());
         }
     }
 
@@ -766,17 +767,17 @@ impl Guard {
         }
     }
 
-    /// `guardrail confirm NAME` from the process `peer_pid` (SO_PEERCRED), which says it runs
-    /// in audit session `claimed`.
+    /// `guardrail confirm NAME` from `caller` (its session found by the kernel, through its
+    /// pidfd), which says it runs in audit session `claimed`.
     pub fn confirm(
         &mut self,
         name: &str,
         claimed: u32,
-        peer_pid: i32,
-        uid: u32,
+        caller: &crate::control::Peer,
         sensor: &mut Sensor,
         sink: &mut Sink,
     ) -> Result<String> {
+        let (peer_pid, uid) = (caller.pid, caller.uid);
         if name != self.host {
             bail!(
                 "\"{name}\" is not this host's name (this is {}); nothing confirmed",
@@ -784,10 +785,10 @@ impl Guard {
             );
         }
         // Trust the kernel, not the client: the caller's own session id.
-        let actual = std::fs::read_to_string(format!("/proc/{peer_pid}/sessionid"))
-            .ok()
-            .and_then(|s| s.trim().parse::<u32>().ok())
-            .ok_or_else(|| anyhow!("cannot read the caller's audit session id"))?;
+        let actual = caller
+            .session
+            .clone()
+            .map_err(|e| anyhow!("{e}; nothing confirmed"))?;
         if actual != claimed {
             bail!("the caller runs in audit session {actual}, not {claimed}; nothing confirmed");
         }
@@ -847,6 +848,7 @@ impl Guard {
             sensor,
         );
         inc.decided_by = Some(uid);
+        inc.decided_by_session = Some(actual);
         sink.incident(&inc);
         Ok(format!(
             "confirmed: the next shutdown request from this session (session {actual}) on {} within {} goes through, once",
@@ -854,6 +856,28 @@ impl Guard {
             window_text(window)
         ))
     }
+}
+
+/// Deletes the confirmation passes whose window has passed (unused: a used pass is deleted by
+/// the kernel). SD_PASSES is a plain hash map of 1024 entries; without this, 1024 sessions that
+/// confirmed and never shut down would fill it and every later confirm would fail.
+fn prune_passes(sensor: &mut Sensor, now_ns: u64) -> usize {
+    let Some(m) = sensor.ebpf_mut().map_mut("SD_PASSES") else {
+        return 0;
+    };
+    let Ok(mut m) = BpfHashMap::<_, u32, u64>::try_from(m) else {
+        return 0;
+    };
+    let expired: Vec<u32> = m
+        .iter()
+        .filter_map(|r| r.ok())
+        .filter(|(_, until)| *until <= now_ns)
+        .map(|(s, _)| s)
+        .collect();
+    for s in &expired {
+        let _ = m.remove(s);
+    }
+    expired.len()
 }
 
 /// (state, ppid, pgid) from /proc/PID/stat.

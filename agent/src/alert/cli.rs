@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 
 use super::{Record, timefmt};
 
@@ -95,7 +95,17 @@ pub fn run(args: EventsArgs) -> Result<ExitCode> {
         .log
         .clone()
         .unwrap_or_else(|| default_log(args.policy.as_deref()));
-    let open = |p: &Path| File::open(p).with_context(|| format!("opening {}", p.display()));
+    let open = |p: &Path| {
+        File::open(p).map_err(|e| {
+            // The log names users, commands and remote hosts: the agent keeps it from others.
+            let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
+                " (the event log is readable by root only, and by group adm where the packages set it up)"
+            } else {
+                ""
+            };
+            anyhow::Error::new(e).context(format!("opening {}{hint}", p.display()))
+        })
+    };
     let mut file = match open(&path) {
         Ok(f) => f,
         Err(e) if !args.follow => return Err(e),

@@ -10,6 +10,8 @@
 //!   guardrail-testkit with-pid PID CMD...     run CMD as a child with exactly this pid
 //!                                             (clone3 set_tid: root, Linux >= 5.5), to
 //!                                             reproduce pid reuse on demand
+//!   guardrail-testkit sock MODE SOCKET ARG    a hostile or raw client of the admin socket
+//!                                             (see `sock_client`, `sock_reuse`)
 //!   guardrail-testkit plant-links TARGET FROM COUNT TEMPLATE...
 //!                                             symlinks to TARGET at each TEMPLATE with {n}
 //!                                             from FROM on (an attacker pre-planting names)
@@ -311,6 +313,175 @@ fn setsid_unlink(n: usize, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `sock reuse SOCKET HOST`: a confirmation from a reused pid. A child A connects to the socket
+/// and hands the connection to its own child C, then exits; this process reaps A and starts B
+/// with A's pid (clone3 set_tid) in a new audit session; C then claims B's session for A's
+/// connection. An agent that reads /proc/<peer pid>/sessionid believes it.
+fn sock_reuse(socket: &Path, host: &str) -> Result<()> {
+    use std::{
+        io::{BufRead, BufReader, Write},
+        os::unix::net::UnixStream,
+        time::{Duration, Instant},
+    };
+    let session_of = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/sessionid"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+    };
+    // SAFETY: this process is single-threaded; the children only use the socket, /proc and exit.
+    let a = unsafe { libc::fork() };
+    if a == 0 {
+        let me = std::process::id() as i32;
+        let Ok(mut s) = UnixStream::connect(socket) else {
+            // SAFETY: ending the forked child.
+            unsafe { libc::_exit(1) };
+        };
+        // SAFETY: as above.
+        if unsafe { libc::fork() } != 0 {
+            // SAFETY: A leaves its connection to C.
+            unsafe { libc::_exit(0) };
+        }
+        let mine = session_of(std::process::id() as i32);
+        let start = Instant::now();
+        let claimed = loop {
+            if let Some(s) = session_of(me).filter(|s| Some(*s) != mine) {
+                break s;
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                println!("sock reuse: pid {me} was not reused");
+                // SAFETY: ending the forked child.
+                unsafe { libc::_exit(1) };
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let line =
+            format!("{{\"request\":\"confirm\",\"host\":\"{host}\",\"session\":{claimed}}}\n");
+        let _ = s.write_all(line.as_bytes());
+        let _ = s.set_read_timeout(Some(Duration::from_secs(20)));
+        let mut answer = String::new();
+        let _ = BufReader::new(&s).read_line(&mut answer);
+        println!(
+            "sock reuse: claimed session {claimed}; answer: {}",
+            answer.trim_end()
+        );
+        // SAFETY: ending the forked child.
+        unsafe { libc::_exit(0) };
+    }
+    if a < 0 {
+        bail!("fork: {}", std::io::Error::last_os_error());
+    }
+    let mut status = 0;
+    // SAFETY: reaping our own child A, which frees its pid.
+    unsafe { libc::waitpid(a, &mut status, 0) };
+    let tids = [a];
+    let ca = CloneArgs {
+        exit_signal: libc::SIGCHLD as u64,
+        set_tid: tids.as_ptr() as u64,
+        set_tid_size: 1,
+        ..CloneArgs::default()
+    };
+    // SAFETY: clone3 without CLONE_VM or a stack is a fork of this single-threaded process.
+    let b = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &ca as *const CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    match b {
+        -1 => bail!("clone3 with pid {a}: {}", std::io::Error::last_os_error()),
+        0 => {
+            // B: a new audit session (as a login would make), kept while C asks.
+            let _ = std::fs::write("/proc/self/loginuid", "0");
+            std::thread::sleep(Duration::from_secs(5));
+            // SAFETY: ending the forked child.
+            unsafe { libc::_exit(0) };
+        }
+        b => {
+            // SAFETY: waiting for our own child B.
+            unsafe { libc::waitpid(b as i32, &mut status, 0) };
+        }
+    }
+    Ok(())
+}
+
+/// Clients of the admin socket, for the tests of its server (tests/tests/host_socket.rs):
+///   dribble SOCKET SECS   one byte a second for SECS seconds, never a newline (reconnects
+///                         when cut off)
+///   stream SOCKET MIB     MIB MiB without a newline, as fast as the agent takes them
+///   noread SOCKET SECS    sends a status request, then neither reads nor closes for SECS
+///   send SOCKET LINE      sends LINE and a newline, prints the answer line
+/// Each prints what it managed (bytes written, how it ended, the answer if any).
+fn sock_client(mode: &str, socket: &Path, arg: &str) -> Result<()> {
+    use std::{
+        io::{BufRead, BufReader, Write},
+        os::unix::net::UnixStream,
+        time::Duration,
+    };
+    let mut s =
+        UnixStream::connect(socket).with_context(|| format!("connecting {}", socket.display()))?;
+    let answer = |s: &UnixStream| {
+        let _ = s.set_read_timeout(Some(Duration::from_secs(20)));
+        let mut line = String::new();
+        let _ = BufReader::new(s).read_line(&mut line);
+        line.trim_end().to_string()
+    };
+    match mode {
+        "dribble" => {
+            // An attacker reconnects whenever the agent cuts it off.
+            let secs: u64 = arg.parse().context("seconds")?;
+            let end = std::time::Instant::now() + Duration::from_secs(secs);
+            // Said at once, so a test knows the connection is made.
+            println!("sock dribble: connected");
+            let (mut sent, mut connections) = (0, 1);
+            while std::time::Instant::now() < end {
+                if s.write_all(b"{").is_err() {
+                    s = UnixStream::connect(socket)?;
+                    connections += 1;
+                    continue;
+                }
+                sent += 1;
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            println!("sock dribble: sent {sent} bytes over {connections} connections");
+            return Ok(());
+        }
+        "stream" => {
+            let mib: usize = arg.parse().context("MiB")?;
+            let chunk = vec![b'x'; 64 * 1024];
+            let mut sent = 0usize;
+            let mut end = "done".to_string();
+            while sent < mib * 1024 * 1024 {
+                match s.write(&chunk) {
+                    Ok(n) => sent += n,
+                    Err(e) => {
+                        end = e.to_string();
+                        break;
+                    }
+                }
+            }
+            println!("sock stream: wrote {sent} bytes, then {end}");
+        }
+        "noread" => {
+            let secs: u64 = arg.parse().context("seconds")?;
+            s.write_all(b"{\"request\":\"status\"}\n")?;
+            std::thread::sleep(Duration::from_secs(secs));
+            println!("sock noread: done");
+            return Ok(());
+        }
+        "send" => {
+            // An agent that turns the connection away answers before reading: a failed write
+            // still leaves its answer to read.
+            if let Err(e) = s.write_all(format!("{arg}\n").as_bytes()) {
+                println!("write: {e}");
+            }
+        }
+        _ => bail!("sock MODE: dribble | stream | noread | send"),
+    }
+    println!("answer: {}", answer(&s));
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args
@@ -325,6 +496,8 @@ fn main() -> Result<()> {
         ["fill", n, dir] => fill(n.parse().context("file count")?, Path::new(dir)),
         ["mirror-stop", cmd @ ..] => mirror_stop(cmd),
         ["with-pid", pid, cmd @ ..] => with_pid(pid.parse().context("pid")?, cmd),
+        ["sock", "reuse", socket, host] => sock_reuse(Path::new(socket), host),
+        ["sock", mode, socket, arg] => sock_client(mode, Path::new(socket), arg),
         ["setsid-unlink", n, dir] => setsid_unlink(n.parse().context("job count")?, Path::new(dir)),
         ["rm-rf", path] => match std::fs::remove_dir_all(path) {
             Ok(()) => {
@@ -348,7 +521,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         _ => bail!(
-            "usage: guardrail-testkit uring-unlink DIR | fork-unlink N DIR | rename-over SRC DST | fill N DIR | count DIR | rm-rf PATH | mirror-stop CMD... | with-pid PID CMD... | plant-links TARGET FROM COUNT TEMPLATE... | dribble ADDR SECS | setsid-unlink N DIR"
+            "usage: guardrail-testkit uring-unlink DIR | fork-unlink N DIR | rename-over SRC DST | fill N DIR | count DIR | rm-rf PATH | mirror-stop CMD... | with-pid PID CMD... | plant-links TARGET FROM COUNT TEMPLATE... | dribble ADDR SECS | setsid-unlink N DIR | sock dribble|stream|noread|send SOCKET ARG"
         ),
     }
 }
