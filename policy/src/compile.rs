@@ -54,9 +54,13 @@ pub struct Compiled {
     pub uids: Vec<(u32, u32)>,
     /// Data directory paths by `data_dir_id`, for messages.
     pub data_dirs: Vec<PathBuf>,
-    /// `deletion.never_hold`: units whose jobs the agent continues at once (userspace only: the
-    /// kernel holds, the agent lets go).
+    /// `deletion.never_hold`: units whose jobs are never stopped (the one list explain and the
+    /// agent's messages read).
     pub never_hold: Vec<String>,
+    /// cgroup ids of the `never_hold` units running now, for the kernel's `NEVER_HOLD` table (a
+    /// job in one of them or below is never stopped, whether or not an agent runs). Units not
+    /// running are simply absent: the agent compiles again when one starts.
+    pub never_hold_cgroups: Vec<u64>,
     pub warnings: Vec<CompileWarning>,
 }
 
@@ -224,6 +228,14 @@ pub fn compile(policy: &Policy, resolver: &dyn Resolver) -> Compiled {
             ..Compiled::default()
         },
     };
+
+    for u in &d.never_hold {
+        if let Some(id) = resolver.cgroup_id(u)
+            && !b.out.never_hold_cgroups.contains(&id)
+        {
+            b.out.never_hold_cgroups.push(id);
+        }
+    }
 
     let default = RuleParams {
         budget: d.budget,

@@ -106,20 +106,35 @@ impl Resolver for SystemResolver {
         let root = root_buf.as_path();
         if unit_or_cgroup.starts_with('/') {
             let p = root.join(unit_or_cgroup.trim_start_matches('/'));
-            return std::fs::metadata(p)
-                .ok()
+            return made_by_root(&p)
+                .then(|| std::fs::metadata(p).ok())
+                .flatten()
                 .filter(|m| m.is_dir())
                 .map(|m| m.ino());
         }
         // Services usually sit in system.slice; scopes and user services deeper.
         let direct = root.join("system.slice").join(unit_or_cgroup);
-        if let Ok(m) = std::fs::metadata(&direct) {
+        if made_by_root(&direct)
+            && let Ok(m) = std::fs::metadata(&direct)
+        {
             return Some(m.ino());
         }
         find_dir_named(root, unit_or_cgroup, 4)
+            .filter(|p| made_by_root(p))
             .and_then(|p| std::fs::metadata(p).ok())
             .map(|m| m.ino())
     }
+}
+
+/// Whether the cgroup directory `p` was made by root: its parent is root's. A user can create
+/// cgroups only inside a subtree delegated to it (`user@UID.service`, a `Delegate=yes` unit with
+/// `User=`), whose directories it owns; a cgroup it names like a unit the policy knows (say
+/// `sshd.service`, on a host where that unit is not running) must not take that unit's rule or its
+/// never_hold, for itself and, as units match by ancestor, every cgroup below it.
+fn made_by_root(p: &Path) -> bool {
+    p.parent()
+        .and_then(|parent| std::fs::metadata(parent).ok())
+        .is_some_and(|m| m.uid() == 0)
 }
 
 fn find_dir_named(dir: &Path, name: &str, depth: u32) -> Option<PathBuf> {

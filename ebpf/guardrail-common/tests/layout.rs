@@ -141,6 +141,7 @@ fn offsets_and_selftest() {
             task_flags
         ]
     );
+    layout!(FsOffsets, 16, [sb_s_magic, sb_s_type, fstype_name, valid]);
     layout!(
         SelftestAnswer,
         64,
