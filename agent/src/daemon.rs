@@ -902,9 +902,18 @@ impl Agent {
     /// signalled from here.
     fn never_held(&mut self, mut inc: Incident, ev: &Event) {
         let refused = ev.flags & guardrail_common::EVF_REFUSED != 0;
+        // Named by the kernel (the unit's index in the policy): the job may be gone by now.
         let unit = self
-            .never_hold_unit(ev.tgid)
+            .policy
+            .compiled
+            .never_hold
+            .get(ev.data_dir_id as usize)
+            .cloned()
+            .or_else(|| self.never_hold_unit(ev.tgid))
             .unwrap_or_else(|| "its unit".to_string());
+        if inc.unit.is_none() {
+            inc.unit = Some(unit.clone());
+        }
         let what = if refused {
             "not stopped, every further deletion of this job outside scope refused"
         } else {
@@ -930,7 +939,13 @@ impl Agent {
         let root = guardrail_policy::cgroup2_root();
         crate::cgroup::ancestor_ids(&root, &path)
             .into_iter()
-            .find(|(id, _)| self.policy.compiled.never_hold_cgroups.contains(id))
+            .find(|(id, _)| {
+                self.policy
+                    .compiled
+                    .never_hold_cgroups
+                    .iter()
+                    .any(|(x, _)| x == id)
+            })
             .map(|(_, name)| name)
     }
 

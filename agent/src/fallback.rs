@@ -678,8 +678,8 @@ struct Tables {
     exes: HashMap<(u64, u64), u32>,
     cgroups: HashMap<u64, u32>,
     uids: HashMap<u32, u32>,
-    /// The kernel's `NEVER_HOLD`: cgroup ids of never_hold units.
-    never_hold: HashSet<u64>,
+    /// The kernel's `NEVER_HOLD`: cgroup id of a never_hold unit → its index in the policy.
+    never_hold: HashMap<u64, u32>,
     /// Protected roots by (parent identity) → names: the entry is gone when we hear of it, its
     /// parent usually is not.
     protected: HashMap<(u64, u64), HashSet<OsString>>,
@@ -1580,9 +1580,10 @@ impl Fallback {
                     ev.flags |= EVF_AUDIT;
                     return Ok(Some(ev));
                 }
-                if self.never_held(who.pid) {
+                if let Some(unit) = self.never_held(who.pid) {
                     // Reported, not stopped: see `never_held`.
                     ev.flags |= EVF_NEVER_HOLD;
+                    ev.data_dir_id = unit;
                     return Ok(Some(ev));
                 }
                 // It is already gone: stop the job so that an admin looks before it goes on.
@@ -1660,7 +1661,8 @@ impl Fallback {
                     ev.flags |= EVF_AUDIT;
                     return Ok(Some(ev));
                 }
-                if self.never_held(who.pid) {
+                if self.never_held(who.pid).is_some() {
+                    // Reported, not stopped (data_dir_id names the data directory here).
                     ev.flags |= EVF_NEVER_HOLD;
                     return Ok(Some(ev));
                 }
@@ -1763,8 +1765,9 @@ impl Fallback {
         // The job that would be stopped is a never_hold unit's: reported once, then free, as in
         // the kernel's tracepoint tier (this tier cannot refuse either).
         let stopped_pid = if target == key { who.pid } else { Some(ev.pid) };
-        if self.never_held(stopped_pid) {
+        if let Some(unit) = self.never_held(stopped_pid) {
             ev.flags |= EVF_NEVER_HOLD;
+            ev.data_dir_id = unit;
             if target == key {
                 job.allowance = ALLOWANCE_UNLIMITED;
             }
@@ -1891,19 +1894,20 @@ impl Fallback {
     }
 
     /// Signals a job's process group; never our own group or the unknown job.
-    /// Whether `pid` runs in a `deletion.never_hold` unit (its cgroup or an ancestor, by id, as
-    /// the kernel's `NEVER_HOLD`): such a job is never stopped, only reported.
-    fn never_held(&mut self, pid: Option<u32>) -> bool {
-        let Some(pid) = pid else { return false };
+    /// The `deletion.never_hold` unit (its index in the policy) `pid` runs in: its cgroup or the
+    /// nearest ancestor, by id, as the kernel's `NEVER_HOLD`. Such a job is never stopped, only
+    /// reported.
+    fn never_held(&mut self, pid: Option<u32>) -> Option<u32> {
+        let pid = pid?;
         if self.tables.never_hold.is_empty() {
-            return false;
+            return None;
         }
         match self.details_of(pid) {
             Some((_, Some(d))) => d
                 .cgroup_ancestors
                 .iter()
-                .any(|c| self.tables.never_hold.contains(c)),
-            _ => false,
+                .find_map(|c| self.tables.never_hold.get(c).copied()),
+            _ => None,
         }
     }
 

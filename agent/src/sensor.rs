@@ -68,8 +68,9 @@ pub struct KernelPolicy {
     pub exes: Vec<((u64, u64), u32)>,
     pub cgroups: Vec<(u64, u32)>,
     pub uids: Vec<(u32, u32)>,
-    /// cgroup ids of the `deletion.never_hold` units running now (`NEVER_HOLD`).
-    pub never_hold: Vec<u64>,
+    /// (cgroup id, index of the unit in `deletion.never_hold`) of the never_hold units running
+    /// now (`NEVER_HOLD`).
+    pub never_hold: Vec<(u64, u32)>,
 }
 
 /// Maps whose contents must outlive one agent process: job counters and holds, the incident
@@ -404,14 +405,14 @@ impl Sensor {
         {
             let mut nh: HashMap<_, CgroupKey, u32> =
                 HashMap::try_from(self.map_mut("NEVER_HOLD")?)?;
-            for id in &policy.never_hold {
+            for (id, unit) in &policy.never_hold {
                 nh.insert(
                     CgroupKey {
                         cgroup_id: *id,
                         slot: next,
                         _pad: 0,
                     },
-                    1,
+                    unit,
                     0,
                 )
                 .context("writing the never_hold table (NEVER_HOLD)")?;

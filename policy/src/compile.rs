@@ -57,10 +57,11 @@ pub struct Compiled {
     /// `deletion.never_hold`: units whose jobs are never stopped (the one list explain and the
     /// agent's messages read).
     pub never_hold: Vec<String>,
-    /// cgroup ids of the `never_hold` units running now, for the kernel's `NEVER_HOLD` table (a
-    /// job in one of them or below is never stopped, whether or not an agent runs). Units not
-    /// running are simply absent: the agent compiles again when one starts.
-    pub never_hold_cgroups: Vec<u64>,
+    /// (cgroup id, index in `never_hold`) of the `never_hold` units running now, for the kernel's
+    /// `NEVER_HOLD` table (a job in one of them or below is never stopped, whether or not an agent
+    /// runs; the kernel reports the index, so the unit is named even after the job exited).
+    /// Units not running are simply absent: the agent compiles again when one starts.
+    pub never_hold_cgroups: Vec<(u64, u32)>,
     pub warnings: Vec<CompileWarning>,
 }
 
@@ -229,11 +230,11 @@ pub fn compile(policy: &Policy, resolver: &dyn Resolver) -> Compiled {
         },
     };
 
-    for u in &d.never_hold {
+    for (i, u) in d.never_hold.iter().enumerate() {
         if let Some(id) = resolver.cgroup_id(u)
-            && !b.out.never_hold_cgroups.contains(&id)
+            && !b.out.never_hold_cgroups.iter().any(|(x, _)| *x == id)
         {
-            b.out.never_hold_cgroups.push(id);
+            b.out.never_hold_cgroups.push((id, i as u32));
         }
     }
 

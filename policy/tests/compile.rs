@@ -459,7 +459,7 @@ fn never_hold_units_compile_to_the_cgroup_ids_of_running_units() {
     let c = check_str("p.toml", text, &h);
     let p = c.policy.expect("loads");
     let compiled = compile(&p, &h);
-    assert_eq!(compiled.never_hold_cgroups, vec![7, 4242]);
+    assert_eq!(compiled.never_hold_cgroups, vec![(7, 0), (4242, 1)]);
     assert_eq!(
         compiled.never_hold.len(),
         3,

@@ -249,7 +249,9 @@ pub struct Event {
     pub kind: u32,
     pub flags: u32,
     pub rule: u32,
-    /// The data directory's index for `EV_DATA_DIR`.
+    /// The data directory's index for `EV_DATA_DIR`; with [`EVF_NEVER_HOLD`], the never_hold
+    /// unit's index in the policy's list (the value of its `NEVER_HOLD` entry), so the agent names
+    /// the unit even when the job has exited before the event is read.
     pub data_dir_id: u32,
     pub tgid: u32,
     pub pid: u32,

@@ -31,9 +31,10 @@ use core::{
 use aya_ebpf::{
     EbpfContext,
     helpers::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_task, bpf_get_current_uid_gid, bpf_ktime_get_ns, bpf_probe_read_kernel,
-        bpf_probe_read_kernel_str_bytes, bpf_probe_read_user_str_bytes, bpf_send_signal,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm,
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_current_uid_gid, bpf_ktime_get_ns,
+        bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes, bpf_probe_read_user_str_bytes,
+        bpf_send_signal,
     },
     macros::{lsm, map, raw_tracepoint, tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -115,8 +116,9 @@ static EXES: HashMap<ExeKey, u32> = HashMap::with_max_entries(4096, 0);
 static CGROUPS: HashMap<CgroupKey, u32> = HashMap::with_max_entries(8192, 0);
 #[map]
 static UIDS: HashMap<UidKey, u32> = HashMap::with_max_entries(4096, 0);
-/// `deletion.never_hold` units by cgroup id (slot-keyed like CGROUPS; the value is unused): a job
-/// in one of them, or below one, is never stopped by the kernel, with or without an agent.
+/// `deletion.never_hold` units by cgroup id (slot-keyed like CGROUPS; the value is the unit's index
+/// in the policy, reported in the event): a job in one of them, or below one, is never stopped by
+/// the kernel, with or without an agent.
 #[map]
 static NEVER_HOLD: HashMap<CgroupKey, u32> = HashMap::with_max_entries(1024, 0);
 /// Rule tag of a process whose executable (or an ancestor's, inherited at fork) matched a rule.
@@ -414,13 +416,18 @@ fn pseudo_fs_deletion(o: &KernelOffsets, d: &Deletion) -> bool {
 /// continue it, so the kernel never stops it. The LSM tier refuses this and every further
 /// deletion outside scope for the rest of that job (JOB_DENIED: a restarted service is a new job);
 /// the tracepoint tier cannot refuse, so it reports once and lets the job delete on without a
-/// budget. Returns the verdict for this deletion.
+/// budget. Returns the incident id when this CPU is the one to report the crossing, else 0.
+///
+/// A leaf that `judge` calls and then emits for: on 6.1 the verifier rounds every frame up to 32
+/// bytes and the deepest chain (tracepoint program -> judge -> emit -> memset) is already at the
+/// 512-byte limit, so no frame may be added between judge and emit.
 #[inline(never)]
-fn never_hold_crossing(d: &Deletion, job: *mut JobState, rule: u32, n: u64) -> Verdict {
-    let lsm = d.tier_flags & EVF_TRACEPOINT == 0;
+fn never_hold_crossing(lsm: bool, job: *mut JobState) -> u64 {
     // SAFETY: field addresses of a valid map value (see `judge`).
-    let (state_p, refused_p) = unsafe { (addr_of_mut!((*job).state), addr_of_mut!((*job).refused)) };
+    let (state_p, refused_p) =
+        unsafe { (addr_of_mut!((*job).state), addr_of_mut!((*job).refused)) };
     let first = if lsm {
+        fetch_add(refused_p, 1);
         // Exactly one CPU makes the change and reports it.
         cas(state_p, JOB_ACTIVE, JOB_DENIED)
     } else {
@@ -430,33 +437,13 @@ fn never_hold_crossing(d: &Deletion, job: *mut JobState, rule: u32, n: u64) -> V
             (*job).incident == 0
         }
     };
-    if first {
-        let inc = next_incident();
-        // SAFETY: as above.
-        unsafe { (*job).incident = inc };
-        let flags = if lsm {
-            EVF_NEVER_HOLD | EVF_REFUSED
-        } else {
-            EVF_NEVER_HOLD
-        };
-        emit(
-            d,
-            &Report {
-                kind: EV_BUDGET_CROSSED,
-                flags: flags,
-                rule: rule,
-                data_dir_id: 0,
-                count: n,
-                incident: inc,
-            },
-        );
+    if !first {
+        return 0;
     }
-    if lsm {
-        fetch_add(refused_p, 1);
-        Verdict::Refuse
-    } else {
-        Verdict::Allow
-    }
+    let inc = next_incident();
+    // SAFETY: as above.
+    unsafe { (*job).incident = inc };
+    inc
 }
 
 fn judge(d: &Deletion) -> Verdict {
@@ -723,8 +710,27 @@ fn judge(d: &Deletion) -> Verdict {
         }
         return Verdict::Allow;
     }
-    if unit_lookup(&NEVER_HOLD, slot).is_some() {
-        return never_hold_crossing(d, job, rule, n);
+    if let Some(unit) = unit_lookup(&NEVER_HOLD, slot) {
+        let lsm = d.tier_flags & EVF_TRACEPOINT == 0;
+        let inc = never_hold_crossing(lsm, job);
+        if inc != 0 {
+            emit(
+                d,
+                &Report {
+                    kind: EV_BUDGET_CROSSED,
+                    flags: if lsm {
+                        EVF_NEVER_HOLD | EVF_REFUSED
+                    } else {
+                        EVF_NEVER_HOLD
+                    },
+                    rule: rule,
+                    data_dir_id: unit,
+                    count: n,
+                    incident: inc,
+                },
+            );
+        }
+        return if lsm { Verdict::Refuse } else { Verdict::Allow };
     }
     let new_state = if params.action == ACTION_BLOCK {
         JOB_BLOCKED
