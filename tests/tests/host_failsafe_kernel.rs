@@ -227,3 +227,54 @@ fn a_containers_init_is_not_pid_1() {
     );
     assert!(agent.stop().expect("agent stops").success());
 }
+
+/// A never_hold unit that starts after the agent (its cgroup appears later) is mapped when it
+/// appears: its job crossing the budget is reported and never stopped.
+///
+/// The old watcher re-resolved only the units of rules, exemptions and data directory owners:
+/// the late unit ran under its rule with no never_hold and was held (state T).
+#[test]
+fn a_never_hold_unit_started_after_the_agent_is_never_held() {
+    let _k = kernel_lock();
+    require_root();
+    let s = scratch();
+    let target = s.path().join("target");
+    std::fs::create_dir_all(&target).expect("mkdir target");
+    let unit = format!("guardrail-test-late-{}.service", std::process::id());
+    // The test rule (budget 100) and never_hold both name the unit's cgroup, created only once
+    // the agent runs (where the agent watches for units: the cgroup2 root, as system.slice).
+    let late = TestCgroup {
+        path: cgroup2_root().join(&unit),
+        name: format!("/{unit}"),
+    };
+    let text = policy_never_hold(&target, &late, &[&unit]);
+    let agent = Agent::start(&text).expect("agent starts");
+    std::fs::create_dir(&late.path).expect("the unit's cgroup appears");
+    assert!(
+        wait_until(Duration::from_secs(10), || agent
+            .saw("a unit it names started")),
+        "the agent re-resolved its units when the cgroup appeared:\n{}",
+        agent.log()
+    );
+    let victim = s.path().join("victim");
+    fill(&victim, 1000);
+    let mut job = Job::spawn_in("rm -rf victim", s.path(), Some(&late));
+    let mut seen_stopped = false;
+    let done = wait_until(Duration::from_secs(60), || {
+        seen_stopped |= states(job.pgid()).contains(&'T');
+        job.child.try_wait().ok().flatten().is_some()
+    });
+    assert!(
+        done && !seen_stopped,
+        "the job ran to its end, never stopped"
+    );
+    assert_eq!(count_files(&victim), 0, "every file deleted");
+    assert!(agent.holds().is_empty(), "held: {:?}", agent.holds());
+    assert!(
+        agent.saw(&format!("{unit} is never held")),
+        "{}",
+        agent.log()
+    );
+    assert!(agent.stop().expect("agent stops").success());
+    drop(late);
+}
