@@ -278,3 +278,49 @@ fn a_never_hold_unit_started_after_the_agent_is_never_held() {
     assert!(agent.stop().expect("agent stops").success());
     drop(late);
 }
+
+/// The userspace tier reads the same never_hold table: a job in a sub-cgroup of a never_hold unit
+/// past its budget is reported and never stopped by the watcher; every file goes.
+///
+/// The old tier matched units by exact cgroup id, so the sub-cgroup's job ran under the default
+/// rule and never crossed (no "never held" report); a never_hold job that did cross was stopped by
+/// the watcher (SIGSTOP) and continued only once the agent read the event.
+#[test]
+fn the_userspace_tier_never_stops_a_never_hold_units_sub_cgroup() {
+    let _k = kernel_lock();
+    require_root();
+    let s = scratch();
+    let target = s.path().join("target");
+    std::fs::create_dir_all(&target).expect("mkdir target");
+    let unit = format!("guardrail-test-bus-{}.service", std::process::id());
+    let cg = TestCgroup::at(&unit);
+    let sub = TestCgroup::at(&format!("{unit}/worker"));
+    let agent = Agent::start_with(
+        &policy_never_hold(&target, &cg, &[&unit]),
+        &["--tier", "userspace"],
+    )
+    .expect("agent starts with the userspace tier");
+    assert!(agent.saw("tier userspace in force"), "{}", agent.log());
+    let victim = s.path().join("victim");
+    fill(&victim, 2000);
+    let mut job = Job::spawn_in("rm -rf victim", s.path(), Some(&sub));
+    let mut seen_stopped = false;
+    let done = wait_until(Duration::from_secs(60), || {
+        seen_stopped |= states(job.pgid()).contains(&'T');
+        job.child.try_wait().ok().flatten().is_some()
+    });
+    assert!(
+        done && !seen_stopped,
+        "the job ran to its end, never stopped"
+    );
+    assert_eq!(count_files(&victim), 0, "every file deleted");
+    assert!(
+        wait_until(Duration::from_secs(10), || agent
+            .saw(&format!("{unit} is never held"))),
+        "{}",
+        agent.log()
+    );
+    assert!(agent.holds().is_empty(), "held: {:?}", agent.holds());
+    assert!(agent.stop().expect("agent stops").success());
+    drop(sub);
+}
