@@ -157,6 +157,29 @@ fn resolve_shutdown_offsets() -> Result<guardrail_common::SdOffsets> {
     })
 }
 
+/// Pseudo-filesystem offsets of this kernel, resolved once; all zero (nothing is taken for a
+/// pseudo filesystem) when the BTF lacks them.
+pub fn fs_offsets() -> guardrail_common::FsOffsets {
+    static O: std::sync::OnceLock<guardrail_common::FsOffsets> = std::sync::OnceLock::new();
+    *O.get_or_init(|| {
+        resolve_fs_offsets(Path::new(VMLINUX_BTF)).unwrap_or_else(|e| {
+            eprintln!("guardrail: pseudo filesystems are counted like any other: {e:#}");
+            Default::default()
+        })
+    })
+}
+
+fn resolve_fs_offsets(path: &Path) -> Result<guardrail_common::FsOffsets> {
+    let btf = btf_rs::Btf::from_file(path)?;
+    let o = |s: &str, m: &str| offset_of(&btf, s, m).with_context(|| format!("offset of {s}.{m}"));
+    Ok(guardrail_common::FsOffsets {
+        sb_s_magic: o("super_block", "s_magic")?,
+        sb_s_type: o("super_block", "s_type")?,
+        fstype_name: o("file_system_type", "name")?,
+        valid: 1,
+    })
+}
+
 /// Where tracefs is (mounted by the agent if needed).
 pub fn tracefs() -> Option<&'static Path> {
     ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
@@ -215,5 +238,9 @@ mod tests {
         assert_eq!(o.pidtype_pgid, 2);
         assert_eq!(o.pidtype_sid, 3);
         assert!(o.dentry_d_name_name > 0);
+        let f = resolve_fs_offsets(Path::new(VMLINUX_BTF)).expect("fs offsets");
+        assert_eq!(f.valid, 1);
+        assert!(f.sb_s_magic > 0 && f.sb_s_type > 0);
+        assert_ne!(f.sb_s_magic, f.sb_s_type);
     }
 }

@@ -415,6 +415,14 @@ impl Agent {
             if job.state != JOB_HELD || !procinfo::pgid_alive(key.pgid) {
                 continue;
             }
+            // This version's kernel programs never hold a never_hold unit's job; one an older
+            // agent left held is let go rather than adopted (kept stopped, then killed at the
+            // hold timeout).
+            let pids = procinfo::pids_in_group(key.pgid);
+            if let Some(unit) = pids.iter().find_map(|p| self.never_hold_unit(*p)) {
+                self.release_never_held(key, job, &unit);
+                continue;
+            }
             self.adopt_job(key, &job, "adopted from the previous agent", false);
         }
     }
@@ -601,6 +609,23 @@ impl Agent {
         }
         self.kernel_jobs.jobs_full = now_full[0];
         self.kernel_jobs.held_full = now_full[1];
+    }
+
+    /// Lets a held job of a never_hold unit go, as the kernel would have decided it: refused from
+    /// here on where the tier refuses, free elsewhere.
+    fn release_never_held(&mut self, key: JobKey, mut job: JobState, unit: &str) {
+        if self.tier == Tier::Lsm {
+            job.state = JOB_DENIED;
+        } else {
+            job.state = JOB_ACTIVE;
+            job.allowance = ALLOWANCE_UNLIMITED;
+        }
+        let _ = self.backend.set_job(&key, &job);
+        procinfo::signal_job(key.pgid, Signal::SIGCONT);
+        println!(
+            "guardrail: job {} of {unit} was left held by the previous agent; continued, never held (deletion.never_hold)",
+            key.pgid
+        );
     }
 
     fn announce(&mut self) {
@@ -850,6 +875,9 @@ impl Agent {
                 inc.outcome = "alerted".into();
                 self.sink.incident(&inc);
             }
+            EV_BUDGET_CROSSED if ev.flags & guardrail_common::EVF_NEVER_HOLD != 0 => {
+                self.never_held(inc, ev);
+            }
             EV_BUDGET_CROSSED => {
                 let key = JobKey {
                     sid: ev.sid,
@@ -919,8 +947,8 @@ impl Agent {
             EV_HELD_RETRY => {
                 // A held job was resumed without approval and tried again: the kernel re-stopped
                 // the task, we re-stop the whole job. Only while it is still held: a retry read
-                // after the job was let go (approved, denied, or a never_hold unit continued at
-                // once) was made before that, and its task has been continued with the job.
+                // after the job was let go (approved or denied) was made before that, and its task
+                // has been continued with the job.
                 let key = JobKey {
                     sid: ev.sid,
                     pgid: ev.pgid,
@@ -955,14 +983,6 @@ impl Agent {
     }
 
     fn hold(&mut self, inc: Incident, key: JobKey) {
-        if let Some(unit) = inc
-            .unit
-            .clone()
-            .filter(|u| self.policy.policy.deletion.never_hold.contains(u))
-        {
-            self.continue_never_held(inc, key, &unit);
-            return;
-        }
         // Stop the whole job, not only the task the kernel signalled.
         procinfo::signal_job(key.pgid, Signal::SIGSTOP);
         let timeout = self.policy.hold_timeout;
@@ -1074,28 +1094,31 @@ impl Agent {
         }
     }
 
-    /// A job of a `deletion.never_hold` unit (logind, sshd, journald...) crossed its budget: the
-    /// kernel (or the watcher) stopped the task that crossed; keeping it stopped would lock
-    /// admins out or stop the host's logging, so it is continued at once. Where the tier can
-    /// refuse (lsm), every further deletion of the job outside scope is refused; elsewhere the
-    /// crossing is only reported and the job deletes on.
-    fn continue_never_held(&mut self, mut inc: Incident, key: JobKey, unit: &str) {
-        let refuses = self.tier == Tier::Lsm;
-        let mut job = self.backend.job(&key).ok().flatten().unwrap_or_default();
-        if refuses {
-            job.state = JOB_DENIED;
-        } else {
-            job.state = JOB_ACTIVE;
-            job.allowance = ALLOWANCE_UNLIMITED;
+    /// A job of a `deletion.never_hold` unit (logind, sshd, journald...) crossed its budget. The
+    /// kernel (or the watcher) decided alone and stopped nothing, so this holds while no agent
+    /// runs: where the tier can refuse (lsm) the job's further deletions outside scope are refused
+    /// until it ends; elsewhere the crossing is only reported and the job deletes on. Nothing is
+    /// signalled from here.
+    fn never_held(&mut self, mut inc: Incident, ev: &Event) {
+        let refused = ev.flags & guardrail_common::EVF_REFUSED != 0;
+        // Named by the kernel (the unit's index in the policy): the job may be gone by now.
+        let unit = self
+            .policy
+            .compiled
+            .never_hold
+            .get(ev.data_dir_id as usize)
+            .cloned()
+            .or_else(|| self.never_hold_unit(ev.tgid))
+            .unwrap_or_else(|| "its unit".to_string());
+        if inc.unit.is_none() {
+            inc.unit = Some(unit.clone());
         }
-        let _ = self.backend.set_job(&key, &job);
-        procinfo::signal_job(key.pgid, Signal::SIGCONT);
-        let what = if refuses {
-            "continued, every further deletion outside scope refused"
+        let what = if refused {
+            "not stopped, every further deletion of this job outside scope refused"
         } else {
-            "continued and only reported: this tier cannot refuse"
+            "not stopped, only reported: this tier cannot refuse"
         };
-        inc.outcome = if refuses { "refused" } else { "reported" }.into();
+        inc.outcome = if refused { "refused" } else { "reported" }.into();
         inc.reason = format!(
             "{}; {unit} is never held (deletion.never_hold): {what}",
             inc.reason
@@ -1107,6 +1130,24 @@ impl Agent {
             text::escape_line(&inc.reason)
         );
         self.sink.incident(&inc);
+    }
+
+    /// The never_hold unit a process runs in: its own cgroup or the nearest one above it (a
+    /// `Delegate=yes` unit's sub-cgroup) whose id is in the kernel's `NEVER_HOLD` table. Matched
+    /// by id like the kernel does, never by name: names below a delegated unit are the job's.
+    fn never_hold_unit(&self, pid: u32) -> Option<String> {
+        let path = crate::cgroup::path_of(pid)?;
+        let root = guardrail_policy::cgroup2_root();
+        crate::cgroup::ancestor_ids(&root, &path)
+            .into_iter()
+            .find(|(id, _)| {
+                self.policy
+                    .compiled
+                    .never_hold_cgroups
+                    .iter()
+                    .any(|(x, _)| x == id)
+            })
+            .map(|(_, name)| name)
     }
 
     fn approve(

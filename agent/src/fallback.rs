@@ -62,11 +62,12 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use guardrail_common::{
-    ACTION_ALERT, ACTION_BLOCK, ACTION_EXEMPT, DIR_DATA, DIR_PROTECTED_ROOT, DirRule,
-    EV_BUDGET_CROSSED, EV_DATA_DIR, EV_HELD_RETRY, EV_PROTECTED_ROOT, EVENT_PATH_DEPTH, EVF_AUDIT,
-    EVF_GUESSED, EVF_SIGNALLED, EVF_USERSPACE, Event, JOB_ACTIVE, JOB_BLOCKED, JOB_HELD, JobKey,
-    JobState, MAX_ANCESTORS, MAX_RULES, MODE_AUDIT, NAME_LEN, OP_RENAME, OP_RMDIR, OP_UNLINK,
-    RULE_FLAG_AUDIT, RuleParams, Scope, kernel_dev_from_user, over_budget, scope_step,
+    ACTION_ALERT, ACTION_BLOCK, ACTION_EXEMPT, ALLOWANCE_UNLIMITED, DIR_DATA, DIR_PROTECTED_ROOT,
+    DirRule, EV_BUDGET_CROSSED, EV_DATA_DIR, EV_HELD_RETRY, EV_PROTECTED_ROOT, EVENT_PATH_DEPTH,
+    EVF_AUDIT, EVF_GUESSED, EVF_NEVER_HOLD, EVF_SIGNALLED, EVF_USERSPACE, Event, JOB_ACTIVE,
+    JOB_BLOCKED, JOB_HELD, JobKey, JobState, MAX_ANCESTORS, MAX_RULES, MODE_AUDIT, NAME_LEN,
+    OP_RENAME, OP_RMDIR, OP_UNLINK, RULE_FLAG_AUDIT, RuleParams, Scope, kernel_dev_from_user,
+    over_budget, scope_step,
 };
 use nix::{
     sys::signal::{Signal, killpg},
@@ -457,6 +458,9 @@ struct ProcDetails {
     loginuid: u32,
     sessionid: u32,
     cgroup_id: Option<u64>,
+    /// Its cgroup's id and its ancestors', deepest first: what units match against, as in the
+    /// kernel (a `Delegate=yes` unit's sub-cgroups count as the unit).
+    cgroup_ancestors: Vec<u64>,
     /// Executables of the process and its ancestors (the kernel tags at exec, inherited at fork).
     exes: Vec<(u64, u64)>,
 }
@@ -519,14 +523,13 @@ fn read_details(pid: u32, cgroot: &Path) -> Option<ProcDetails> {
         .find_map(|l| l.strip_prefix("Uid:"))
         .and_then(|l| l.split_whitespace().next()?.parse().ok())?;
     // The cgroup id the kernel reports is the cgroup directory's inode on cgroup2.
-    let cgroup_id = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("0::").map(str::to_string))
-        })
-        .and_then(|p| std::fs::metadata(cgroot.join(p.trim_start_matches('/'))).ok())
-        .map(|m| m.ino());
+    let cgroup_ancestors: Vec<u64> = crate::cgroup::path_of(pid)
+        .map(|p| crate::cgroup::ancestor_ids(cgroot, &p))
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    let cgroup_id = cgroup_ancestors.first().copied();
     let mut exes = Vec::new();
     let mut p = pid;
     for _ in 0..16 {
@@ -543,6 +546,7 @@ fn read_details(pid: u32, cgroot: &Path) -> Option<ProcDetails> {
         loginuid: proc_u32(&format!("/proc/{pid}/loginuid")),
         sessionid: proc_u32(&format!("/proc/{pid}/sessionid")),
         cgroup_id,
+        cgroup_ancestors,
         exes,
     })
 }
@@ -674,6 +678,8 @@ struct Tables {
     exes: HashMap<(u64, u64), u32>,
     cgroups: HashMap<u64, u32>,
     uids: HashMap<u32, u32>,
+    /// The kernel's `NEVER_HOLD`: cgroup id of a never_hold unit → its index in the policy.
+    never_hold: HashMap<u64, u32>,
     /// Protected roots by (parent identity) → names: the entry is gone when we hear of it, its
     /// parent usually is not.
     protected: HashMap<(u64, u64), HashSet<OsString>>,
@@ -882,6 +888,7 @@ impl Fallback {
             exes: policy.exes.iter().copied().collect(),
             cgroups: policy.cgroups.iter().copied().collect(),
             uids: policy.uids.iter().copied().collect(),
+            never_hold: policy.never_hold.iter().copied().collect(),
             ..Tables::default()
         };
         let mounts = mountinfo();
@@ -1537,7 +1544,11 @@ impl Fallback {
         if let Some(r) = p.exes.iter().find_map(|e| self.tables.exes.get(e)) {
             return *r;
         }
-        if let Some(r) = p.cgroup_id.and_then(|c| self.tables.cgroups.get(&c)) {
+        if let Some(r) = p
+            .cgroup_ancestors
+            .iter()
+            .find_map(|c| self.tables.cgroups.get(c))
+        {
             return *r;
         }
         self.tables.uids.get(&p.uid).copied().unwrap_or(0)
@@ -1567,6 +1578,12 @@ impl Fallback {
                 let mut ev = self.event(s, &who, EV_PROTECTED_ROOT, 0);
                 if audit {
                     ev.flags |= EVF_AUDIT;
+                    return Ok(Some(ev));
+                }
+                if let Some(unit) = self.never_held(who.pid) {
+                    // Reported, not stopped: see `never_held`.
+                    ev.flags |= EVF_NEVER_HOLD;
+                    ev.data_dir_id = unit;
                     return Ok(Some(ev));
                 }
                 // It is already gone: stop the job so that an admin looks before it goes on.
@@ -1642,6 +1659,11 @@ impl Fallback {
                 ev.data_dir_id = data_dir_id;
                 if rule_audit {
                     ev.flags |= EVF_AUDIT;
+                    return Ok(Some(ev));
+                }
+                if self.never_held(who.pid).is_some() {
+                    // Reported, not stopped (data_dir_id names the data directory here).
+                    ev.flags |= EVF_NEVER_HOLD;
                     return Ok(Some(ev));
                 }
                 job.state = JOB_HELD;
@@ -1739,6 +1761,17 @@ impl Fallback {
         }
         if rule_audit || params.action == ACTION_ALERT {
             return Ok(self.report_once(key, job, ev, rule_audit));
+        }
+        // The job that would be stopped is a never_hold unit's: reported once, then free, as in
+        // the kernel's tracepoint tier (this tier cannot refuse either).
+        let stopped_pid = if target == key { who.pid } else { Some(ev.pid) };
+        if let Some(unit) = self.never_held(stopped_pid) {
+            ev.flags |= EVF_NEVER_HOLD;
+            ev.data_dir_id = unit;
+            if target == key {
+                job.allowance = ALLOWANCE_UNLIMITED;
+            }
+            return Ok(self.report_once(key, job, ev, false));
         }
         let (state, sig) = if params.action == ACTION_BLOCK && target == key && !who.guessed {
             (JOB_BLOCKED, Signal::SIGKILL)
@@ -1861,6 +1894,23 @@ impl Fallback {
     }
 
     /// Signals a job's process group; never our own group or the unknown job.
+    /// The `deletion.never_hold` unit (its index in the policy) `pid` runs in: its cgroup or the
+    /// nearest ancestor, by id, as the kernel's `NEVER_HOLD`. Such a job is never stopped, only
+    /// reported.
+    fn never_held(&mut self, pid: Option<u32>) -> Option<u32> {
+        let pid = pid?;
+        if self.tables.never_hold.is_empty() {
+            return None;
+        }
+        match self.details_of(pid) {
+            Some((_, Some(d))) => d
+                .cgroup_ancestors
+                .iter()
+                .find_map(|c| self.tables.never_hold.get(c).copied()),
+            _ => None,
+        }
+    }
+
     fn stop(&self, key: &JobKey, sig: Signal) -> bool {
         if key.pgid <= 1 || key.pgid == self.my_pgid || key.pgid == self.me {
             return false;

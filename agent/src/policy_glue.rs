@@ -195,6 +195,7 @@ fn kernel_tables(policy: &gp::Policy, c: &gp::Compiled) -> KernelPolicy {
         exes: c.exes.clone(),
         cgroups: c.cgroups.clone(),
         uids: c.uids.clone(),
+        never_hold: c.never_hold_cgroups.clone(),
     }
 }
 
@@ -247,7 +248,8 @@ struct PathWatch {
 }
 
 impl LoadedPolicy {
-    /// Every systemd unit the policy names (job rules, exemptions, data directory owners).
+    /// Every systemd unit the policy names (job rules, exemptions, data directory owners,
+    /// never_hold units): each is matched by the cgroup id of a running unit.
     pub fn unit_names(&self) -> Vec<String> {
         let d = &self.policy.deletion;
         let mut units: Vec<String> = d
@@ -267,6 +269,7 @@ impl LoadedPolicy {
                     .iter()
                     .flat_map(|dd| dd.owners.units.iter().cloned()),
             )
+            .chain(d.never_hold.iter().cloned())
             .collect();
         units.sort();
         units.dedup();

@@ -139,6 +139,7 @@ fn runaway_check(offsets: &guardrail_common::KernelOffsets, tier: probe::Tier) -
             exes: Vec::new(),
             cgroups: vec![(std::fs::metadata(&cgroup)?.ino(), 1)],
             uids: Vec::new(),
+            never_hold: Vec::new(),
         };
         let mut s = sensor::Sensor::new(offsets)?;
         s.install_policy(&policy)?;

@@ -68,6 +68,9 @@ pub struct KernelPolicy {
     pub exes: Vec<((u64, u64), u32)>,
     pub cgroups: Vec<(u64, u32)>,
     pub uids: Vec<(u32, u32)>,
+    /// (cgroup id, index of the unit in `deletion.never_hold`) of the never_hold units running
+    /// now (`NEVER_HOLD`).
+    pub never_hold: Vec<(u64, u32)>,
 }
 
 /// Maps whose contents must outlive one agent process: job counters and holds, the incident
@@ -103,9 +106,11 @@ fn load_pinned(offsets: &KernelOffsets, pin_dir: Option<&Path>) -> Result<Ebpf> 
         );
     }
     let sd_offsets = crate::btf::shutdown_offsets();
+    let fs_offsets = crate::btf::fs_offsets();
     let mut loader = EbpfLoader::new();
     loader.override_global("OFFSETS", offsets, true);
     loader.override_global("SD_OFFSETS", &sd_offsets, true);
+    loader.override_global("FS_OFFSETS", &fs_offsets, true);
     let paths: Vec<(&str, PathBuf)> = match pin_dir {
         Some(dir) => PINNED_MAPS
             .iter()
@@ -398,6 +403,22 @@ impl Sensor {
             }
         }
         {
+            let mut nh: HashMap<_, CgroupKey, u32> =
+                HashMap::try_from(self.map_mut("NEVER_HOLD")?)?;
+            for (id, unit) in &policy.never_hold {
+                nh.insert(
+                    CgroupKey {
+                        cgroup_id: *id,
+                        slot: next,
+                        _pad: 0,
+                    },
+                    unit,
+                    0,
+                )
+                .context("writing the never_hold table (NEVER_HOLD)")?;
+            }
+        }
+        {
             let mut uids: HashMap<_, UidKey, u32> = HashMap::try_from(self.map_mut("UIDS")?)?;
             for (uid, rule) in &policy.uids {
                 uids.insert(
@@ -442,6 +463,7 @@ impl Sensor {
         clear::<DirKey, DirRule>(self.map_mut("DIRS")?, |k| k.slot == slot)?;
         clear::<ExeKey, u32>(self.map_mut("EXES")?, |k| k.slot == slot)?;
         clear::<CgroupKey, u32>(self.map_mut("CGROUPS")?, |k| k.slot == slot)?;
+        clear::<CgroupKey, u32>(self.map_mut("NEVER_HOLD")?, |k| k.slot == slot)?;
         clear::<UidKey, u32>(self.map_mut("UIDS")?, |k| k.slot == slot)?;
         Ok(())
     }

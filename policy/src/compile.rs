@@ -56,9 +56,14 @@ pub struct Compiled {
     pub uids: Vec<(u32, u32)>,
     /// Data directory paths by `data_dir_id`, for messages.
     pub data_dirs: Vec<PathBuf>,
-    /// `deletion.never_hold`: units whose jobs the agent continues at once (userspace only: the
-    /// kernel holds, the agent lets go).
+    /// `deletion.never_hold`: units whose jobs are never stopped (the one list explain and the
+    /// agent's messages read).
     pub never_hold: Vec<String>,
+    /// (cgroup id, index in `never_hold`) of the `never_hold` units running now, for the kernel's
+    /// `NEVER_HOLD` table (a job in one of them or below is never stopped, whether or not an agent
+    /// runs; the kernel reports the index, so the unit is named even after the job exited).
+    /// Units not running are simply absent: the agent compiles again when one starts.
+    pub never_hold_cgroups: Vec<(u64, u32)>,
     pub warnings: Vec<CompileWarning>,
 }
 
@@ -253,6 +258,14 @@ pub fn compile(policy: &Policy, resolver: &dyn Resolver) -> Compiled {
             ..Compiled::default()
         },
     };
+
+    for (i, u) in d.never_hold.iter().enumerate() {
+        if let Some(id) = resolver.cgroup_id(u)
+            && !b.out.never_hold_cgroups.iter().any(|(x, _)| *x == id)
+        {
+            b.out.never_hold_cgroups.push((id, i as u32));
+        }
+    }
 
     let default = RuleParams {
         budget: d.budget,

@@ -86,7 +86,7 @@ pub struct Explanation {
     pub walked: Vec<(PathBuf, bool)>,
     /// Paths of the walk that do not exist on this host (skipped).
     pub unresolved: Vec<PathBuf>,
-    /// The job's unit, when it is in `deletion.never_hold`: a hold is let go at once.
+    /// The job's unit, when it is in `deletion.never_hold`: the job is never stopped.
     pub never_held_unit: Option<String>,
 }
 
@@ -251,12 +251,12 @@ impl fmt::Display for Explanation {
             Verdict::Exempt => "free: the job is exempt from the budget (protected roots and foreign data directories still refuse it)".to_string(),
             Verdict::Counted { budget, window, action } => {
                 let never_held = self.never_held_unit.as_ref().map(|u| {
-                    format!("the job is stopped only for a moment: {u} is never held (deletion.never_hold); every further deletion outside scope is refused (lsm tier) or only reported (other tiers)")
+                    format!("the job is never stopped: {u} is never held (deletion.never_hold); every further deletion of this job outside scope is refused (lsm tier) or only reported (other tiers)")
                 });
                 let a = match (action, &never_held) {
-                    (Action::Hold, Some(n)) => n.as_str(),
+                    (Action::Hold | Action::Block, Some(n)) => n.as_str(),
                     (Action::Hold, None) => "the job is held for an admin",
-                    (Action::Block, _) => "the job is blocked",
+                    (Action::Block, None) => "the job is blocked",
                     (Action::Alert, _) => "an alert is sent",
                 };
                 format!("counted: {budget} deletions per {window} outside targets, then {would_a}{a}", would_a = if self.audit { "(audit: would be) " } else { "" })

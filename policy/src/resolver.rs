@@ -156,8 +156,9 @@ impl Resolver for SystemResolver {
         let root = root_buf.as_path();
         if unit_or_cgroup.starts_with('/') {
             let p = root.join(unit_or_cgroup.trim_start_matches('/'));
-            return std::fs::metadata(p)
-                .ok()
+            return made_by_root(&p)
+                .then(|| std::fs::metadata(p).ok())
+                .flatten()
                 .filter(|m| m.is_dir())
                 .map(|m| m.ino());
         }
@@ -184,6 +185,16 @@ impl Resolver for SystemResolver {
         out.skipped.dedup();
         out
     }
+}
+
+/// Whether the cgroup directory `p` was made by root: its parent is root's. A user can create
+/// cgroups only inside a subtree delegated to it (`user@UID.service`, a `Delegate=yes` unit with
+/// `User=`), whose directories it owns; an absolute cgroup path of the policy that points into such
+/// a subtree must not give the user's cgroups its rule (units match by ancestor too).
+fn made_by_root(p: &Path) -> bool {
+    p.parent()
+        .and_then(|parent| std::fs::metadata(parent).ok())
+        .is_some_and(|m| m.uid() == 0)
 }
 
 /// Cgroup trees systemd delegates to users or containers: a unit name found there is somebody's

@@ -457,3 +457,31 @@ fn an_owner_inside_a_shared_exemption_gets_its_own_rule() {
     assert_eq!(x("postgres"), Verdict::DataOwner { data_dir_id: 0 });
     assert_eq!(x("alice"), Verdict::DataForeign { data_dir_id: 0 });
 }
+
+/// `never_hold` units become the kernel's `NEVER_HOLD` table: the cgroup ids of the units running
+/// now, each once; a unit not running is simply absent (no warning: the shipped list names units
+/// most hosts lack), and the agent compiles again when it starts.
+#[test]
+fn never_hold_units_compile_to_the_cgroup_ids_of_running_units() {
+    let mut h = host();
+    h.cgroups.insert("systemd-logind.service".into(), 4242);
+    h.cgroups.insert("init.scope".into(), 7);
+    let text = "[deletion]\nbudget = 10\nnever_hold = [\"init.scope\", \"systemd-logind.service\", \"sshd.service\"]\n";
+    let c = check_str("p.toml", text, &h);
+    let p = c.policy.expect("loads");
+    let compiled = compile(&p, &h);
+    assert_eq!(compiled.never_hold_cgroups, vec![(7, 0), (4242, 1)]);
+    assert_eq!(
+        compiled.never_hold.len(),
+        3,
+        "explain still names all three"
+    );
+    assert!(
+        !compiled
+            .warnings
+            .iter()
+            .any(|w| w.subject == "sshd.service"),
+        "{:?}",
+        compiled.warnings
+    );
+}

@@ -576,8 +576,8 @@ fn a_reused_pid_does_not_inherit_an_exemption() {
 }
 
 /// A job of a `deletion.never_hold` unit (a test scope standing in for systemd-logind.service)
-/// is not kept stopped at its budget: this tier cannot refuse, so the crossing is reported, the
-/// job is continued at once and finishes.
+/// is not stopped at its budget: this tier cannot refuse, so the kernel reports the crossing and
+/// lets the job go on; it finishes.
 #[test]
 fn a_never_hold_unit_is_reported_and_not_kept_stopped() {
     let _k = kernel_lock();
@@ -594,8 +594,7 @@ fn a_never_hold_unit_is_reported_and_not_kept_stopped() {
     let agent = Agent::start(&text).expect("agent starts");
     let victim = s.path().join("victim");
     fill(&victim, 2000);
-    // Eight workers: the ones that delete after the crossing, before the agent has read it, are
-    // re-stopped by the kernel and reported as retries; those must not keep the job stopped.
+    // Eight workers deleting at once: none of them may be stopped, before or after the crossing.
     let mut job = Job::spawn_in(
         &format!("{} fork-unlink 8 victim", testkit_bin().display()),
         s.path(),

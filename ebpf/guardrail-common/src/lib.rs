@@ -109,6 +109,11 @@ pub struct CgroupKey {
     pub _pad: u32,
 }
 
+/// How many cgroup levels below the root the kernel looks at when it matches a job's cgroup
+/// against units (`CGROUPS`, `NEVER_HOLD`): a unit at level 2 (`system.slice/x.service`) with
+/// `Delegate=yes` sub-cgroups down to this level all count as the unit.
+pub const MAX_CGROUP_LEVELS: i32 = 8;
+
 /// Key of the uid → rule table.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -278,6 +283,10 @@ pub const EVF_USERSPACE: u32 = 1 << 5;
 pub const EVF_GUESSED: u32 = 1 << 6;
 /// The crossing is under an `alert` rule: reported, nothing stopped.
 pub const EVF_ALERT: u32 = 1 << 7;
+/// The job is in a `deletion.never_hold` unit (its cgroup or an ancestor is in `NEVER_HOLD`): the
+/// kernel did not stop it. LSM tier: refused from here on for the rest of that job; other tiers:
+/// reported, and the job deletes on without a budget.
+pub const EVF_NEVER_HOLD: u32 = 1 << 8;
 
 /// Path components carried by an event (innermost first), each up to `NAME_LEN` bytes.
 pub const EVENT_PATH_DEPTH: usize = 6;
@@ -290,7 +299,9 @@ pub struct Event {
     pub kind: u32,
     pub flags: u32,
     pub rule: u32,
-    /// The data directory's index for `EV_DATA_DIR`.
+    /// The data directory's index for `EV_DATA_DIR`; with [`EVF_NEVER_HOLD`], the never_hold
+    /// unit's index in the policy's list (the value of its `NEVER_HOLD` entry), so the agent names
+    /// the unit even when the job has exited before the event is read.
     pub data_dir_id: u32,
     pub tgid: u32,
     pub pid: u32,
@@ -399,6 +410,54 @@ pub struct KernelOffsets {
     pub task_cred: u32,
     /// `cred.euid`
     pub cred_euid: u32,
+}
+
+/// Offsets the deletion guard reads to tell pseudo filesystems (cgroupfs, sysfs, proc, bpffs,
+/// devtmpfs...) from real ones, resolved from BTF like [`KernelOffsets`] (a separate read-only
+/// global, so that struct's layout does not change).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FsOffsets {
+    /// `super_block.s_magic` (an `unsigned long`).
+    pub sb_s_magic: u32,
+    /// `super_block.s_type`: devtmpfs shares tmpfs's (or ramfs's) magic and is told apart by its
+    /// type's name.
+    pub sb_s_type: u32,
+    /// `file_system_type.name`
+    pub fstype_name: u32,
+    /// Non-zero once filled in; nothing is taken for a pseudo filesystem while it is zero.
+    pub valid: u32,
+}
+
+/// Superblock magics of the pseudo filesystems whose entries are kernel objects, not data:
+/// removing an empty cgroup (systemd does at every unit stop), a sysfs or configfs object, a bpffs
+/// pin is never counted as a deletion. Values from include/uapi/linux/magic.h.
+pub const PSEUDO_FS_MAGICS: [u64; 9] = [
+    0x6367_7270, // CGROUP2_SUPER_MAGIC
+    0x0027_e0eb, // CGROUP_SUPER_MAGIC
+    0x6265_6572, // SYSFS_MAGIC
+    0x9fa0,      // PROC_SUPER_MAGIC
+    0xcafe_4a11, // BPF_FS_MAGIC
+    0x6462_6720, // DEBUGFS_MAGIC
+    0x7472_6163, // TRACEFS_MAGIC
+    0x7363_6673, // SECURITYFS_MAGIC
+    0x6265_6570, // CONFIGFS_MAGIC
+];
+/// tmpfs and ramfs: devtmpfs is one of them underneath, named `devtmpfs` in its `s_type`.
+pub const TMPFS_MAGIC: u64 = 0x0102_1994;
+pub const RAMFS_MAGIC: u64 = 0x8584_58f6;
+
+/// Whether a superblock magic is one of [`PSEUDO_FS_MAGICS`].
+#[inline(always)]
+pub fn is_pseudo_fs_magic(magic: u64) -> bool {
+    let mut i = 0;
+    while i < PSEUDO_FS_MAGICS.len() {
+        if PSEUDO_FS_MAGICS[i] == magic {
+            return true;
+        }
+        i += 1;
+    }
+    false
 }
 
 /// The self-test program's answer: values read through the resolved offsets, compared by the
@@ -717,6 +776,7 @@ mod pod {
         super::ShutdownConfig,
         super::FileId,
         super::SdOffsets,
-        super::ShutdownEvent
+        super::ShutdownEvent,
+        super::FsOffsets
     );
 }

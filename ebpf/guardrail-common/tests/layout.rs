@@ -171,6 +171,7 @@ fn offsets_and_selftest() {
             cred_euid
         ]
     );
+    layout!(FsOffsets, 16, [sb_s_magic, sb_s_type, fstype_name, valid]);
     layout!(
         SelftestAnswer,
         64,

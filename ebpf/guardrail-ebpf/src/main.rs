@@ -31,9 +31,9 @@ use core::{
 use aya_ebpf::{
     EbpfContext,
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_task, bpf_get_current_uid_gid, bpf_ktime_get_boot_ns, bpf_ktime_get_ns,
-        bpf_probe_read_kernel,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm,
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_current_uid_gid,
+        bpf_ktime_get_boot_ns, bpf_ktime_get_ns, bpf_probe_read_kernel,
         bpf_probe_read_kernel_str_bytes, bpf_probe_read_user_str_bytes, bpf_send_signal,
     },
     macros::{lsm, map, raw_tracepoint, tracepoint},
@@ -98,6 +98,16 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     cred_euid: 0,
 };
 
+/// Resolved by the agent from /sys/kernel/btf/vmlinux before load (zero: no filesystem is taken
+/// for a pseudo filesystem).
+#[unsafe(no_mangle)]
+static FS_OFFSETS: FsOffsets = FsOffsets {
+    sb_s_magic: 0,
+    sb_s_type: 0,
+    fstype_name: 0,
+    valid: 0,
+};
+
 #[map]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 #[map]
@@ -110,6 +120,11 @@ static EXES: HashMap<ExeKey, u32> = HashMap::with_max_entries(4096, 0);
 static CGROUPS: HashMap<CgroupKey, u32> = HashMap::with_max_entries(8192, 0);
 #[map]
 static UIDS: HashMap<UidKey, u32> = HashMap::with_max_entries(4096, 0);
+/// `deletion.never_hold` units by cgroup id (slot-keyed like CGROUPS; the value is the unit's index
+/// in the policy, reported in the event): a job in one of them, or below one, is never stopped by
+/// the kernel, with or without an agent.
+#[map]
+static NEVER_HOLD: HashMap<CgroupKey, u32> = HashMap::with_max_entries(1024, 0);
 /// Rule tag of a process whose executable (or an ancestor's, inherited at fork) matched a rule.
 #[map]
 static TASK_RULE: LruHashMap<u32, u32> = LruHashMap::with_max_entries(65536, 0);
@@ -256,23 +271,189 @@ fn job_rule(slot: u32, tgid: u32, uid: u32) -> u32 {
     if let Some(r) = unsafe { TASK_RULE.get(&tgid) } {
         return *r;
     }
-    // SAFETY: as above.
-    let cg = unsafe { bpf_get_current_cgroup_id() };
-    // SAFETY: as above.
-    if let Some(r) = unsafe {
-        CGROUPS.get(&CgroupKey {
-            cgroup_id: cg,
-            slot,
-            _pad: 0,
-        })
-    } {
-        return *r;
+    if let Some(r) = unit_lookup(&CGROUPS, slot) {
+        return r;
     }
     // SAFETY: as above.
     if let Some(r) = unsafe { UIDS.get(&UidKey { uid, slot }) } {
         return *r;
     }
     0
+}
+
+/// The current task's entry in a cgroup-keyed unit table: its own cgroup first, then its
+/// ancestors from the deepest up, so a `Delegate=yes` unit's sub-cgroups count as the unit and
+/// the nearest named cgroup wins. Only the global hierarchy's ids are compared: a user can make
+/// sub-cgroups only inside a subtree delegated to it, which never contains a unit the policy
+/// names (the resolver refuses cgroups whose parent is not root's).
+#[inline(always)]
+fn unit_lookup(map: &HashMap<CgroupKey, u32>, slot: u32) -> Option<u32> {
+    // SAFETY: helper without preconditions.
+    let cg = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: map lookups return pointers into map values that stay valid for this program run.
+    if let Some(r) = unsafe {
+        map.get(&CgroupKey {
+            cgroup_id: cg,
+            slot,
+            _pad: 0,
+        })
+    } {
+        return Some(*r);
+    }
+    let mut level = MAX_CGROUP_LEVELS;
+    while level >= 1 {
+        // SAFETY: helper without preconditions; 0 for a level below the task's own cgroup.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if id != 0 && id != cg {
+            // SAFETY: as above.
+            if let Some(r) = unsafe {
+                map.get(&CgroupKey {
+                    cgroup_id: id,
+                    slot,
+                    _pad: 0,
+                })
+            } {
+                return Some(*r);
+            }
+        }
+        level -= 1;
+    }
+    None
+}
+
+/// PID 1 and kernel threads (kdevtmpfs, nfsd, kworkers) are the host's own machinery: they are
+/// never counted, stopped or refused (but a protected root is still refused, per operation). The
+/// tgid is the initial namespace's, so a container's init is not PID 1 here; PF_KTHREAD cannot be
+/// set by userspace. An unreadable flags word counts as a user task.
+#[inline(always)]
+fn host_machinery(o: &KernelOffsets, tgid: u32) -> bool {
+    if tgid == 1 {
+        return true;
+    }
+    let flags: u32 = kread(current_task(), o.task_flags).unwrap_or(0);
+    flags & PF_KTHREAD != 0
+}
+
+#[inline(always)]
+fn fs_offsets() -> FsOffsets {
+    // SAFETY: as for `offsets`.
+    unsafe { read_volatile(&FS_OFFSETS) }
+}
+
+/// Whether `dir` (a directory dentry) is on a pseudo filesystem whose entries are kernel objects
+/// (an empty cgroup, a sysfs or configfs object, a bpffs pin, a devtmpfs node): removing them is
+/// not a deletion of data. Unknown (null, unreadable) is not a pseudo filesystem.
+#[inline(always)]
+fn on_pseudo_fs(o: &KernelOffsets, dir: *const u8) -> bool {
+    let f = fs_offsets();
+    if f.valid == 0 || dir.is_null() {
+        return false;
+    }
+    let Ok(inode) = kptr(dir, o.dentry_d_inode) else {
+        return false;
+    };
+    let Ok(sb) = kptr(inode, o.inode_i_sb) else {
+        return false;
+    };
+    let Ok(magic) = kread::<u64>(sb, f.sb_s_magic) else {
+        return false;
+    };
+    if is_pseudo_fs_magic(magic) {
+        return true;
+    }
+    if magic != TMPFS_MAGIC && magic != RAMFS_MAGIC {
+        return false;
+    }
+    let Ok(ty) = kptr(sb, f.sb_s_type) else {
+        return false;
+    };
+    let Ok(name) = kptr(ty, f.fstype_name) else {
+        return false;
+    };
+    // "devtmpfs" and its NUL, read as one little-endian word and a byte.
+    let word: u64 = kread(name, 0).unwrap_or(0);
+    let nul: u8 = kread(name, 8).unwrap_or(1);
+    word == u64::from_le_bytes(*b"devtmpfs") && nul == 0
+}
+
+/// Whether this deletion removes a kernel object of a pseudo filesystem (see [`on_pseudo_fs`]).
+/// LSM: the directory the entry is in, exact. Tracepoint tier: the directory the syscall starts
+/// from (cwd or dirfd), trusted only for a path of one component: a longer path can leave that
+/// filesystem (`..`, or /proc's magic links such as `self/root/...`), and an absolute path starts
+/// from the root, whose filesystem tells nothing; both are judged as usual. io_uring requests in
+/// the tracepoint tier have no known directory and always count.
+#[inline(always)]
+fn pseudo_fs_deletion(o: &KernelOffsets, d: &Deletion) -> bool {
+    if !d.entry.is_null() {
+        let dir = if d.parent.is_null() {
+            d.entry
+        } else {
+            d.parent
+        };
+        return on_pseudo_fs(o, dir);
+    }
+    if d.user_path.is_null() || !on_pseudo_fs(o, d.parent) {
+        return false;
+    }
+    let Some(buf) = PATHBUF.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: `buf` is this CPU's scratch value; user memory is read with fault handling.
+    let Ok(path) = (unsafe { bpf_probe_read_user_str_bytes(d.user_path, &mut *buf) }) else {
+        return false;
+    };
+    // A path that filled the buffer may go on past it: not known to be one component.
+    if path.len() >= 255 {
+        return false;
+    }
+    let mut i = 0usize;
+    while i < 256 {
+        // SAFETY: as above; the index is bounded by the array.
+        let c = unsafe { (*buf)[i] };
+        if c == 0 {
+            return i > 0;
+        }
+        if c == b'/' {
+            return false;
+        }
+        i += 1;
+    }
+    false
+}
+
+/// A job of a `deletion.never_hold` unit (logind, journald, sshd, the bus...) past its budget:
+/// stopping it would lock admins out or stop the host's logging, and an agent may not be there to
+/// continue it, so the kernel never stops it. The LSM tier refuses this and every further
+/// deletion outside scope for the rest of that job (JOB_DENIED: a restarted service is a new job);
+/// the tracepoint tier cannot refuse, so it reports once and lets the job delete on without a
+/// budget. Returns the incident id when this CPU is the one to report the crossing, else 0.
+///
+/// A leaf that `judge` calls and then emits for: on 6.1 the verifier rounds every frame up to 32
+/// bytes and the deepest chain (tracepoint program -> judge -> emit -> memset) is already at the
+/// 512-byte limit, so no frame may be added between judge and emit.
+#[inline(never)]
+fn never_hold_crossing(lsm: bool, job: *mut JobState) -> u64 {
+    // SAFETY: field addresses of a valid map value (see `judge`).
+    let (state_p, refused_p) =
+        unsafe { (addr_of_mut!((*job).state), addr_of_mut!((*job).refused)) };
+    let first = if lsm {
+        fetch_add(refused_p, 1);
+        // Exactly one CPU makes the change and reports it.
+        cas(state_p, JOB_ACTIVE, JOB_DENIED)
+    } else {
+        // SAFETY: plain fields of the map value; two CPUs crossing at once may both report.
+        unsafe {
+            (*job).allowance = ALLOWANCE_UNLIMITED;
+            (*job).incident == 0
+        }
+    };
+    if !first {
+        return 0;
+    }
+    let inc = next_incident();
+    // SAFETY: as above.
+    unsafe { (*job).incident = inc };
+    inc
 }
 
 fn judge(d: &Deletion) -> Verdict {
@@ -331,6 +512,10 @@ fn judge(d: &Deletion) -> Verdict {
                 }
             }
         }
+    }
+
+    if host_machinery(&o, tgid) || pseudo_fs_deletion(&o, d) {
+        return Verdict::Allow;
     }
 
     let uid = bpf_get_current_uid_gid() as u32;
@@ -541,6 +726,28 @@ fn judge(d: &Deletion) -> Verdict {
             );
         }
         return Verdict::Allow;
+    }
+    if let Some(unit) = unit_lookup(&NEVER_HOLD, slot) {
+        let lsm = d.tier_flags & EVF_TRACEPOINT == 0;
+        let inc = never_hold_crossing(lsm, job);
+        if inc != 0 {
+            emit(
+                d,
+                &Report {
+                    kind: EV_BUDGET_CROSSED,
+                    flags: if lsm {
+                        EVF_NEVER_HOLD | EVF_REFUSED
+                    } else {
+                        EVF_NEVER_HOLD
+                    },
+                    rule: rule,
+                    data_dir_id: unit,
+                    count: n,
+                    incident: inc,
+                },
+            );
+        }
+        return if lsm { Verdict::Refuse } else { Verdict::Allow };
     }
     let new_state = if params.action == ACTION_BLOCK {
         JOB_BLOCKED

@@ -1,8 +1,8 @@
 #!/bin/sh
 # vm-timeout: 300
 # A job of a `never_hold` unit (a scope standing in for systemd-logind.service) past its budget:
-# the kernel stops it for a moment, the agent continues it at once, and every further deletion
-# outside scope is refused. Exactly 100 files gone, no hold, the job ends by itself.
+# the kernel never stops it and refuses every further deletion outside scope. Exactly 100 files
+# gone, no hold, the job ends by itself.
 . /cases/lib.inc
 mkdir -p "$S/target" "$S/protected"
 policy 100 "$S/target" "$S/protected" |
@@ -13,8 +13,7 @@ mkdir -p "$CG" || fail "cannot create $CG"
 start_agent "$S/policy.toml"
 
 $KIT fill 300 "$S/victim" >/dev/null
-# Four workers: those that try after the crossing, before the agent has read it, are stopped by
-# the kernel too (reported as retries); they must be continued with the job.
+# Four workers deleting at once: each is refused past the budget, none is stopped.
 sh -c 'echo $$ >"$1/cgroup.procs" && cd "$2" && exec setsid "$3" fork-unlink 4 victim' _ "$CG" "$S" "$KIT" >/dev/null 2>&1 &
 JOB=$!
 i=0
@@ -29,6 +28,6 @@ gr holds --json | grep -q '"id"' && fail "a never_hold job was held"
 grep -q '"outcome":"refused"' "$S/events.jsonl" || fail "no refused incident in the event log"
 grep -q 'stand-in-logind.scope is never held' "$S/events.jsonl" || fail "the incident does not say why it was not held"
 grep -q 'not held' "$S/agent.log" || fail "the agent log does not say it was not held"
-echo "never_hold: continued at the budget, 100 deleted, 200 refused, no hold"
+echo "never_hold: refused past the budget, never stopped: 100 deleted, 200 refused, no hold"
 stop_agent
 rmdir "$CG"
