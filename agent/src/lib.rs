@@ -6,5 +6,6 @@ pub mod btf;
 pub mod cgroup;
 pub mod fallback;
 pub mod forklog;
+pub mod lifecycle;
 pub mod probe;
 pub mod sensor;

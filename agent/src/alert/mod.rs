@@ -36,7 +36,7 @@ const RETRY_DELAYS: &[Duration] = &[Duration::from_millis(200), Duration::from_m
 const DRAIN: Duration = Duration::from_secs(3);
 
 /// Agent life-cycle events: agent_started, agent_stopped, tier_degraded, policy_reloaded,
-/// policy_rejected.
+/// policy_rejected, policy_fallback (a start on the last good policy).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AgentEvent {
     pub time: String,
@@ -89,7 +89,7 @@ impl Record {
                 _ => Severity::Notice,
             },
             Record::Agent(a) => match a.kind.as_str() {
-                "policy_rejected" | "tier_degraded" => Severity::Err,
+                "policy_rejected" | "policy_fallback" | "tier_degraded" => Severity::Err,
                 _ => Severity::Info,
             },
         }
