@@ -705,9 +705,7 @@ impl Agent {
                         );
                     }
                     if let Err(e) = crate::lastgood::save(&self.state_dir, &self.source) {
-                        eprintln!(
-                            "guardrail: WARNING: the last good policy was not saved: {e:#}"
-                        );
+                        eprintln!("guardrail: WARNING: the last good policy was not saved: {e:#}");
                     }
                 }
                 Err(e) => {

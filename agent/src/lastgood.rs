@@ -171,6 +171,8 @@ pub fn policy_at_start(
             )
         }
     };
-    eprintln!("guardrail: WARNING: {why}. Fix it and the agent loads it at once (`guardrail policy check`).");
+    eprintln!(
+        "guardrail: WARNING: {why}. Fix it and the agent loads it at once (`guardrail policy check`)."
+    );
     Ok((policy, Some(why)))
 }

@@ -63,9 +63,7 @@ pub struct OffReport {
     pub problems: Vec<String>,
 }
 
-fn pinned_hash<K: aya::Pod, V: aya::Pod>(
-    path: &Path,
-) -> anyhow::Result<BpfHashMap<MapData, K, V>> {
+fn pinned_hash<K: aya::Pod, V: aya::Pod>(path: &Path) -> anyhow::Result<BpfHashMap<MapData, K, V>> {
     let data = MapData::from_pin(path)?;
     Ok(BpfHashMap::try_from(Map::HashMap(data))?)
 }
@@ -90,8 +88,10 @@ fn cstr(b: &[u8]) -> &[u8] {
 pub fn switch_off(dir: &Path) -> OffReport {
     let mut r = OffReport::default();
     if std::fs::symlink_metadata(dir).is_err() {
-        r.lines
-            .push(format!("nothing pinned in {}: nothing to do", dir.display()));
+        r.lines.push(format!(
+            "nothing pinned in {}: nothing to do",
+            dir.display()
+        ));
         return r;
     }
     let maps = dir.join("maps");
@@ -148,8 +148,10 @@ pub fn switch_off(dir: &Path) -> OffReport {
     ));
     for key in held {
         if !procinfo::pgid_alive(key.pgid) {
-            r.lines
-                .push(format!("held job {} is gone: nothing to continue", key.pgid));
+            r.lines.push(format!(
+                "held job {} is gone: nothing to continue",
+                key.pgid
+            ));
             continue;
         }
         // Wrappers stopped in sympathy (sudo) first found, then continued with the job.
@@ -176,7 +178,8 @@ pub fn switch_off(dir: &Path) -> OffReport {
     for (tgid, ev) in callers {
         // The same task, still waiting (a reused pid would have to be stopped and have the
         // same name to be mistaken for it).
-        let waiting = state_of(tgid) == Some('T') && comm_of(tgid).as_deref() == Some(cstr(&ev.comm));
+        let waiting =
+            state_of(tgid) == Some('T') && comm_of(tgid).as_deref() == Some(cstr(&ev.comm));
         if !waiting {
             continue;
         }
@@ -185,8 +188,9 @@ pub fn switch_off(dir: &Path) -> OffReport {
             // Tracepoint tier: the refused shutdown program was stopped before its first
             // instruction; continuing it would run it.
             let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
-            r.lines
-                .push(format!("ended refused shutdown caller {tgid} (it never ran)"));
+            r.lines.push(format!(
+                "ended refused shutdown caller {tgid} (it never ran)"
+            ));
         } else {
             // LSM tier: its request already failed with EPERM.
             let _ = nix::sys::signal::kill(pid, Signal::SIGCONT);

@@ -108,12 +108,7 @@ const NO_LOGIN_LEADERS: &[&str] = &["cron", "crond", "atd"];
 /// PID 1). Same trust conditions as [`NO_LOGIN_LEADERS`].
 const CONSOLE_LOGIN: &[&str] = &["login"];
 /// Display managers' session helpers: a graphical login at the machine.
-const DISPLAY_MANAGERS: &[&str] = &[
-    "gdm-session-worker",
-    "lightdm",
-    "sddm-helper",
-    "xdm",
-];
+const DISPLAY_MANAGERS: &[&str] = &["gdm-session-worker", "lightdm", "sddm-helper", "xdm"];
 /// How far up the parent chain to look for a remote daemon (past sudo, su, tmux, scripts).
 const MAX_ANCESTORS: usize = 32;
 
@@ -145,9 +140,7 @@ impl Proc {
 /// Root's, and nobody else may write it or the directory it is in.
 fn trusted_file(path: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
-    let safe = |p: &Path| {
-        std::fs::metadata(p).is_ok_and(|m| m.uid() == 0 && m.mode() & 0o022 == 0)
-    };
+    let safe = |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.uid() == 0 && m.mode() & 0o022 == 0);
     safe(path) && path.parent().is_some_and(safe)
 }
 
@@ -162,7 +155,12 @@ fn read_session(pid: u32) -> Option<u32> {
 fn proc_info(pid: u32) -> Option<Proc> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let close = stat.rfind(')')?;
-    let ppid = stat.get(close + 2..)?.split_whitespace().nth(1)?.parse().ok()?;
+    let ppid = stat
+        .get(close + 2..)?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
     let uid = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()?
         .lines()
@@ -497,8 +495,11 @@ mod tests {
             Some(Class::None)
         );
         assert_eq!(
-            decide(&[p(40, 39, 1000, "bash", true, None)], &[p(39, 1, 0, "gdm-session-worker", true, None)])
-                .map(|o| o.class),
+            decide(
+                &[p(40, 39, 1000, "bash", true, None)],
+                &[p(39, 1, 0, "gdm-session-worker", true, None)]
+            )
+            .map(|o| o.class),
             Some(Class::Local)
         );
     }
@@ -507,6 +508,8 @@ mod tests {
     fn local_terminals() {
         assert!(is_local_terminal("tty1") && is_local_terminal("console"));
         assert!(is_local_terminal("ttyS0") && is_local_terminal("/dev/hvc0"));
-        assert!(!is_local_terminal("pts/0") && !is_local_terminal("tty") && !is_local_terminal("ttyx"));
+        assert!(
+            !is_local_terminal("pts/0") && !is_local_terminal("tty") && !is_local_terminal("ttyx")
+        );
     }
 }

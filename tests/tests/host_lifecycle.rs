@@ -74,7 +74,9 @@ fn sigint_at_any_moment_of_startup_stops_cleanly() {
     let mut past_ready = 0;
     // Every 0.1 s up to 3 s, then every second until past ready (start-up takes 10 s and more
     // on a busy 2-core host).
-    let steps = (1..=30u64).map(|i| i * 100).chain((4..=60u64).map(|i| i * 1000));
+    let steps = (1..=30u64)
+        .map(|i| i * 100)
+        .chain((4..=60u64).map(|i| i * 1000));
     for at in steps {
         let pins = unique_pin_dir();
         let log = dir.path().join(format!("agent-{at}.log"));
@@ -114,7 +116,10 @@ fn sigint_at_any_moment_of_startup_stops_cleanly() {
         let Some(status) = status else {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("SIGINT {} ms into start-up: the agent still ran 2 s later:\n{out}", at);
+            panic!(
+                "SIGINT {} ms into start-up: the agent still ran 2 s later:\n{out}",
+                at
+            );
         };
         assert_eq!(
             status.code(),
@@ -174,7 +179,11 @@ fn broken_policy_at_start_runs_on_the_last_good_one() {
     let first = Agent::start_with(&good, &["--state-dir", &state_arg]).expect("agent starts");
     let saved = state_dir.join("last-good.json");
     let meta = std::fs::metadata(&saved).expect("the last good policy is saved");
-    assert_eq!(meta.permissions().mode() & 0o777, 0o600, "last-good.json mode");
+    assert_eq!(
+        meta.permissions().mode() & 0o777,
+        0o600,
+        "last-good.json mode"
+    );
     let dmeta = std::fs::metadata(&state_dir).expect("state dir");
     assert_eq!(dmeta.permissions().mode() & 0o777, 0o700, "state dir mode");
     let text = std::fs::read_to_string(&saved).expect("read last-good.json");
@@ -202,7 +211,12 @@ fn broken_policy_at_start_runs_on_the_last_good_one() {
         .into_iter()
         .filter(|e| e["agent"]["kind"] == "policy_fallback")
         .collect();
-    assert_eq!(fallback.len(), 1, "one policy_fallback event: {:#?}", agent.events());
+    assert_eq!(
+        fallback.len(),
+        1,
+        "one policy_fallback event: {:#?}",
+        agent.events()
+    );
     let msg = fallback[0]["agent"]["message"].as_str().unwrap_or("");
     assert!(
         msg.contains(&format!("the policy {} has errors", agent.policy.display()))
@@ -231,7 +245,10 @@ fn broken_policy_at_start_runs_on_the_last_good_one() {
         "{gone} files gone at the hold, budget {BUDGET}"
     );
     agent.cli_ok(&["deny", &id.to_string()]);
-    assert!(job.wait(Duration::from_secs(30)).is_some(), "denied job ends");
+    assert!(
+        job.wait(Duration::from_secs(30)).is_some(),
+        "denied job ends"
+    );
     assert!(agent.stop().expect("stops").success());
 }
 
@@ -255,11 +272,17 @@ fn off_switch_continues_held_jobs_with_no_agent() {
     fill(&victim, 1000);
     let mut job = Job::spawn_in("rm -rf victim", s.path(), Some(&cg));
     agent.wait_hold(Duration::from_secs(60)).expect("held");
-    assert!(wait_until(Duration::from_secs(10), || job.stopped()), "job stopped");
+    assert!(
+        wait_until(Duration::from_secs(10), || job.stopped()),
+        "job stopped"
+    );
     let held_left = settle(&victim, Duration::from_millis(500));
     let socket = agent.socket.clone();
     agent.crash();
-    assert!(pins.join("links").is_dir(), "the programs stay pinned after a crash");
+    assert!(
+        pins.join("links").is_dir(),
+        "the programs stay pinned after a crash"
+    );
 
     let nobody = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
@@ -282,12 +305,19 @@ fn off_switch_continues_held_jobs_with_no_agent() {
         .output()
         .expect("guardrail off");
     let o = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "guardrail off failed: {o}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "guardrail off failed: {o}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(
         o.contains(&format!("guardrail off: continued held job {}", job.pgid())),
         "off does not report the job it continued:\n{o}"
     );
-    assert!(o.contains(&format!("guardrail off: removed {}", pins.display())), "{o}");
+    assert!(
+        o.contains(&format!("guardrail off: removed {}", pins.display())),
+        "{o}"
+    );
     let Some(st) = job.wait(Duration::from_secs(60)) else {
         let ps = Command::new("ps")
             .args(["-eo", "pid,pgid,stat,wchan:20,args"])
@@ -305,10 +335,15 @@ fn off_switch_continues_held_jobs_with_no_agent() {
         );
     };
     assert!(st.success(), "rm -rf exits 0: {st}");
-    assert_eq!(count_files(&victim), 0, "the job deleted everything once continued");
+    assert_eq!(
+        count_files(&victim),
+        0,
+        "the job deleted everything once continued"
+    );
     assert!(!pins.exists(), "pins gone");
     assert!(
-        wait_until(Duration::from_secs(3), || new_tracing_objects(&before).is_empty()),
+        wait_until(Duration::from_secs(3), || new_tracing_objects(&before)
+            .is_empty()),
         "programs left attached after off: {:?}",
         new_tracing_objects(&before)
     );
@@ -408,7 +443,9 @@ fn assert_refused_as_unknown(agent: &Agent, session: u32, out: &str, what: &str)
         "requested from ssh".to_string(),
     ];
     let head = format!("guardrail: refused \"reboot\" on {h}, ");
-    let tail = format!(". To reboot {h}, run: guardrail confirm {h}, then repeat the command within 2 minutes.");
+    let tail = format!(
+        ". To reboot {h}, run: guardrail confirm {h}, then repeat the command within 2 minutes."
+    );
     assert!(
         out.lines().any(|l| l.contains(&head)
             && l.contains(&tail)
@@ -475,5 +512,99 @@ fn a_process_named_login_is_no_local_login() {
         &agent,
     );
     assert_refused_as_unknown(&agent, session, &out, "a process named login");
+    assert!(agent.stop().expect("stops").success());
+}
+
+/// The userspace tier cannot adopt what a BPF agent pinned: it switches it off (held jobs
+/// continued) and says so, instead of leaving programs enforcing unseen beside its watcher.
+/// Old code: the userspace tier ignored --pin-dir; the crashed agent's programs stayed attached.
+#[test]
+fn userspace_tier_switches_off_bpf_pins_it_cannot_adopt() {
+    let _k = kernel_lock();
+    require_root();
+    let cg = TestCgroup::new();
+    let s = scratch();
+    let target = s.path().join("target");
+    std::fs::create_dir_all(&target).expect("mkdir target");
+    let pins = unique_pin_dir();
+    let pins_arg = pins.display().to_string();
+    let before = bpf_objects();
+    let text = policy_text(&target, &cg);
+    Agent::start_with(&text, &["--pin-dir", &pins_arg])
+        .expect("BPF agent starts")
+        .crash();
+    assert!(pins.join("links").is_dir(), "pinned after the crash");
+    let agent = Agent::start_with(&text, &["--pin-dir", &pins_arg, "--tier", "userspace"])
+        .expect("userspace agent starts");
+    let needle = format!(
+        "guardrail: WARNING: programs of a previous BPF agent were pinned in {}; the userspace tier cannot adopt them, so they were switched off: detached ",
+        pins.display()
+    );
+    assert!(
+        agent.saw(&needle) && !agent.saw("switched off: detached 0 programs"),
+        "no warning {needle:?} with the programs it detached:\n{}",
+        agent.log()
+    );
+    assert!(!pins.exists(), "the pins are gone");
+    assert!(
+        wait_until(Duration::from_secs(3), || new_tracing_objects(&before)
+            .is_empty()),
+        "BPF programs left attached beside the userspace tier: {:?}",
+        new_tracing_objects(&before)
+    );
+    assert!(
+        agent
+            .events()
+            .iter()
+            .any(|e| e["agent"]["kind"] == "tier_degraded"
+                && e["agent"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("switched off"))),
+        "no tier_degraded event: {:#?}",
+        agent.events()
+    );
+    assert!(agent.stop().expect("stops").success());
+}
+
+/// A pin directory that is not on bpffs (as inside a unit's private mount namespace where the
+/// host has none): the agent pins nothing, says so, and still enforces while it runs.
+/// Old code: pinning failed and the agent refused to start (or, with /sys/fs/bpf unmounted, it
+/// mounted bpffs in its private namespace, where the pins died with it).
+#[test]
+fn pins_go_only_to_a_visible_bpffs() {
+    let _k = kernel_lock();
+    require_root();
+    let cg = TestCgroup::new();
+    let s = scratch();
+    let target = s.path().join("target");
+    std::fs::create_dir_all(&target).expect("mkdir target");
+    let pins = s.path().join("pins");
+    let pins_arg = pins.display().to_string();
+    let agent = Agent::start_with(&policy_text(&target, &cg), &["--pin-dir", &pins_arg])
+        .expect("agent starts without pins");
+    let needle = format!(
+        "guardrail: WARNING: {} is not on a bpffs visible to the host",
+        s.path().display()
+    );
+    assert!(
+        agent.saw(&needle),
+        "no warning {needle:?}:\n{}",
+        agent.log()
+    );
+    assert!(!pins.exists(), "nothing pinned outside bpffs");
+    let victim = s.path().join("victim");
+    fill(&victim, 1000);
+    let mut job = Job::spawn_in("rm -rf victim", s.path(), Some(&cg));
+    let id = agent.wait_hold(Duration::from_secs(60)).expect("held");
+    agent.cli_ok(&["deny", &id.to_string()]);
+    assert!(
+        job.wait(Duration::from_secs(30)).is_some(),
+        "denied job ends"
+    );
+    let left = count_files(&victim) as u64;
+    assert!(
+        (1000 - BUDGET - 1..=1000 - BUDGET).contains(&left),
+        "{left} files left, budget {BUDGET}"
+    );
     assert!(agent.stop().expect("stops").success());
 }
