@@ -24,6 +24,8 @@ use crate::procinfo;
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
+// The magic is a c_long (fsword_t): 32 bits on some targets.
+#[allow(clippy::unnecessary_cast)]
 fn on_bpffs(path: &Path) -> bool {
     nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
 }

@@ -463,7 +463,8 @@ mod tests {
         let sshd = p(10, 1, 0, "sshd", true, None);
         let shell = p(11, 10, 1000, "bash", true, Some("pts/0"));
         assert_eq!(
-            decide(&[shell.clone()], std::slice::from_ref(&sshd)).map(|o| (o.class, o.service)),
+            decide(std::slice::from_ref(&shell), std::slice::from_ref(&sshd))
+                .map(|o| (o.class, o.service)),
             Some((Class::Remote, "ssh".to_string()))
         );
         // A remote daemon anywhere above counts, past sudo and su.
