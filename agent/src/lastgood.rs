@@ -176,3 +176,41 @@ pub fn policy_at_start(
     );
     Ok((policy, Some(why)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let d =
+            std::env::temp_dir().join(format!("guardrail-lastgood-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn saved_policy_loads_back_and_is_the_owners_alone() {
+        let top = scratch("roundtrip");
+        let dir = top.join("state");
+        save(&dir, &PolicySource::Embedded).expect("saved");
+        let mode = |p: &Path| std::fs::metadata(p).expect("stat").mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir.join(FILE)), 0o600);
+        let (p, saved) = load(&dir).expect("loads back");
+        assert!(saved.ends_with("from (embedded default)"), "{saved}");
+        let embedded = PolicySource::Embedded.load().expect("default");
+        assert_eq!(p.fingerprint, embedded.fingerprint);
+        // A second save replaces the first (rename over it), leaving no temporary file.
+        save(&dir, &PolicySource::Embedded).expect("saved again");
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .expect("list")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from(FILE)]);
+        // A directory anybody may write: its copy could be anybody's, so it is not used.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        let err = load(&dir).expect_err("a world-writable state dir is ignored");
+        assert!(err.to_string().contains("is not root's alone"), "{err:#}");
+        let _ = std::fs::remove_dir_all(&top);
+    }
+}
