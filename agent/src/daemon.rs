@@ -589,6 +589,11 @@ impl Agent {
 
         let mut last_tick = Instant::now();
         loop {
+            // A stop read from the signalfd elsewhere (a wait inside a reload checks for one).
+            if let Some(s) = crate::lifecycle::stop_noted() {
+                println!("guardrail: {s} received, detaching");
+                return Ok(());
+            }
             let (ring_ready, sock_ready, sig_ready, watch_ready, sessions_ready) = {
                 let mut fds = vec![
                     PollFd::new(self.backend.as_fd(), PollFlags::POLLIN),

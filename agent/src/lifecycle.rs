@@ -68,6 +68,14 @@ pub fn stop_requested() -> Option<Signal> {
     }
 }
 
+/// The stop signal read so far, without reading the signalfd (the daemon's loop reads it).
+pub fn stop_noted() -> Option<Signal> {
+    match STOP.load(Ordering::SeqCst) {
+        0 => None,
+        n => Signal::try_from(n).ok(),
+    }
+}
+
 /// Start-up was stopped by a signal: the agent cleans up what it attached so far and exits 0.
 #[derive(Debug)]
 pub struct Interrupted(pub Signal);
