@@ -21,10 +21,7 @@ use guardrail_common::{
 };
 use nix::{
     poll::{PollFd, PollFlags, PollTimeout, poll},
-    sys::{
-        signal::{SigSet, Signal},
-        signalfd::{SfdFlags, SignalFd},
-    },
+    sys::signal::Signal,
 };
 
 use crate::{
@@ -65,6 +62,10 @@ pub struct AgentArgs {
     /// restarting this unit).
     #[arg(long)]
     pub keep_enforcing_when_stopped: bool,
+    /// Where the agent keeps its state: the last policy that loaded (`last-good.json`), which a
+    /// start whose policy has errors runs on.
+    #[arg(long, default_value = crate::lastgood::STATE_DIR)]
+    pub state_dir: PathBuf,
 }
 
 struct Hold {
@@ -233,6 +234,10 @@ struct Agent {
     shutdown: crate::shutdown::Guard,
     /// Kernel bookkeeping the agent keeps in step with (adoption of unrecorded holds, map fill).
     kernel_jobs: KernelJobs,
+    state_dir: PathBuf,
+    /// Why the policy in force is not the one on disk (broken at start: the last good one or the
+    /// embedded default runs instead); cleared when the policy on disk loads.
+    policy_fallback: Option<String>,
 }
 
 /// What the daemon remembers about the kernel's job maps between ticks.
@@ -249,84 +254,20 @@ struct KernelJobs {
 }
 
 pub fn run(args: AgentArgs) -> Result<()> {
-    let host = procinfo::hostname();
-    let source = PolicySource::from_args(args.policy.as_deref(), args.policy_dir.as_deref());
-    let policy = source.load().map_err(|report| {
-        eprintln!("{report}");
-        anyhow::anyhow!(
-            "the policy {} has errors; refusing to start without a valid policy",
-            source.describe()
-        )
-    })?;
-    crate::mount_kernel_filesystems();
-    let offsets = btf::resolve_offsets(Path::new(btf::VMLINUX_BTF)).map(|mut o| {
-        o.io_uring_opcode = btf::io_uring_opcode_offset().unwrap_or(0);
-        o
-    });
-    let report = probe::probe(offsets.as_ref().ok());
-    let tier = match args.tier.as_str() {
-        "lsm" => Tier::Lsm,
-        "tracepoint" => Tier::Tracepoint,
-        "userspace" => Tier::Userspace,
-        _ => report.tier,
-    };
-    let why = if args.tier == "auto" {
-        report.why()
-    } else {
-        format!("forced by --tier {}; probe: {}", args.tier, report.why())
-    };
-    let mut adopting = false;
-    // The shutdown guard decides in the kernel: it has no userspace tier.
-    let mut shutdown = crate::shutdown::Guard::new(&host, tier, &policy);
-    let backend = if tier == Tier::Userspace {
-        // The policy is in the watcher's tables before its first event is read.
-        Backend::Userspace(Box::new(start_userspace(&policy)?))
-    } else {
-        let offsets = offsets.context("resolving kernel struct offsets from BTF")?;
-        adopting = Sensor::had_pinned_state(&args.pin_dir);
-        let mut sensor = Sensor::with_pins(&offsets, Some(&args.pin_dir))?;
-        // The policy is in the maps before any program is attached: there is no moment with
-        // programs running and no policy.
-        sensor.install_policy(&policy.kernel)?;
-        shutdown.install(&mut sensor, &policy)?;
-        sensor.attach(tier)?;
-        shutdown.attach(&mut sensor, tier)?;
-        // The shutdown programs are pinned with the deletion hooks: a restart leaves neither
-        // guard down.
-        sensor.pin_links()?;
-        let ring = sensor.take_events()?;
-        Backend::Bpf {
-            sensor: Box::new(sensor),
-            ring,
+    // main() blocked the stop signals first thing; a caller that did not gets them blocked now.
+    if crate::lifecycle::signals().is_none() {
+        crate::lifecycle::block_signals().context("blocking SIGINT, SIGTERM and SIGHUP")?;
+    }
+    let mut agent = match start(&args) {
+        Ok(agent) => agent,
+        Err(e) => {
+            if let Some(sig) = crate::lifecycle::interrupted(&e) {
+                stopped_during_startup(&args, sig);
+                return Ok(());
+            }
+            return Err(e);
         }
     };
-    let mut sink = events::Sink::new(&policy, args.event_log.clone(), &host)?;
-    sink.set_tier(&tier.to_string());
-    let mut agent = Agent {
-        host,
-        tier,
-        why,
-        backend,
-        policy,
-        source,
-        last_reload_error: None,
-        holds: BTreeMap::new(),
-        sink,
-        lost_reported: 0,
-        forks_lost_reported: 0,
-        shutdown,
-        kernel_jobs: KernelJobs::default(),
-    };
-    agent.announce();
-    if adopting {
-        agent.adopt_holds();
-    }
-    if let Backend::Bpf { sensor, .. } = &mut agent.backend {
-        let answered = agent.shutdown.adopt_stopped(sensor, &mut agent.sink);
-        if answered > 0 {
-            println!("guardrail: answered {answered} shutdown callers stopped while no agent ran");
-        }
-    }
     let socket = crate::ipc::socket_path(args.socket.as_deref());
     let result = agent.serve(&socket);
     let _ = std::fs::remove_file(&socket);
@@ -374,6 +315,142 @@ fn held_since(held_ns: u64) -> Instant {
     Instant::now()
         .checked_sub(Duration::from_nanos(now - held_ns))
         .unwrap_or_else(Instant::now)
+}
+
+/// A stop asked for during start-up: what was attached so far is detached (the sensor dropped on
+/// the way out took its unpinned links along), or kept pinned exactly when a running agent's
+/// stop would keep it (a systemd restart, `--keep-enforcing-when-stopped`).
+fn stopped_during_startup(args: &AgentArgs, sig: Signal) {
+    if args.keep_enforcing_when_stopped || systemd_restart_pending() {
+        println!(
+            "guardrail: {sig} received during start-up; stopped, whatever is pinned in {} stays",
+            args.pin_dir.display()
+        );
+    } else {
+        crate::sensor::unpin_dir(&args.pin_dir);
+        println!("guardrail: {sig} received during start-up; stopped, all programs detached");
+    }
+}
+
+/// Everything up to serving: policy, probe, programs attached and pinned (or the watcher
+/// started), event sink, holds adopted. Checks for a stop between steps (and each program load
+/// checks too): Err([`crate::lifecycle::Interrupted`]) then.
+fn start(args: &AgentArgs) -> Result<Agent> {
+    use crate::lifecycle::check;
+    let host = procinfo::hostname();
+    let source = PolicySource::from_args(args.policy.as_deref(), args.policy_dir.as_deref());
+    let (policy, policy_fallback) = crate::lastgood::policy_at_start(&source, &args.state_dir)?;
+    check()?;
+    crate::mount_kernel_filesystems();
+    check()?;
+    let offsets = btf::resolve_offsets(Path::new(btf::VMLINUX_BTF)).map(|mut o| {
+        o.io_uring_opcode = btf::io_uring_opcode_offset().unwrap_or(0);
+        o
+    });
+    check()?;
+    let report = probe::probe(offsets.as_ref().ok());
+    check()?;
+    let tier = match args.tier.as_str() {
+        "lsm" => Tier::Lsm,
+        "tracepoint" => Tier::Tracepoint,
+        "userspace" => Tier::Userspace,
+        _ => report.tier,
+    };
+    let why = if args.tier == "auto" {
+        report.why()
+    } else {
+        format!("forced by --tier {}; probe: {}", args.tier, report.why())
+    };
+    // Agent events to record once the event log is open.
+    let mut notes: Vec<(&str, String)> = Vec::new();
+    if let Some(why) = &policy_fallback {
+        notes.push(("policy_fallback", why.clone()));
+    }
+    let mut adopting = false;
+    // The shutdown guard decides in the kernel: it has no userspace tier.
+    let mut shutdown = crate::shutdown::Guard::new(&host, tier, &policy);
+    let backend = if tier == Tier::Userspace {
+        // Programs a previous BPF agent pinned would go on enforcing unseen beside the watcher
+        // (and the jobs they hold would wait for an agent that cannot answer): switch them off.
+        if args.pin_dir.join("links").is_dir() || args.pin_dir.join("maps").is_dir() {
+            let r = crate::pins::switch_off(&args.pin_dir);
+            let msg = format!(
+                "programs of a previous BPF agent were pinned in {}; the userspace tier cannot adopt them, so they were switched off: {}{}",
+                args.pin_dir.display(),
+                r.lines.join("; "),
+                if r.problems.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (problems: {})", r.problems.join("; "))
+                }
+            );
+            eprintln!("guardrail: WARNING: {msg}");
+            notes.push(("tier_degraded", msg));
+        }
+        check()?;
+        // The policy is in the watcher's tables before its first event is read.
+        Backend::Userspace(Box::new(start_userspace(&policy)?))
+    } else {
+        let offsets = offsets.context("resolving kernel struct offsets from BTF")?;
+        let (pin_dir, unpinned) = crate::pins::usable_pin_dir(&args.pin_dir);
+        if let Some(msg) = unpinned {
+            eprintln!("guardrail: WARNING: {msg}");
+            notes.push(("tier_degraded", msg));
+        }
+        adopting = pin_dir.as_deref().is_some_and(Sensor::had_pinned_state);
+        let mut sensor = Sensor::with_pins(&offsets, pin_dir.as_deref())?;
+        check()?;
+        // The policy is in the maps before any program is attached: there is no moment with
+        // programs running and no policy.
+        sensor.install_policy(&policy.kernel)?;
+        shutdown.install(&mut sensor, &policy)?;
+        sensor.attach(tier)?;
+        shutdown.attach(&mut sensor, tier)?;
+        check()?;
+        // The shutdown programs are pinned with the deletion hooks: a restart leaves neither
+        // guard down.
+        sensor.pin_links()?;
+        let ring = sensor.take_events()?;
+        Backend::Bpf {
+            sensor: Box::new(sensor),
+            ring,
+        }
+    };
+    check()?;
+    let mut sink = events::Sink::new(&policy, args.event_log.clone(), &host)?;
+    sink.set_tier(&tier.to_string());
+    let mut agent = Agent {
+        host,
+        tier,
+        why,
+        backend,
+        policy,
+        source,
+        last_reload_error: None,
+        holds: BTreeMap::new(),
+        sink,
+        lost_reported: 0,
+        forks_lost_reported: 0,
+        shutdown,
+        kernel_jobs: KernelJobs::default(),
+        state_dir: args.state_dir.clone(),
+        policy_fallback,
+    };
+    agent.announce();
+    for (kind, msg) in notes {
+        agent.sink.agent_event(kind, &msg);
+    }
+    if adopting {
+        agent.adopt_holds();
+    }
+    if let Backend::Bpf { sensor, .. } = &mut agent.backend {
+        let answered = agent.shutdown.adopt_stopped(sensor, &mut agent.sink);
+        if answered > 0 {
+            println!("guardrail: answered {answered} shutdown callers stopped while no agent ran");
+        }
+    }
+    check()?;
+    Ok(agent)
 }
 
 /// Whether systemd is restarting this unit (restart, try-restart, reload-or-restart: a package
@@ -694,16 +771,13 @@ impl Agent {
         // (control.rs), and clients are served off this loop.
         std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o666))?;
 
-        let mut mask = SigSet::empty();
-        for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-            mask.add(s);
-        }
-        mask.thread_block()?;
-        let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK)?;
-        // After the mask: the server's threads inherit it and never take SIGTERM.
+        // Blocked since the first instruction of main (crate::lifecycle): one signalfd for the
+        // agent's whole life, so no signal falls between start-up and this loop.
+        let signals = crate::lifecycle::signals().context("the stop signals are not blocked")?;
+        let mut watcher = crate::policy_glue::Watcher::new(&self.source, &self.policy)?;
+        // The server's threads inherit the blocked stop signals and never take SIGTERM.
         let server = control::Server::start(listener)?;
         let mut gate = control::Gate::new();
-        let mut watcher = crate::policy_glue::Watcher::new(&self.source, &self.policy)?;
         if let Backend::Bpf { sensor, .. } = &mut self.backend {
             self.shutdown.promise_to_answer(sensor);
         }
@@ -712,6 +786,11 @@ impl Agent {
 
         let mut last_tick = Instant::now();
         loop {
+            // A stop read from the signalfd elsewhere (a wait inside a reload checks for one).
+            if let Some(s) = crate::lifecycle::stop_noted() {
+                println!("guardrail: {s} received, detaching");
+                return Ok(());
+            }
             let (ring_ready, sock_ready, sig_ready, watch_ready, sessions_ready) = {
                 let mut fds = vec![
                     PollFd::new(self.backend.as_fd(), PollFlags::POLLIN),
@@ -769,6 +848,7 @@ impl Agent {
                             gate.refresh();
                         }
                         Ok(s) => {
+                            crate::lifecycle::note_stop(s);
                             println!("guardrail: {s} received, detaching");
                             return Ok(());
                         }
@@ -828,6 +908,15 @@ impl Agent {
                     );
                     self.policy = new;
                     self.last_reload_error = None;
+                    if self.policy_fallback.take().is_some() {
+                        println!(
+                            "guardrail: the policy {} is in force again",
+                            self.source.describe()
+                        );
+                    }
+                    if let Err(e) = crate::lastgood::save(&self.state_dir, &self.source) {
+                        eprintln!("guardrail: WARNING: the last good policy was not saved: {e:#}");
+                    }
                 }
                 Err(e) => {
                     let msg = format!("{e:#}");
@@ -1399,6 +1488,7 @@ impl Agent {
             policy_in_force: self.policy.fingerprint.clone(),
             policy_on_disk_differs: on_disk.is_some_and(|f| f != self.policy.fingerprint),
             last_reload_error: self.last_reload_error.clone(),
+            policy_fallback: self.policy_fallback.clone(),
             attached: self.backend.attached(),
             holds: self.hold_infos(view.map(|p| p.uid)),
             sessions,

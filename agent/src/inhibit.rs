@@ -130,7 +130,12 @@ impl Inhibitor {
     pub fn take_now(&mut self, within: Duration) {
         let until = Instant::now() + within;
         self.tick_at(Instant::now());
-        while matches!(self.state, State::Taking { .. }) && Instant::now() < until {
+        // A stop asked for meanwhile ends the wait (start-up checks for it right after).
+        while matches!(self.state, State::Taking { .. })
+            && Instant::now() < until
+            && crate::lifecycle::stop_noted().is_none()
+            && crate::lifecycle::stop_requested().is_none()
+        {
             std::thread::sleep(Duration::from_millis(20));
             self.tick_at(Instant::now());
         }

@@ -132,6 +132,10 @@ pub struct StatusInfo {
     pub policy_in_force: String,
     pub policy_on_disk_differs: bool,
     pub last_reload_error: Option<String>,
+    /// Why the policy in force is not the configured one: it had errors when the agent started,
+    /// and the last good policy (or the embedded default) runs instead. None from older agents.
+    #[serde(default)]
+    pub policy_fallback: Option<String>,
     pub attached: Vec<String>,
     pub holds: Vec<HoldInfo>,
     /// Login sessions the shutdown guard has classified, by audit session id.

@@ -7,6 +7,7 @@ pub mod cgroup;
 pub mod fallback;
 pub mod forklog;
 pub mod identity;
+pub mod lifecycle;
 pub mod probe;
 pub mod scratch;
 pub mod sensor;

@@ -12,6 +12,9 @@ mod generate;
 mod identity;
 mod inhibit;
 mod ipc;
+mod lastgood;
+mod lifecycle;
+mod pins;
 mod policy_glue;
 mod probe;
 mod procinfo;
@@ -92,6 +95,17 @@ enum Command {
         #[arg(long, value_parser = ["auto", "userspace"], default_value = "auto")]
         tier: String,
     },
+    /// Emergency off switch, with or without an agent: detach every program pinned in PIN_DIR,
+    /// continue the jobs it holds, remove the pins. Stop the service first
+    /// (`systemctl stop guardrail`).
+    Off {
+        /// The agent's pin directory.
+        #[arg(long, default_value = "/sys/fs/bpf/guardrail")]
+        pin_dir: PathBuf,
+        /// Even while an agent answers on the socket.
+        #[arg(long)]
+        force: bool,
+    },
     /// Write the man pages or shell completions (the package build runs this).
     #[command(hide = true)]
     Generate {
@@ -153,6 +167,13 @@ enum PolicyCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Agent(_))
+        && let Err(e) = lifecycle::block_signals()
+    {
+        // Before anything slow and before any thread: a stop signal is never lost (lifecycle.rs).
+        eprintln!("guardrail: error: blocking SIGINT, SIGTERM and SIGHUP: {e}");
+        return ExitCode::FAILURE;
+    }
     if !matches!(cli.command, Command::Agent(_)) {
         // The admin commands behave like other Unix tools in a pipeline (`guardrail holds | head`):
         // a closed pipe ends them quietly instead of a panic on the next print. The daemon keeps
@@ -205,6 +226,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Policy { command } => cli_policy(command),
         Command::Selftest { json, tier } => selftest::run(json, tier == "userspace"),
         Command::Events(args) => alert::cli::run(args),
+        Command::Off { pin_dir, force } => pins::run(&pin_dir, &socket, force),
         Command::Generate { what } => {
             generate::run(<Cli as clap::CommandFactory>::command(), what)?;
             Ok(ExitCode::SUCCESS)
@@ -277,6 +299,9 @@ fn cli_status(socket: &std::path::Path, json: bool) -> Result<ExitCode> {
                 );
                 if s.policy_on_disk_differs {
                     println!("WARNING: the policy on disk is not the one in force");
+                }
+                if let Some(why) = &s.policy_fallback {
+                    println!("WARNING: not the configured policy: {why}");
                 }
                 if let Some(e) = &s.last_reload_error {
                     println!("last reload rejected:\n{e}");
@@ -453,6 +478,11 @@ pub fn mount_kernel_filesystems() {
         } else {
             path.join(probe).exists()
         };
+        // bpffs mounted inside the unit's private mount namespace would vanish with it, and the
+        // pins with it: only the host's is any use (pins.rs; without one nothing is pinned).
+        if fstype == "bpf" && !pins::in_host_mount_namespace() {
+            continue;
+        }
         if !present && path.is_dir() {
             let _ = mount(
                 Some(fstype),

@@ -159,29 +159,72 @@ impl PolicySource {
                 gp::check_files(main, dropins.as_deref(), &resolver)
             }
         };
-        let rendered: Vec<String> = checked.diagnostics.iter().map(|d| d.to_string()).collect();
-        let Some(policy) = checked
-            .policy
-            .filter(|_| !checked.diagnostics.iter().any(|d| d.is_error()))
-        else {
-            return Err(if rendered.is_empty() {
-                "the policy could not be read".to_string()
-            } else {
-                rendered.join("\n")
-            });
-        };
-        let compiled = gp::compile(&policy, &resolver);
-        let kernel = kernel_tables(&policy, &compiled);
-        Ok(LoadedPolicy {
-            hold_timeout: policy.deletion.hold_timeout,
-            deny_kills: policy.deletion.on_deny == gp::OnDeny::Kill,
-            kernel,
-            compiled,
-            policy,
-            fingerprint: fingerprint(&text),
-            warnings: rendered,
-        })
+        finish(checked, &text)
     }
+
+    /// Every file of the policy as (name, text), in merge order, read now: what the agent keeps
+    /// as the last good policy once it loaded.
+    pub fn snapshot(&self) -> Option<Vec<(String, String)>> {
+        match self {
+            PolicySource::Embedded => Some(vec![(
+                "(embedded default)".to_string(),
+                gp::DEFAULT_POLICY.to_string(),
+            )]),
+            PolicySource::File { main, dropins } => {
+                let mut files = vec![(
+                    main.display().to_string(),
+                    std::fs::read_to_string(main).ok()?,
+                )];
+                if let Some(d) = dropins {
+                    // The same files, in the same order, as the policy library's check_files.
+                    let mut names: Vec<PathBuf> = dropin_files(d)
+                        .into_iter()
+                        .filter(|p| {
+                            !p.file_name()
+                                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+                        })
+                        .collect();
+                    names.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
+                    for f in names {
+                        files.push((f.display().to_string(), std::fs::read_to_string(&f).ok()?));
+                    }
+                }
+                Some(files)
+            }
+        }
+    }
+}
+
+/// Checks and compiles policy files given as (name, text): the last good policy.
+pub fn load_sources(files: &[(String, String)]) -> std::result::Result<LoadedPolicy, String> {
+    let text: String = files.iter().map(|(_, t)| t.as_str()).collect();
+    finish(gp::check_sources(files, &gp::SystemResolver), &text)
+}
+
+fn finish(checked: gp::Checked, text: &str) -> std::result::Result<LoadedPolicy, String> {
+    let resolver = gp::SystemResolver;
+    let rendered: Vec<String> = checked.diagnostics.iter().map(|d| d.to_string()).collect();
+    let Some(policy) = checked
+        .policy
+        .filter(|_| !checked.diagnostics.iter().any(|d| d.is_error()))
+    else {
+        return Err(if rendered.is_empty() {
+            "the policy could not be read".to_string()
+        } else {
+            rendered.join("\n")
+        });
+    };
+    let compiled = gp::compile(&policy, &resolver);
+    let kernel = kernel_tables(&policy, &compiled);
+    Ok(LoadedPolicy {
+        hold_timeout: policy.deletion.hold_timeout,
+        deny_kills: policy.deletion.on_deny == gp::OnDeny::Kill,
+        kernel,
+        compiled,
+        policy,
+        fingerprint: fingerprint(text),
+        warnings: rendered,
+    })
 }
 
 fn kernel_tables(policy: &gp::Policy, c: &gp::Compiled) -> KernelPolicy {

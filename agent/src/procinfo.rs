@@ -52,13 +52,6 @@ pub struct Stat {
     pub tty_nr: u32,
 }
 
-impl Stat {
-    /// The command name for display (invalid UTF-8 replaced; escape it before printing).
-    pub fn comm_lossy(&self) -> String {
-        String::from_utf8_lossy(&self.comm).into_owned()
-    }
-}
-
 /// Parses the bytes of /proc/PID/stat: `pid (comm) state ppid pgrp session tty_nr ...`.
 pub fn parse_stat(raw: &[u8]) -> Option<Stat> {
     let open = raw.iter().position(|b| *b == b'(')?;

@@ -196,6 +196,9 @@ impl Sensor {
     /// Loads `prog` and attaches it to LSM hook `hook`; its link joins the sensor's (pinned by
     /// [`Sensor::pin_links`]).
     pub fn attach_lsm(&mut self, prog: &'static str, hook: &str, btf: &Btf) -> Result<()> {
+        // Each load runs the verifier (seconds under emulation): a stop asked for meanwhile
+        // ends start-up here.
+        crate::lifecycle::check()?;
         let p: &mut Lsm = self.program(prog)?.try_into()?;
         p.load(hook, btf)
             .with_context(|| format!("loading LSM program {prog}"))?;
@@ -214,6 +217,7 @@ impl Sensor {
         category: &str,
         name: &str,
     ) -> Result<()> {
+        crate::lifecycle::check()?;
         let p: &mut TracePoint = self.program(prog)?.try_into()?;
         p.load().with_context(|| format!("loading {prog}"))?;
         let id = p
@@ -227,6 +231,7 @@ impl Sensor {
 
     /// Loads `prog` and attaches it to raw tracepoint `tp`.
     pub fn attach_raw_tracepoint(&mut self, prog: &'static str, tp: &str) -> Result<()> {
+        crate::lifecycle::check()?;
         let p: &mut RawTracePoint = self.program(prog)?.try_into()?;
         p.load().with_context(|| format!("loading {prog}"))?;
         let id = p
@@ -279,13 +284,7 @@ impl Sensor {
             return;
         };
         self.pinned.clear();
-        unpin_all(&dir.join("links"));
-        let _ = std::fs::remove_dir(dir.join("links"));
-        for m in PINNED_MAPS {
-            let _ = std::fs::remove_file(dir.join("maps").join(m));
-        }
-        let _ = std::fs::remove_dir(dir.join("maps"));
-        let _ = std::fs::remove_dir(&dir);
+        unpin_dir(&dir);
     }
 
     pub fn attached(&self) -> &[&'static str] {
@@ -624,6 +623,20 @@ pub fn merge_held(counters: Option<JobState>, held: Option<HeldJob>) -> Option<J
         }),
         (j, _) => j,
     }
+}
+
+/// Detaches every program pinned in `dir` (an agent's pin directory) and removes its pins, also
+/// those of a start-up stopped half way (`links_new`): what `systemctl stop` means.
+pub fn unpin_dir(dir: &Path) {
+    for links in ["links", "links_new"] {
+        unpin_all(&dir.join(links));
+        let _ = std::fs::remove_dir(dir.join(links));
+    }
+    for m in PINNED_MAPS {
+        let _ = std::fs::remove_file(dir.join("maps").join(m));
+    }
+    let _ = std::fs::remove_dir(dir.join("maps"));
+    let _ = std::fs::remove_dir(dir);
 }
 
 /// Unpins every link pinned in `dir`, detaching its program; returns how many.

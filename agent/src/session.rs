@@ -4,12 +4,16 @@
 //! `SD_SESSIONS` as soon as the session runs anything (the kernel reports new session ids), on
 //! inotify events of logind's session files and utmp, and on a periodic rescan.
 //!
-//! Evidence, strongest first (threats.md §C): logind's /run/systemd/sessions/ID (REMOTE,
-//! REMOTE_HOST, SERVICE, TTY); else the session's processes and their parents (sshd,
-//! sshd-session, mosh-server, xrdp, cockpit → remote; cron, atd → none); the remote host comes
-//! from SSH_CONNECTION in a session process's environment or utmp's host for its tty. A session
-//! whose processes were all reparented to PID 1 before the agent saw it (a tmux server left
-//! behind) carries no evidence: it stays unclassified, which the policy treats as `unknown`.
+//! Evidence, strongest first (threats.md §C); `local` and `none` only on positive evidence:
+//! logind's /run/systemd/sessions/ID (REMOTE=1 → remote; a seat or a VT → local; SERVICE cron →
+//! none); else the executables (`/proc/PID/exe`, never the command name a process may set) of
+//! the session's processes and their ancestors: a remote-access daemon (sshd, dropbear,
+//! teleport, ssm, shellinabox, ttyd, mosh-server, xrdp, cockpit) → remote; a root cron or atd
+//! from a root-owned executable → none; root's `login` under PID 1 on a local terminal, or a
+//! display manager → local. Everything else — a process that wrote its own loginuid, a session
+//! whose processes were all reparented to PID 1 (a tmux server left behind) — stays
+//! unclassified, which the policy treats as `unknown`. The remote host comes from SSH_CONNECTION
+//! in a session process's environment or utmp's host for its tty (text for messages only).
 use std::{
     collections::{HashMap, HashSet},
     path::Path,
@@ -75,34 +79,69 @@ impl Origin {
     }
 }
 
-/// Programs whose presence in a session (or as the parent of one of its processes) marks it
-/// remote, with the service name shown in messages.
+/// Programs whose presence in a session (or among the ancestors of its processes) marks it
+/// remote, by the file name of their executable (never their command name, which any process
+/// may set), with the service name shown in messages. Remote is the strictest class: this
+/// evidence needs no more than the executable's name.
 const REMOTE_LEADERS: &[(&str, &str)] = &[
     ("sshd", "ssh"),
     ("sshd-session", "ssh"),
+    ("sshd-auth", "ssh"),
+    ("dropbear", "ssh"),
+    ("tinysshd", "ssh"),
+    ("teleport", "teleport"),
+    ("amazon-ssm-agent", "ssm"),
+    ("ssm-session-worker", "ssm"),
+    ("shellinaboxd", "shellinabox"),
+    ("ttyd", "ttyd"),
     ("mosh-server", "mosh"),
     ("xrdp", "xrdp"),
     ("xrdp-sesman", "xrdp"),
     ("cockpit-session", "cockpit"),
     ("cockpit-ws", "cockpit"),
 ];
+/// Services whose logins run no interactive user (class none): they widen what is free, so they
+/// count only as root processes running a root-owned executable from a directory only root may
+/// write.
 const NO_LOGIN_LEADERS: &[&str] = &["cron", "crond", "atd"];
-/// Local logins whose leader PID 1 started directly (so "started by a live local process" does not
-/// tell): the console's login, display managers.
-const LOCAL_LEADERS: &[&str] = &[
-    "login",
-    "agetty",
-    "gdm-session-worker",
-    "lightdm",
-    "sddm-helper",
-    "xdm",
-];
+/// The console's login, started on a local terminal by getty (which execs it: its parent is
+/// PID 1). Same trust conditions as [`NO_LOGIN_LEADERS`].
+const CONSOLE_LOGIN: &[&str] = &["login"];
+/// Display managers' session helpers: a graphical login at the machine.
+const DISPLAY_MANAGERS: &[&str] = &["gdm-session-worker", "lightdm", "sddm-helper", "xdm"];
+/// How far up the parent chain to look for a remote daemon (past sudo, su, tmux, scripts).
+const MAX_ANCESTORS: usize = 32;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 struct Proc {
     pid: u32,
     ppid: u32,
-    names: [String; 2],
+    /// Real uid.
+    uid: u32,
+    /// The file name of the executable (`/proc/PID/exe`), "" when unreadable.
+    exe: String,
+    /// The executable is root's and sits where only root may write (a user cannot have copied
+    /// it there under that name), and it still exists.
+    exe_trusted: bool,
+    tty: Option<String>,
+}
+
+impl Proc {
+    fn runs(&self, names: &[&str]) -> bool {
+        names.contains(&self.exe.as_str())
+    }
+
+    /// A root process running one of `names` from a trusted executable.
+    fn is_root_service(&self, names: &[&str]) -> bool {
+        self.uid == 0 && self.exe_trusted && self.runs(names)
+    }
+}
+
+/// Root's, and nobody else may write it or the directory it is in.
+fn trusted_file(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let safe = |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.uid() == 0 && m.mode() & 0o022 == 0);
+    safe(path) && path.parent().is_some_and(safe)
 }
 
 fn read_session(pid: u32) -> Option<u32> {
@@ -114,16 +153,39 @@ fn read_session(pid: u32) -> Option<u32> {
 }
 
 fn proc_info(pid: u32) -> Option<Proc> {
-    let stat = crate::procinfo::stat(pid)?;
-    let (comm, ppid) = (stat.comm_lossy(), stat.ppid);
-    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
-        .ok()
-        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .unwrap_or_default();
+    let ppid = crate::procinfo::stat(pid)?.ppid;
+    let uid = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    let link = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+    // A replaced executable reads "/usr/sbin/sshd (deleted)": its name still says what it was
+    // (enough for remote evidence), but it can no longer be checked (no trust).
+    let (exe, exe_trusted) = match &link {
+        Some(p) => {
+            let text = p.to_string_lossy();
+            let deleted = text.ends_with(" (deleted)");
+            let name = text
+                .trim_end_matches(" (deleted)")
+                .rsplit('/')
+                .next()
+                .unwrap_or("")
+                .to_string();
+            (name, !deleted && trusted_file(p))
+        }
+        None => (String::new(), false),
+    };
     Some(Proc {
         pid,
         ppid,
-        names: [comm, exe],
+        uid,
+        exe,
+        exe_trusted,
+        tty: crate::procinfo::tty_name(pid),
     })
 }
 
@@ -160,14 +222,18 @@ fn logind(session: u32) -> Option<Origin> {
     };
     let service = get("SERVICE").unwrap_or_default();
     let tty = get("TTY");
+    // logind's files are root's; still, `local` needs positive evidence: a seat or a VT. A
+    // session logind knows nothing more of is left to the process evidence.
     let class = if NO_LOGIN_LEADERS.contains(&service.as_str()) {
         Class::None
     } else if get("REMOTE").as_deref() == Some("1") {
         Class::Remote
     } else if tty.as_deref().is_some_and(is_serial) {
         Class::Serial
-    } else {
+    } else if get("SEAT").is_some() || get("VTNR").is_some() {
         Class::Local
+    } else {
+        return None;
     };
     let service = match service.as_str() {
         "sshd" => "ssh".to_string(),
@@ -235,7 +301,9 @@ pub fn utmp_host(line: &str) -> Option<String> {
     })
 }
 
-/// Classifies one session from what the system shows now; None when nothing tells.
+/// Classifies one session from what the system shows now; None (the policy's `unknown`) when
+/// nothing is positive evidence. The one login classifier: the shutdown guard's classes and the
+/// deletion incidents' `session.class` both come from here.
 pub fn classify(session: u32, pids: &[u32]) -> Option<Origin> {
     if let Some(o) = logind(session) {
         return Some(o);
@@ -243,65 +311,87 @@ pub fn classify(session: u32, pids: &[u32]) -> Option<Origin> {
     if pids.is_empty() {
         return None;
     }
-    let procs: Vec<Proc> = pids.iter().filter_map(|p| proc_info(*p)).collect();
-    let members: HashSet<u32> = procs.iter().map(|p| p.pid).collect();
-    let tty = pids.iter().find_map(|p| crate::procinfo::tty_name(*p));
-    // The session's own processes and the parents of its leaders.
-    let mut seen: Vec<Proc> = procs.clone();
-    let mut leader_parents = Vec::new();
-    for p in &procs {
-        if !members.contains(&p.ppid) {
-            leader_parents.push(p.ppid);
-            if p.ppid > 1
-                && let Some(pp) = proc_info(p.ppid)
-            {
-                seen.push(pp);
+    let members: Vec<Proc> = pids.iter().filter_map(|p| proc_info(*p)).collect();
+    // The ancestors of the session's processes up to PID 1, outside the session.
+    let ids: HashSet<u32> = members.iter().map(|p| p.pid).collect();
+    let mut ancestors: Vec<Proc> = Vec::new();
+    let mut seen: HashSet<u32> = ids.clone();
+    for m in &members {
+        let mut pp = m.ppid;
+        for _ in 0..MAX_ANCESTORS {
+            if pp <= 1 || !seen.insert(pp) {
+                break;
             }
+            let Some(p) = proc_info(pp) else { break };
+            pp = p.ppid;
+            ancestors.push(p);
         }
     }
-    for p in &seen {
-        for (name, service) in REMOTE_LEADERS {
-            if p.names.iter().any(|n| n == name) {
-                let host = ssh_client(pids).or_else(|| tty.as_deref().and_then(utmp_host));
-                return Some(Origin {
-                    class: Class::Remote,
-                    service: service.to_string(),
-                    host,
-                    tty,
-                });
-            }
-        }
-        if let Some(n) = NO_LOGIN_LEADERS
-            .iter()
-            .find(|n| p.names.iter().any(|x| x == *n))
-        {
-            return Some(Origin {
-                class: Class::None,
-                service: n.to_string(),
-                host: None,
-                tty,
-            });
+    let origin = decide(&members, &ancestors)?;
+    let host = if origin.class == Class::Remote {
+        remote_host(pids)
+    } else {
+        None
+    };
+    Some(Origin { host, ..origin })
+}
+
+/// The decision on gathered evidence (pure, for the tests): `members` are the session's
+/// processes, `ancestors` their ancestors outside it (up to, not including, PID 1).
+fn decide(members: &[Proc], ancestors: &[Proc]) -> Option<Origin> {
+    let tty = members.iter().find_map(|p| p.tty.clone());
+    let origin = |class, service: &str| Origin {
+        class,
+        service: service.to_string(),
+        host: None,
+        tty: tty.clone(),
+    };
+    // Remote: a remote-access daemon in the session or above it.
+    for p in members.iter().chain(ancestors) {
+        if let Some((_, service)) = REMOTE_LEADERS.iter().find(|(n, _)| p.exe == *n) {
+            return Some(origin(Class::Remote, service));
         }
     }
-    let local_leader = seen
-        .iter()
-        .any(|p| LOCAL_LEADERS.iter().any(|n| p.names.iter().any(|x| x == n)));
-    // A console or display-manager login, or a session started by something still there that is
-    // not PID 1: a local login.
-    if local_leader || leader_parents.iter().any(|pp| *pp > 1) {
-        let class = if tty.as_deref().is_some_and(is_serial) {
+    // No interactive login: the session cron or atd opened for a job.
+    if let Some(p) = members.iter().find(|p| p.is_root_service(NO_LOGIN_LEADERS)) {
+        return Some(origin(Class::None, &p.exe));
+    }
+    // The console's login, as getty leaves it: its parent is PID 1, on a local terminal.
+    let console = members.iter().find(|p| {
+        p.is_root_service(CONSOLE_LOGIN)
+            && p.ppid == 1
+            && p.tty.as_deref().is_some_and(is_local_terminal)
+    });
+    if let Some(p) = console {
+        let class = if p.tty.as_deref().is_some_and(is_serial) {
             Class::Serial
         } else {
             Class::Local
         };
         return Some(Origin {
-            class,
-            service: String::new(),
-            host: None,
-            tty,
+            tty: p.tty.clone(),
+            ..origin(class, "login")
         });
     }
+    if members
+        .iter()
+        .chain(ancestors)
+        .any(|p| p.is_root_service(DISPLAY_MANAGERS))
+    {
+        return Some(origin(Class::Local, ""));
+    }
+    // Anything else (a process that wrote its own loginuid, a session whose processes were all
+    // reparented to PID 1) carries no evidence.
     None
+}
+
+/// A terminal of this machine: a virtual console, the console, or a serial line.
+fn is_local_terminal(tty: &str) -> bool {
+    let t = tty.trim_start_matches("/dev/");
+    t == "console"
+        || is_serial(t)
+        || t.strip_prefix("tty")
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 #[cfg(test)]
@@ -327,11 +417,93 @@ mod tests {
         assert!(is_serial("/dev/ttyS0") && is_serial("hvc0") && !is_serial("pts/1"));
     }
 
+    fn p(pid: u32, ppid: u32, uid: u32, exe: &str, trusted: bool, tty: Option<&str>) -> Proc {
+        Proc {
+            pid,
+            ppid,
+            uid,
+            exe: exe.to_string(),
+            exe_trusted: trusted,
+            tty: tty.map(str::to_string),
+        }
+    }
+
     #[test]
-    fn this_process_session_is_classified_by_its_parent() {
-        // The test runner was started by something other than PID 1 (cargo, a shell).
-        let me = std::process::id();
-        let o = classify(12345678, &[me]).expect("a process with a live parent has an origin");
-        assert_ne!(o.class, Class::None);
+    fn a_session_without_evidence_is_unknown() {
+        // A root shell that wrote its own loginuid, started by a live local process (before:
+        // `local`, so a remote shutdown from it was allowed).
+        let members = [p(500, 400, 0, "bash", true, None)];
+        let ancestors = [p(400, 300, 0, "cargo", false, Some("pts/0"))];
+        assert_eq!(decide(&members, &ancestors), None);
+        // Reparented to PID 1: nothing either.
+        assert_eq!(decide(&[p(501, 1, 1000, "tmux", true, None)], &[]), None);
+    }
+
+    #[test]
+    fn names_a_user_can_choose_are_no_evidence() {
+        // A user's own copy of `login` or `cron` (its executable is the user's), or root's
+        // shell renamed `login` with prctl (the executable is still bash): no class.
+        let fake_login = p(600, 1, 1000, "login", false, Some("tty1"));
+        assert_eq!(decide(&[fake_login], &[]), None);
+        let fake_cron = p(601, 1, 1000, "cron", true, None);
+        assert_eq!(decide(&[fake_cron], &[]), None);
+        let renamed = p(602, 1, 0, "bash", true, Some("tty1"));
+        assert_eq!(decide(&[renamed], &[]), None);
+    }
+
+    #[test]
+    fn positive_evidence_classifies() {
+        let sshd = p(10, 1, 0, "sshd", true, None);
+        let shell = p(11, 10, 1000, "bash", true, Some("pts/0"));
+        assert_eq!(
+            decide(std::slice::from_ref(&shell), std::slice::from_ref(&sshd))
+                .map(|o| (o.class, o.service)),
+            Some((Class::Remote, "ssh".to_string()))
+        );
+        // A remote daemon anywhere above counts, past sudo and su.
+        let sudo = p(12, 11, 0, "sudo", true, Some("pts/0"));
+        assert_eq!(
+            decide(&[p(13, 12, 0, "bash", true, None)], &[sudo, shell, sshd]).map(|o| o.class),
+            Some(Class::Remote)
+        );
+        let login = p(20, 1, 0, "login", true, Some("tty1"));
+        assert_eq!(
+            decide(&[login, p(21, 20, 1000, "bash", true, Some("tty1"))], &[]).map(|o| o.class),
+            Some(Class::Local)
+        );
+        // login must sit where getty left it: under PID 1, on a local terminal.
+        assert_eq!(
+            decide(&[p(22, 5, 0, "login", true, Some("tty1"))], &[]),
+            None
+        );
+        assert_eq!(
+            decide(&[p(23, 1, 0, "login", true, Some("pts/4"))], &[]),
+            None
+        );
+        assert_eq!(
+            decide(&[p(24, 1, 0, "login", true, Some("ttyS0"))], &[]).map(|o| o.class),
+            Some(Class::Serial)
+        );
+        assert_eq!(
+            decide(&[p(30, 2, 0, "cron", true, None)], &[]).map(|o| o.class),
+            Some(Class::None)
+        );
+        assert_eq!(
+            decide(
+                &[p(40, 39, 1000, "bash", true, None)],
+                &[p(39, 1, 0, "gdm-session-worker", true, None)]
+            )
+            .map(|o| o.class),
+            Some(Class::Local)
+        );
+    }
+
+    #[test]
+    fn local_terminals() {
+        assert!(is_local_terminal("tty1") && is_local_terminal("console"));
+        assert!(is_local_terminal("ttyS0") && is_local_terminal("/dev/hvc0"));
+        assert!(
+            !is_local_terminal("pts/0") && !is_local_terminal("tty") && !is_local_terminal("ttyx")
+        );
     }
 }

@@ -113,6 +113,13 @@ impl Agent {
         } else {
             vec!["--pin-dir".as_ref(), own_pins.as_os_str()]
         };
+        // Its own state directory (the last good policy) too, never the host's.
+        let own_state = dir.path().join("state");
+        let state_args: Vec<&std::ffi::OsStr> = if extra.contains(&"--state-dir") {
+            Vec::new()
+        } else {
+            vec!["--state-dir".as_ref(), own_state.as_os_str()]
+        };
         let mut child = Command::new(guardrail_bin())
             .arg("agent")
             .arg("--policy")
@@ -123,6 +130,7 @@ impl Agent {
             .arg(&event_log)
             .args(extra)
             .args(&pin_args)
+            .args(&state_args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

@@ -4,7 +4,6 @@
 //! names a stand-in, a copy of /bin/echo called `reboot` in a scratch directory, which prints
 //! "stand-in ran" when it is allowed to run.
 use std::{
-    io::{BufRead, BufReader, Write},
     net::{TcpListener, TcpStream},
     path::PathBuf,
     process::{Child, Command, Output, Stdio},
@@ -402,8 +401,10 @@ fn remote_shutdown_is_refused_until_confirmed_by_host_name() {
     assert!(status.success(), "agent exits 0, got {status}");
 }
 
+/// No login session at all (a service): allowed, with an alert. (A session without evidence of
+/// a local login is `unknown` and needs confirmation: host_lifecycle.rs.)
 #[test]
-fn local_session_and_no_session_run_the_stand_in_freely() {
+fn no_session_runs_the_stand_in_freely() {
     let _k = kernel_lock();
     let Setup {
         agent,
@@ -412,45 +413,6 @@ fn local_session_and_no_session_run_the_stand_in_freely() {
         _cg,
         ..
     } = setup();
-
-    // A local login: a new audit session (what pam_loginuid does) started by a local process.
-    let mut child = Command::new("/bin/sh")
-        .arg("-c")
-        .arg(format!(
-            "echo 0 > /proc/self/loginuid && cat /proc/self/sessionid && echo && read _ && exec {} {RAN}",
-            standin.display()
-        ))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("local session");
-    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
-    let mut line = String::new();
-    stdout.read_line(&mut line).expect("session id");
-    let session: u32 = line.trim().parse().expect("a session id");
-    assert_ne!(session, u32::MAX, "writing loginuid gave no session id");
-    assert!(
-        wait_until(Duration::from_secs(20), || agent
-            .saw(&format!("session {session} is local"))),
-        "the agent did not classify session {session} as local:\n{}",
-        agent.log()
-    );
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(b"\n")
-        .expect("go");
-    let out = child.wait_with_output().expect("wait");
-    let mut rest = String::new();
-    let _ = std::io::Read::read_to_string(&mut stdout, &mut rest);
-    assert!(
-        out.status.success() && ran(&rest) == 1,
-        "the stand-in did not run in a local session: {:?} {rest} {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
 
     // No login session at all (a service): allowed, with an alert.
     let out = Command::new("/bin/sh")
@@ -475,7 +437,7 @@ fn local_session_and_no_session_run_the_stand_in_freely() {
                     v["incident"]["kind"] == "shutdown" && v["incident"]["outcome"] == "allowed"
                 })
                 .count()
-                >= 2
+                >= 1
         }),
         "allowed requests are not alerted: {:#?}",
         agent.events()

@@ -34,11 +34,13 @@ pub use metrics::Metrics;
 const QUEUE: usize = 256;
 /// Delays between delivery attempts of one event; after the last, the event is dropped.
 const RETRY_DELAYS: &[Duration] = &[Duration::from_millis(200), Duration::from_millis(1000)];
-/// How long a stopping agent waits for its queues to drain.
-const DRAIN: Duration = Duration::from_secs(3);
+/// How long a stopping agent waits for its queues to drain: a stop (SIGTERM or SIGINT to exit)
+/// takes at most 2 s, detaching included, even while a destination is down and every event
+/// waits through its retries.
+const DRAIN: Duration = Duration::from_secs(1);
 
 /// Agent life-cycle events: agent_started, agent_stopped, tier_degraded, policy_reloaded,
-/// policy_rejected.
+/// policy_rejected, policy_fallback (a start on the last good policy).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AgentEvent {
     pub time: String,
@@ -91,7 +93,7 @@ impl Record {
                 _ => Severity::Notice,
             },
             Record::Agent(a) => match a.kind.as_str() {
-                "policy_rejected" | "tier_degraded" => Severity::Err,
+                "policy_rejected" | "policy_fallback" | "tier_degraded" => Severity::Err,
                 _ => Severity::Info,
             },
         }

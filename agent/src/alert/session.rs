@@ -1,6 +1,8 @@
-//! Where a job came from: its login session's class (remote, local, none) and remote host, from
-//! /proc. Best effort and read once per incident, never per deletion.
+//! Where a job came from: its login session's class (remote, local, none, unknown) and remote
+//! host, from the one login classifier (crate::session). Best effort and read once per incident, never per deletion.
 use serde::{Deserialize, Serialize};
+
+use crate::session::Class;
 
 /// The session part of the event schema.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -17,12 +19,11 @@ pub struct Session {
     pub service: Option<String>,
 }
 
-/// How far up the process tree to look for the login: past sudo, tmux's client, scripts.
+/// How far up the process tree to look for the client address: past sudo, tmux's client, scripts.
 const MAX_ANCESTORS: usize = 32;
 
-fn ppid_and_comm(pid: u32) -> Option<(u32, String)> {
-    let s = crate::procinfo::stat(pid)?;
-    Some((s.ppid, s.comm_lossy()))
+fn ppid_of(pid: u32) -> Option<u32> {
+    crate::procinfo::stat(pid).map(|s| s.ppid)
 }
 
 /// The client address in `SSH_CONNECTION` ("client port server port") or `SSH_CLIENT`.
@@ -36,45 +37,65 @@ pub fn ssh_client_from_environ(environ: &[u8]) -> Option<String> {
     })
 }
 
-/// Classifies the session of `pid`: an `sshd` ancestor or SSH variables in the environment of
-/// the job or an ancestor make it remote; a terminal without them makes it local; no audit
-/// session means a service or timer.
+/// Classifies the session of `pid` with the shutdown guard's classifier (crate::session: the
+/// one login classifier, positive evidence only): no audit session means a service or timer
+/// (`none`); a session without evidence is `unknown`. The command name and the environment are
+/// the job's to choose, so neither is evidence; SSH_CONNECTION only names the client of a
+/// session already known to be remote.
 pub fn classify(pid: u32, audit_session: Option<u32>, tty: Option<String>) -> Session {
-    let mut remote_host = None;
-    let mut via_sshd = false;
-    let mut p = pid;
-    for _ in 0..MAX_ANCESTORS {
-        if remote_host.is_none()
-            && let Ok(env) = std::fs::read(format!("/proc/{p}/environ"))
-        {
-            remote_host = ssh_client_from_environ(&env);
-        }
-        let Some((ppid, comm)) = ppid_and_comm(p) else {
-            break;
+    let Some(id) = audit_session else {
+        return Session {
+            id: None,
+            class: "none".to_string(),
+            remote_host: None,
+            tty,
+            service: None,
         };
-        if comm == "sshd" || comm.starts_with("sshd-") {
-            via_sshd = true;
-            break;
-        }
-        if ppid <= 1 {
-            break;
-        }
-        p = ppid;
-    }
-    let (class, service) = if via_sshd || remote_host.is_some() {
-        ("remote", Some("sshd".to_string()))
-    } else if audit_session.is_none() {
-        ("none", None)
-    } else if tty.is_some() {
-        ("local", Some("login".to_string()))
-    } else {
-        ("unknown", None)
     };
+    let pids = crate::session::live_sessions()
+        .remove(&id)
+        .unwrap_or_else(|| vec![pid]);
+    let origin = crate::session::classify(id, &pids);
+    let (class, service) = match &origin {
+        None => ("unknown", None),
+        Some(o) => {
+            let class = match o.class {
+                Class::Remote => "remote",
+                // The policy's default for a serial console; its tty says which it was.
+                Class::Local | Class::Serial => "local",
+                Class::None => "none",
+            };
+            let service = match o.service.as_str() {
+                "ssh" => Some("sshd".to_string()),
+                "" if o.class == Class::Local => Some("login".to_string()),
+                "" => None,
+                s => Some(s.to_string()),
+            };
+            (class, service)
+        }
+    };
+    let mut remote_host = origin.as_ref().and_then(|o| o.host.clone());
+    if class == "remote" && remote_host.is_none() {
+        // sudo strips SSH_CONNECTION: look up the job's ancestors for it.
+        let mut p = pid;
+        for _ in 0..MAX_ANCESTORS {
+            if let Ok(env) = std::fs::read(format!("/proc/{p}/environ"))
+                && let Some(h) = ssh_client_from_environ(&env)
+            {
+                remote_host = Some(h);
+                break;
+            }
+            match ppid_of(p) {
+                Some(pp) if pp > 1 => p = pp,
+                _ => break,
+            }
+        }
+    }
     Session {
         id: audit_session,
         class: class.to_string(),
         remote_host,
-        tty,
+        tty: tty.or_else(|| origin.and_then(|o| o.tty)),
         service,
     }
 }

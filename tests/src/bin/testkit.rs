@@ -10,6 +10,11 @@
 //!   guardrail-testkit with-pid PID CMD...     run CMD as a child with exactly this pid
 //!                                             (clone3 set_tid: root, Linux >= 5.5), to
 //!                                             reproduce pid reuse on demand
+//!   sshd-session SCRIPT                       (run through a copy of this binary named
+//!                                             `sshd-session`) a stand-in for OpenSSH's
+//!                                             per-connection process: take a new audit session
+//!                                             (write /proc/self/loginuid, as pam_loginuid does),
+//!                                             run `sh SCRIPT` as a child, exit with its status
 //!   guardrail-testkit sock MODE SOCKET ARG    a hostile or raw client of the admin socket
 //!                                             (see `sock_client`, `sock_reuse`)
 //!   guardrail-testkit plant-links TARGET FROM COUNT TEMPLATE...
@@ -482,7 +487,27 @@ fn sock_client(mode: &str, socket: &Path, arg: &str) -> Result<()> {
     Ok(())
 }
 
+/// A stand-in for sshd's per-connection process. The agent's classifier goes by the executable's
+/// file name (`/proc/PID/exe`), never by the command name a script or prctl could set, so the VM
+/// cases run a copy of this binary named `sshd-session`.
+fn sshd_session(script: &str) -> Result<()> {
+    std::fs::write("/proc/self/loginuid", "0").map_err(|e| {
+        eprintln!("sshd-session: writing /proc/self/loginuid: {e}");
+        std::process::exit(90)
+    })?;
+    let st = std::process::Command::new("sh")
+        .arg(script)
+        .status()
+        .context("running sh")?;
+    std::process::exit(st.code().unwrap_or(1));
+}
+
 fn main() -> Result<()> {
+    let argv0 = std::env::args().next().unwrap_or_default();
+    if argv0.rsplit('/').next() == Some("sshd-session") {
+        let script = std::env::args().nth(1).context("sshd-session SCRIPT")?;
+        return sshd_session(&script);
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args
         .iter()

@@ -1,9 +1,9 @@
 #!/bin/sh
 # vm-timeout: 300
 # The remote-shutdown guard in the LSM tier. A session classified remote is built the way the
-# agent's classifier recognises one without logind: a process named `sshd-session` (a script of
-# that name, so the kernel names the process after it) takes a new audit session id by writing
-# /proc/self/loginuid, exactly what pam_loginuid does in OpenSSH's per-connection process, and
+# agent's classifier recognises one without logind: an executable named `sshd-session` (a copy
+# of the testkit: the classifier goes by the executable, not the command name) takes a new audit
+# session id by writing /proc/self/loginuid, exactly what pam_loginuid does in OpenSSH's per-connection process, and
 # runs the "user's" commands as its children. From there `reboot -f` and `poweroff -f` (busybox
 # applets: reboot(2), refused through capable(CAP_SYS_BOOT)) and `echo o > /proc/sysrq-trigger`
 # (file_open) are refused and the VM keeps running; after `guardrail confirm guardrail-vm`,
