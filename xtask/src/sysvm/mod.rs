@@ -34,7 +34,8 @@ use crate::apt_install;
 use crate::qemu::tail_file as tail;
 use checks::check_active_lsm;
 use checks::deletion::{
-    never_held_service, restart_during_hold, runaway_approved, runaway_denied, upgrade_during_hold,
+    never_held_service, restart_during_hold, runaway_approved, runaway_denied, systemd_churn,
+    upgrade_during_hold,
 };
 use checks::packaging::{install, remove_package, rpm_on_systemd};
 use checks::shutdown::{confirmed_reboot, logind_inhibitor, shutdowns_refused};
@@ -215,6 +216,10 @@ pub fn run_checks(vm: &mut Vm, deb: &Path, rpm: Option<&Path>, only: &[String]) 
         }
         Ok(())
     })?;
+    step(
+        "systemd's own churn (400 transient services) is never held",
+        &mut systemd_churn,
+    )?;
     step("logrotate and reload reopen the event log", &mut |vm| {
         vm.ssh(
             "sudo logrotate --force /etc/logrotate.d/guardrail && \
@@ -261,7 +266,10 @@ pub fn run_checks(vm: &mut Vm, deb: &Path, rpm: Option<&Path>, only: &[String]) 
         "guardrail confirm: wrong name refused, right name lets reboot through",
         &mut confirmed_reboot,
     )?;
-    step("dpkg -r leaves nothing attached", &mut remove_package)?;
+    step(
+        "dpkg -r with the agent killed leaves nothing attached",
+        &mut remove_package,
+    )?;
     match rpm {
         Some(rpm) => step(
             "the .rpm on systemd: rpm -i starts it, rpm -e stops it",

@@ -38,7 +38,7 @@ pub(super) fn check_active_lsm(vm: &mut Vm) -> Result<()> {
             String::from_utf8_lossy(&status.stdout)
         );
     }
-    let status = vm.ssh("guardrail status")?;
+    let status = vm.ssh("sudo guardrail status")?;
     ensure!(
         status
             .lines()

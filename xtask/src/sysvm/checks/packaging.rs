@@ -72,7 +72,25 @@ pub fn remove_package(vm: &mut Vm) -> Result<()> {
             "{name} is not attached before removal (so the check after it proves nothing):\n{before}"
         );
     }
-    vm.ssh("sudo DEBIAN_FRONTEND=noninteractive dpkg -r guardrail")?;
+    // With the agent dead: SIGKILL (no clean-up of its own), then `systemctl stop` so systemd does
+    // not restart it. Its programs stay pinned and enforcing; the package's prerm must switch
+    // them off (`guardrail off`), as nothing else will.
+    vm.ssh("sudo systemctl kill --signal=SIGKILL --kill-whom=main guardrail && sleep 0.5 && sudo systemctl stop guardrail")?;
+    let pinned = vm.ssh("sudo bpftool prog show")?;
+    ensure!(
+        PROGRAM_NAMES.iter().all(|n| pinned.contains(n)),
+        "the programs did not stay pinned after the agent was killed (so removal proves nothing):\n{pinned}"
+    );
+    ensure!(
+        !vm.ssh_output("pgrep -x guardrail", None)?.status.success(),
+        "the agent still runs after SIGKILL and stop"
+    );
+    let out = vm.ssh("sudo DEBIAN_FRONTEND=noninteractive dpkg -r guardrail 2>&1")?;
+    for line in out.lines() {
+        println!("sysvm:      {line}");
+    }
+    vm.ssh("! test -e /sys/fs/bpf/guardrail")
+        .context("dpkg -r with the agent dead left /sys/fs/bpf/guardrail")?;
     let state = vm.ssh_output("systemctl is-active guardrail", None)?;
     let state = String::from_utf8_lossy(&state.stdout).trim().to_string();
     ensure!(state != "active", "guardrail is still active after dpkg -r");

@@ -187,7 +187,7 @@ pub fn logind_inhibitor(vm: &mut Vm) -> Result<()> {
     let boot = boot_id(vm)?;
     let line = wait_inhibitor(vm, Duration::from_secs(5))?;
     println!("sysvm:      systemd-inhibit --list: {line}");
-    let status = vm.ssh("guardrail status")?;
+    let status = vm.ssh("sudo guardrail status")?;
     let held = status
         .lines()
         .find(|l| l.starts_with("logind shutdown inhibitor:"))
@@ -224,7 +224,7 @@ pub fn logind_inhibitor(vm: &mut Vm) -> Result<()> {
     // the sysrq help to the kernel log).
     let script = format!(
         "set -e
-guardrail confirm {HOST}
+sudo guardrail confirm {HOST}
 echo '--- list'; systemd-inhibit --list
 echo '--- can'; {LOGIN1_CALL} CanReboot
 sudo sh -c 'echo h >/proc/sysrq-trigger'
@@ -274,7 +274,7 @@ echo '--- used'"
     let t = Instant::now();
     loop {
         let list = vm.ssh("systemd-inhibit --list")?;
-        let status = vm.ssh("guardrail status")?;
+        let status = vm.ssh("sudo guardrail status")?;
         if inhibitor_line(&list).is_none()
             && status.contains("logind shutdown inhibitor: not held: turned off by the policy")
         {
@@ -298,7 +298,17 @@ echo '--- used'"
 /// `sudo reboot` reboots the VM, which comes back with the service running and the lock held.
 pub fn confirmed_reboot(vm: &mut Vm) -> Result<()> {
     let boot = boot_id(vm)?;
-    let out = vm.ssh_output("guardrail confirm wrong-name", None)?;
+    // Only root and the guardrail group may confirm: the test user is neither.
+    let out = vm.ssh_output(&format!("guardrail confirm {HOST}"), None)?;
+    let text = output_text(&out);
+    ensure!(
+        !out.status.success()
+            && text.contains("confirm needs root or membership of the guardrail group"),
+        "`guardrail confirm {HOST}` as {USER} ({}): {text}",
+        out.status
+    );
+    println!("sysvm:      guardrail confirm as {USER}: {}", text.trim());
+    let out = vm.ssh_output("sudo guardrail confirm wrong-name", None)?;
     let text = output_text(&out);
     let want =
         format!("\"wrong-name\" is not this host's name (this is {HOST}); nothing confirmed");
