@@ -55,7 +55,7 @@ pub fn probe() -> Option<String> {
         Ok(_) => None,
         Err(e) => {
             let why = format!(
-                "pidfd_getfd unavailable ({e}): held jobs and refused shutdown callers are not told why (Linux 5.6 or later is needed)"
+                "pidfd_getfd unavailable ({e}): held jobs and refused shutdown callers are not told why (it needs Linux 5.6 or later, CAP_SYS_PTRACE, and the syscall allowed by any seccomp filter: the shipped unit allows it)"
             );
             set_unavailable(&why);
             Some(why)

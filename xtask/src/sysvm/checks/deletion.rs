@@ -412,13 +412,13 @@ fn held_across(vm: &mut Vm, what: &str, command: &str) -> Result<()> {
     Ok(())
 }
 
-/// systemd's own work is never a runaway: 400 transient services started and stopped within
-/// about a minute make PID 1 remove 400 cgroups (cgroupfs: not a deletion) and 400 unit files in
+/// systemd's own work is never a runaway: 500 transient services started and stopped within
+/// about a minute make PID 1 remove 500 cgroups (cgroupfs: not a deletion) and 500 unit files in
 /// /run (a target), more than the budget. Nothing is held or refused, every cgroup is gone, and
 /// systemd still starts and disables units afterwards. (Before this round PID 1 was counted: at
 /// its budget it was held, which it cannot be, and then refused until reboot.)
 pub fn systemd_churn(vm: &mut Vm) -> Result<()> {
-    const UNITS: u32 = 400;
+    const UNITS: u32 = 500;
     let before = vm.ssh("sudo grep -c '\"incident\"' /var/log/guardrail/events.jsonl || true")?;
     let t = Instant::now();
     vm.ssh(&format!(
