@@ -206,3 +206,46 @@ fn block_rule_kills_the_foreign_job_after_one_file() {
     );
     assert!(st.agent.holds().is_empty(), "nothing held");
 }
+
+/// A held foreign job resumed without approval (`kill -CONT`) is stopped again at its next
+/// deletion in the data directory: one more file (the tier cannot refuse it), the same hold, no
+/// new incident. Old code: never held, all 1000 files gone.
+#[test]
+fn resumed_without_approval_is_stopped_again_after_one_more_file() {
+    let _k = kernel_lock();
+    let st = setup("");
+    let mut job = foreign_rm(&st);
+    let id = st
+        .agent
+        .wait_hold(Duration::from_secs(60))
+        .expect("the foreign job is held");
+    assert!(
+        wait_until(Duration::from_secs(10), || job.stopped()),
+        "every process of the job is stopped"
+    );
+    assert_eq!(settle(&st.victim, Duration::from_millis(700)), FILES - 1);
+    // Only our own job, by its process group id.
+    nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(job.pgid() as i32),
+        nix::sys::signal::Signal::SIGCONT,
+    )
+    .expect("SIGCONT to the job");
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            count_files(&st.victim) < FILES - 1 && job.stopped()
+        }),
+        "the resumed job is stopped again"
+    );
+    assert_eq!(
+        settle(&st.victim, Duration::from_millis(700)),
+        FILES - 2,
+        "exactly one more file"
+    );
+    let holds = st.agent.holds();
+    assert_eq!(holds.len(), 1, "still one hold: {holds:?}");
+    assert_eq!(holds[0]["id"].as_u64(), Some(id), "the same hold");
+    assert_eq!(data_dir_incidents(&st.agent).len(), 1, "no new incident");
+    st.agent.cli_ok(&["deny", &id.to_string()]);
+    assert!(job.wait(Duration::from_secs(10)).is_some(), "denied, ended");
+    assert_eq!(count_files(&st.victim), FILES - 2, "nothing more deleted");
+}

@@ -1356,7 +1356,24 @@ fn tp_stop_foreign(d: &Deletion) {
         state = unsafe { read_volatile(state_p) };
     }
     if state == JOB_HELD {
+        // Resumed without approval: stopped again, and the agent told (as `judge` does) so that
+        // it re-stops the whole job.
+        // SAFETY: field address of a valid map value.
+        let n = fetch_add(unsafe { addr_of_mut!((*job).refused) }, 1);
         stop_self();
+        if n == 0 || n.is_power_of_two() {
+            emit(
+                d,
+                &Report {
+                    kind: EV_HELD_RETRY,
+                    flags: EVF_SIGNALLED,
+                    rule,
+                    data_dir_id: 0,
+                    count: n + 1,
+                    incident: 0,
+                },
+            );
+        }
     } else if state == JOB_BLOCKED || state == JOB_DENIED {
         signal(SIGKILL);
     }
