@@ -403,16 +403,23 @@ fn inotify_cannot_attribute_to_the_jobs_own_rule() {
     .expect("inotify");
     let victim = s.s.path().join("victim");
     fill(&victim, 1000);
+    // The watcher learns of `victim` from its creation event and only then watches it: let it
+    // read that before `rm` starts (on a busy host rm got 80 files in first).
+    let _ = drive(&mut fb, Duration::from_millis(500), |_| false);
     let mut job = Job::spawn_in("rm -rf victim", s.s.path(), Some(&s.cg));
-    let mut done = false;
+    // Watched on for 2 s after the job ended: on a busy host the watcher reads the last
+    // deletions' events after `rm` has exited (it once counted 920 of 1000 when it stopped at once).
+    let mut ended: Option<std::time::Instant> = None;
     let events = drive(&mut fb, Duration::from_secs(60), |_| {
-        if done {
-            return true;
+        if let Some(t) = ended {
+            return t.elapsed() > Duration::from_secs(2);
         }
-        done = job.child.try_wait().ok().flatten().is_some();
+        if job.child.try_wait().ok().flatten().is_some() {
+            ended = Some(std::time::Instant::now());
+        }
         false
     });
-    assert!(done, "not stopped");
+    assert!(ended.is_some(), "not stopped");
     assert!(events.is_empty());
     let unknown = fb.job(&UNKNOWN_JOB).expect("counted for the unknown job");
     assert!(
