@@ -308,7 +308,7 @@ pub fn run(args: AgentArgs) -> Result<()> {
 
 /// The `Instant` a hold began, from the kernel's `CLOCK_BOOTTIME` stamp (0: now).
 fn held_since(held_ns: u64) -> Instant {
-    let now = crate::identity::boottime_ns();
+    let now = crate::clock::boottime_ns();
     if held_ns == 0 || held_ns > now {
         return Instant::now();
     }
@@ -585,7 +585,7 @@ impl Agent {
         let Ok(jobs) = self.backend.jobs() else {
             return;
         };
-        let now = crate::identity::boottime_ns();
+        let now = crate::clock::boottime_ns();
         for (key, job) in jobs {
             let settled = job.held_ns != 0 && now.saturating_sub(job.held_ns) >= 1_000_000_000;
             if !settled || !procinfo::pgid_alive(key.pgid) {
@@ -1025,7 +1025,7 @@ impl Agent {
                     let mut job = self.backend.job(&key).ok().flatten().unwrap_or_default();
                     job.state = JOB_HELD;
                     job.incident = inc.id;
-                    job.held_ns = crate::identity::boottime_ns();
+                    job.held_ns = crate::clock::boottime_ns();
                     let _ = self.backend.set_job(&key, &job);
                     self.hold(inc, key);
                 } else {
@@ -1143,7 +1143,7 @@ impl Agent {
         }
         // Jobs whose process group is gone: forget them, so a recycled pgid starts afresh.
         if let Ok(jobs) = self.backend.jobs() {
-            let now = crate::replay::ktime_ns();
+            let now = crate::clock::monotonic_ns();
             for (key, job) in jobs {
                 // The watcher's unknown job (deletions by processes it could not name) is no
                 // process group: it lives as long as the agent.
@@ -1269,7 +1269,7 @@ impl Agent {
         job.allowance = extra.saturating_sub(rule_budget).min(ALLOWANCE_UNLIMITED);
         job.count = rule_budget.saturating_sub(extra);
         job.prev_count = 0;
-        job.window_start_ns = crate::replay::ktime_ns();
+        job.window_start_ns = crate::clock::monotonic_ns();
         job.incident = 0;
         job.held_ns = 0;
         job.state = JOB_ACTIVE;

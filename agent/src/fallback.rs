@@ -637,15 +637,7 @@ fn unescape_mount(s: &str) -> OsString {
     OsString::from_vec(out)
 }
 
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec into the valid, exclusively borrowed `ts`.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
-}
+use crate::clock::monotonic_ns;
 
 // --- the watcher -----------------------------------------------------------------------------
 

@@ -4,20 +4,6 @@
 //! than the hold (`JobState::held_ns`).
 use guardrail_common::JobKey;
 
-/// `CLOCK_BOOTTIME` now, in ns: the clock of `task_struct.start_boottime`, of /proc's
-/// `starttime` and of `JobState::held_ns`.
-pub fn boottime_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) } != 0 {
-        return 0;
-    }
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 fn ns_per_tick() -> u64 {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
@@ -72,6 +58,7 @@ pub fn job_predates(key: &JobKey, held_ns: u64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::boottime_ns;
 
     #[test]
     fn own_start_is_in_the_past_and_one_tick_wide() {

@@ -4,6 +4,7 @@
 //! `KernelPolicy`, the tables both the kernel and the fallback judge by.
 pub mod btf;
 pub mod cgroup;
+pub mod clock;
 pub mod fallback;
 pub mod forklog;
 pub mod identity;

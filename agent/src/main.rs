@@ -2,6 +2,7 @@
 mod alert;
 mod btf;
 mod cgroup;
+mod clock;
 mod control;
 mod daemon;
 mod decode;

@@ -71,19 +71,6 @@ impl JobSummary {
     }
 }
 
-/// Monotonic clock in the same base as bpf_ktime_get_ns.
-pub fn ktime_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) } != 0 {
-        return 0;
-    }
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 #[derive(Serialize)]
 struct Replayed {
     job: JobSummary,

@@ -202,16 +202,8 @@ fn inhibitor_want(
     }
 }
 
-fn monotonic_ns() -> u64 {
-    // bpf_ktime_get_ns() is CLOCK_MONOTONIC: pass expiries are compared with it in the kernel.
-    let mut t = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the timespec we pass.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
-    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
-}
+// Pass expiries are compared with bpf_ktime_get_ns() (CLOCK_MONOTONIC) in the kernel.
+use crate::clock::monotonic_ns;
 
 /// A confirmation window as the message says it ("2 minutes").
 pub fn window_text(d: Duration) -> String {
