@@ -229,6 +229,15 @@ impl Agent {
             .expect("running the guardrail CLI")
     }
 
+    /// `guardrail deny ID` (asserted to succeed), then the denied job must end within 30 s.
+    pub fn deny_and_wait(&self, id: u64, job: &mut Job) {
+        self.cli_ok(&["deny", &id.to_string()]);
+        assert!(
+            job.wait(Duration::from_secs(30)).is_some(),
+            "denied job ends"
+        );
+    }
+
     pub fn holds(&self) -> Vec<serde_json::Value> {
         let out = self.cli(&["holds", "--json"]);
         serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).unwrap_or_default()

@@ -105,11 +105,7 @@ fn a_users_logrotate_firstaction_is_not_exempt() {
         )
     });
     let left = assert_held_at_budget(&victim, "a user's logrotate firstaction");
-    agent.cli_ok(&["deny", &id.to_string()]);
-    assert!(
-        job.wait(Duration::from_secs(30)).is_some(),
-        "denied job ends"
-    );
+    agent.deny_and_wait(id, &mut job);
     assert_eq!(count_files(&victim), left, "nothing deleted after the deny");
     assert!(agent.stop().expect("agent stops").success());
 }
@@ -175,11 +171,7 @@ fn the_exemption_is_dropped_when_an_exempt_program_execs_a_shell() {
             )
         });
     assert_held_at_budget(&victim, "a shell exec'd by an exempt program");
-    agent.cli_ok(&["deny", &id.to_string()]);
-    assert!(
-        job.wait(Duration::from_secs(30)).is_some(),
-        "denied job ends"
-    );
+    agent.deny_and_wait(id, &mut job);
     assert!(agent.stop().expect("agent stops").success());
 }
 

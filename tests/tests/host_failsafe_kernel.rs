@@ -126,11 +126,7 @@ fn a_sub_cgroup_of_a_ruled_unit_gets_the_units_rule() {
     );
     let held = agent.holds();
     assert_eq!(held[0]["rule"], "test-job", "{held:?}");
-    agent.cli_ok(&["deny", &id.to_string()]);
-    assert!(
-        job.wait(Duration::from_secs(30)).is_some(),
-        "denied job ends"
-    );
+    agent.deny_and_wait(id, &mut job);
     assert_eq!(count_files(&victim) as u64, left, "nothing deleted after");
     assert!(agent.stop().expect("agent stops").success());
     drop(payload);
@@ -184,11 +180,7 @@ fn removing_empty_cgroups_is_not_a_deletion() {
     let id = agent
         .wait_hold(Duration::from_secs(60))
         .expect("real files still count");
-    agent.cli_ok(&["deny", &id.to_string()]);
-    assert!(
-        job.wait(Duration::from_secs(30)).is_some(),
-        "denied job ends"
-    );
+    agent.deny_and_wait(id, &mut job);
     assert!(agent.stop().expect("agent stops").success());
 }
 
@@ -220,11 +212,7 @@ fn a_containers_init_is_not_pid_1() {
         (1000 - BUDGET - 1..=1000 - BUDGET).contains(&left),
         "{left} files left"
     );
-    agent.cli_ok(&["deny", &id.to_string()]);
-    assert!(
-        job.wait(Duration::from_secs(30)).is_some(),
-        "denied job ends"
-    );
+    agent.deny_and_wait(id, &mut job);
     assert!(agent.stop().expect("agent stops").success());
 }
 

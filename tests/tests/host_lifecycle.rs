@@ -244,11 +244,7 @@ fn broken_policy_at_start_runs_on_the_last_good_one() {
         (BUDGET..=BUDGET + 1).contains(&gone),
         "{gone} files gone at the hold, budget {BUDGET}"
     );
-    agent.cli_ok(&["deny", &id.to_string()]);
-    assert!(
-        job.wait(Duration::from_secs(30)).is_some(),
-        "denied job ends"
-    );
+    agent.deny_and_wait(id, &mut job);
     assert!(agent.stop().expect("stops").success());
 }
 
@@ -596,11 +592,7 @@ fn pins_go_only_to_a_visible_bpffs() {
     fill(&victim, 1000);
     let mut job = Job::spawn_in("rm -rf victim", s.path(), Some(&cg));
     let id = agent.wait_hold(Duration::from_secs(60)).expect("held");
-    agent.cli_ok(&["deny", &id.to_string()]);
-    assert!(
-        job.wait(Duration::from_secs(30)).is_some(),
-        "denied job ends"
-    );
+    agent.deny_and_wait(id, &mut job);
     let left = count_files(&victim) as u64;
     assert!(
         (1000 - BUDGET - 1..=1000 - BUDGET).contains(&left),
