@@ -141,12 +141,14 @@ fn target(pid: u32) -> io::Result<Option<(OwnedFd, bool)>> {
     Ok(stderr.map(|fd| (fd, false)))
 }
 
-/// The bytes written: each line escaped, the whole at most MESSAGE_MAX bytes, ending with a
-/// newline. A terminal (raw mode possible, the job's prompt mid-line) gets CR LF and a blank
-/// start; a pipe or a log gets plain lines.
+/// The bytes written: each line escaped, the whole at most MESSAGE_MAX bytes, starting and
+/// ending with a newline. The leading newline puts the message on lines of its own even when
+/// the job is mid-line: its own error report races with the agent's write, and glibc's
+/// `warn()` writes "kill: (1): Operation not permitted" and its "\n" separately (seen over
+/// ssh in the sysvm). A terminal (raw mode possible) gets CR LF.
 pub fn render(lines: &[String], terminal: bool) -> Vec<u8> {
     let eol = if terminal { "\r\n" } else { "\n" };
-    let mut out = String::from(if terminal { "\r\n" } else { "" });
+    let mut out = String::from(eol);
     for line in lines {
         let line = text::escape_line(line);
         let room = MESSAGE_MAX.saturating_sub(out.len() + eol.len());
@@ -229,6 +231,7 @@ mod tests {
         }
         let short = render(&["a".into(), "b".into()], true);
         assert_eq!(short, b"\r\na\r\nb\r\n");
+        assert_eq!(render(&["a".into(), "b".into()], false), b"\na\nb\n");
     }
 
     proptest::proptest! {

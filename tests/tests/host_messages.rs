@@ -174,7 +174,7 @@ fn an_append_mode_log_keeps_its_content_and_gets_the_message_appended() {
     let added = &text[earlier.len()..];
     let h = hostname();
     assert!(
-        added.starts_with(&format!("guardrail: held job \"rm -rf victim\" on {h}: "))
+        added.starts_with(&format!("\nguardrail: held job \"rm -rf victim\" on {h}: "))
             && added.ends_with(&format!(
                 "  To let it continue: guardrail approve {id}\n  To end it:          guardrail deny {id}\n"
             ))
