@@ -104,6 +104,12 @@ pub fn alertname(i: &Incident) -> &'static str {
         (_, "killed") => "GuardrailJobKilled",
         ("budget_crossed", "refused") => "GuardrailJobBlocked",
         (_, "refused") => "GuardrailDeletionRefused",
+        // An `alert` rule's crossing stops nothing: it must not page as a hold.
+        (_, "alerted") => "GuardrailDeletionBudgetAlert",
+        // A crossing the tier could only report (never_hold, or no job to stop).
+        (_, "reported") => "GuardrailDeletionReported",
+        // A hold and the outcomes that close it keep the hold's name, so Alertmanager matches
+        // the resolved alert to the firing one.
         _ => "GuardrailJobHeld",
     }
 }
@@ -222,6 +228,24 @@ mod tests {
         assert_eq!(a["startsAt"], "2024-05-01T03:00:00.123Z");
         assert_eq!(a["endsAt"], "1970-01-01T00:00:00.000Z");
         assert_eq!(a["annotations"]["approve"], "guardrail approve 7");
+    }
+
+    /// Before, every outcome without an arm fell through to `GuardrailJobHeld`: an `alert`
+    /// rule's crossing paged as a held job.
+    #[test]
+    fn crossings_that_stop_nothing_are_not_named_holds() {
+        let mut i = crate::alert::syslog::tests::sample();
+        for (outcome, name) in [
+            ("held", "GuardrailJobHeld"),
+            ("approved", "GuardrailJobHeld"),
+            ("alerted", "GuardrailDeletionBudgetAlert"),
+            ("reported", "GuardrailDeletionReported"),
+            ("killed", "GuardrailJobKilled"),
+            ("would_have_held", "GuardrailAuditWouldHaveStopped"),
+        ] {
+            i.outcome = outcome.into();
+            assert_eq!(alertname(&i), name, "{outcome}");
+        }
     }
 
     #[test]
