@@ -500,6 +500,36 @@ fn alertmanager_alert_fires_on_hold_resolves_on_approve_and_metrics_move() {
     );
 }
 
+/// An `alert` rule stops nothing: its crossing reaches Alertmanager under its own name, not as a
+/// held job (the old agent named every unlisted outcome `GuardrailJobHeld`, so a routine crossing
+/// paged like a hold).
+#[test]
+fn an_alert_rules_crossing_fires_as_a_budget_alert_and_the_job_finishes() {
+    let _k = kernel_lock();
+    let am = Alertmanager::start();
+    let Scenario { agent, cg, s } = scenario(&format!(
+        "action = \"alert\"\n{}[alerts.alertmanager]\nurl = \"http://127.0.0.1:{}\"\n",
+        no_syslog(),
+        am.port
+    ));
+    let mut job = Job::spawn_in("rm -rf victim", s.path(), Some(&cg));
+    assert!(
+        job.wait(Duration::from_secs(60)).is_some(),
+        "the job is not stopped"
+    );
+    assert!(!s.path().join("victim").exists(), "every file deleted");
+    let alert = wait_for("the alert in Alertmanager", Duration::from_secs(15), || {
+        am.alerts()
+            .into_iter()
+            .find(|a| a["labels"]["rule"] == "test-job")
+    });
+    assert_eq!(alert["labels"]["alertname"], "GuardrailDeletionBudgetAlert");
+    assert_eq!(alert["labels"]["host"], hostname());
+    assert_eq!(alert["annotations"]["command"], "rm -rf victim");
+    assert!(agent.holds().is_empty(), "nothing held");
+    assert!(agent.stop().expect("stops").success());
+}
+
 #[test]
 fn with_the_collectors_dead_the_job_is_still_held_and_the_loss_is_counted() {
     let _k = kernel_lock();
