@@ -434,7 +434,8 @@ fn on_agent_stop_is_end_or_continue() {
         "{d}"
     );
     assert!(
-        d.to_string().contains("deletion.on_agent_stop is one of: end, continue"),
+        d.to_string()
+            .contains("deletion.on_agent_stop is one of: end, continue"),
         "{d}"
     );
 }
