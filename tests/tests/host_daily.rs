@@ -414,12 +414,10 @@ fn approve_without_an_id_picks_among_the_callers_own_session_holds() {
     let host = hostname();
     // One login session (a new audit session, as pam_loginuid makes it) that starts the job in
     // a process group of its own, then, on a line from the test, runs the approval.
-    let script = format!(
-        "echo 0 > /proc/self/loginuid || exit 1\ncat /proc/self/sessionid; echo\nsetsid rm -rf victim </dev/null >/dev/null 2>&1 &\nread _\nprintf '%s\\n' \"$ANSWER\" | script -qec \"$CMD\" /dev/null\n"
-    );
+    let script = "echo 0 > /proc/self/loginuid || exit 1\ncat /proc/self/sessionid; echo\nsetsid rm -rf victim </dev/null >/dev/null 2>&1 &\nread _\nprintf '%s\\n' \"$ANSWER\" | script -qec \"$CMD\" /dev/null\n";
     let mut c = Command::new("/bin/sh");
     c.arg("-c")
-        .arg(&script)
+        .arg(script)
         .current_dir(s.path())
         .env("ANSWER", &host)
         .env(
