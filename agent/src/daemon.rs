@@ -58,8 +58,9 @@ pub struct AgentArgs {
     /// while the agent is down (crash, restart, upgrade) and the next agent adopts it.
     #[arg(long, default_value = "/sys/fs/bpf/guardrail")]
     pub pin_dir: PathBuf,
-    /// On SIGTERM, leave the programs pinned and enforcing (default: detach, unless systemd is
-    /// restarting this unit).
+    /// On SIGTERM, leave the programs pinned and enforcing, and held jobs held for the next agent
+    /// (default: detach, unless systemd is restarting this unit, and resolve every open hold by
+    /// `deletion.on_agent_stop`).
     #[arg(long)]
     pub keep_enforcing_when_stopped: bool,
     /// Where the agent keeps its state: the last policy that loaded (`last-good.json`), which a

@@ -100,7 +100,8 @@ fn any_stopped(pgid: u32) -> bool {
 }
 
 /// The hold message tells a held job how to let it finish, and doing just that (a bare
-/// `guardrail approve ID`) lets a 1,000-file `rm -rf` delete every file, with no second hold.
+/// `guardrail approve ID`) lets a 1,000-file `rm -rf` delete every file, with no second hold;
+/// the same command run again afterwards is a new job, held at the budget.
 /// Old code: a bare approve granted one more budget (100 here), so the job was held again as a
 /// new incident with some 800 files left.
 #[test]
@@ -145,6 +146,19 @@ fn approving_as_the_message_says_lets_the_job_finish() {
     let approved = incidents(&agent, "approved");
     assert_eq!(approved.len(), 1);
     assert_eq!(approved[0]["id"].as_u64(), Some(id));
+    // The approval was that job's only: the same command run again is a new job, held at the
+    // budget.
+    let again = s.path().join("again");
+    fill(&again, 1000);
+    let mut next = Job::spawn_in("rm -rf again", s.path(), Some(&cg));
+    let second = wait_new_hold(&agent, None);
+    assert_ne!(second, id);
+    let gone = 1000 - settle(&again, Duration::from_millis(500)) as u64;
+    assert!(
+        (BUDGET..=BUDGET + 1).contains(&gone),
+        "the new job is held at the budget: {gone} gone"
+    );
+    agent.deny_and_wait(second, &mut next);
     assert!(agent.stop().expect("stops").success());
 }
 
