@@ -417,18 +417,24 @@ fn approve_at_terminal_in_new_session(agent: &Agent, answer: &str) -> (Option<i3
 
 /// `guardrail approve` with no id, at a terminal, lists the holds of the caller's own audit
 /// session (found through its pidfd, not anything it says) and approves the one whose host name
-/// is typed; from another session it offers nothing; with no terminal it refuses with a clear
-/// message (exit 2).
+/// is typed; from another session, or as another (unprivileged) user of the same session, it
+/// offers nothing; with no terminal it refuses with a clear message (exit 2).
 #[test]
 fn approve_without_an_id_picks_among_the_callers_own_session_holds() {
     let _k = kernel_lock();
     let Setup { agent, cg, s } = setup_with("", &[]);
+    // The socket's directory open to all, as /run/guardrail is: user nobody asks too.
+    std::fs::set_permissions(
+        agent.dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
     let victim = s.path().join("victim");
     fill(&victim, 1000);
     let host = hostname();
     // One login session (a new audit session, as pam_loginuid makes it) that starts the job in
     // a process group of its own, then, on a line from the test, runs the approval.
-    let script = "echo 0 > /proc/self/loginuid || exit 1\ncat /proc/self/sessionid; echo\nsetsid rm -rf victim </dev/null >/dev/null 2>&1 &\nread _\nprintf '%s\\n' \"$ANSWER\" | script -qec \"$CMD\" /dev/null\n";
+    let script = "echo 0 > /proc/self/loginuid || exit 1\ncat /proc/self/sessionid; echo\nsetsid rm -rf victim </dev/null >/dev/null 2>&1 &\nread _\nprintf '%s\\n' \"$ANSWER\" | setpriv --reuid=65534 --regid=65534 --clear-groups script -qec \"$CMD\" /dev/null\necho nobody-exit=$?\nprintf '%s\\n' \"$ANSWER\" | script -qec \"$CMD\" /dev/null\n";
     let mut c = Command::new("/bin/sh");
     c.arg("-c")
         .arg(script)
@@ -490,6 +496,17 @@ fn approve_without_an_id_picks_among_the_callers_own_session_holds() {
     let mut shown = String::new();
     let _ = std::io::Read::read_to_string(&mut stdout, &mut shown);
     assert!(status.success(), "approve at the terminal:\n{shown}");
+    // User nobody in the same login session (su, setpriv keep it) is offered nothing: root's
+    // hold is not theirs.
+    let (by_nobody, shown) = shown.split_once("nobody-exit=").expect("nobody's turn");
+    assert!(
+        shown.starts_with("1\n")
+            && by_nobody.contains(&format!(
+                "no open hold of your session on {host} (only the holds of your audit session ({session}) are shown)"
+            ))
+            && !by_nobody.contains("Approve hold"),
+        "nobody's terminal:\n{by_nobody}"
+    );
     assert!(
         shown.contains(&format!(
             "Approve hold {id} on {host} for the rest of its job? Type its id or the host name ({host}) to approve, anything else cancels:"
