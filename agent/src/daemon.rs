@@ -58,8 +58,9 @@ pub struct AgentArgs {
     /// while the agent is down (crash, restart, upgrade) and the next agent adopts it.
     #[arg(long, default_value = "/sys/fs/bpf/guardrail")]
     pub pin_dir: PathBuf,
-    /// On SIGTERM, leave the programs pinned and enforcing (default: detach, unless systemd is
-    /// restarting this unit).
+    /// On SIGTERM, leave the programs pinned and enforcing, and held jobs held for the next agent
+    /// (default: detach, unless systemd is restarting this unit, and resolve every open hold by
+    /// `deletion.on_agent_stop`).
     #[arg(long)]
     pub keep_enforcing_when_stopped: bool,
     /// Where the agent keeps its state: the last policy that loaded (`last-good.json`), which a
@@ -238,6 +239,8 @@ struct Agent {
     /// Why the policy in force is not the one on disk (broken at start: the last good one or the
     /// embedded default runs instead); cleared when the policy on disk loads.
     policy_fallback: Option<String>,
+    /// Approvals per job, shown with the job's next hold (`approve --more N` that ran out).
+    approvals: crate::approval::History,
 }
 
 /// What the daemon remembers about the kernel's job maps between ticks.
@@ -282,23 +285,34 @@ pub fn run(args: AgentArgs) -> Result<()> {
             if let Err(e) = sensor.forget_agent() {
                 eprintln!("guardrail: could not clear the agent's identity: {e:#}");
             }
+            let held = if agent.holds.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; {} held job(s) stay held for the next agent (`guardrail status` lists them meanwhile)",
+                    agent.holds.len()
+                )
+            };
             agent.sink.agent_event(
                 "agent_stopped",
-                "guardrail agent stopped; programs stay pinned and enforcing until the next agent adopts them",
+                &format!("guardrail agent stopped; programs stay pinned and enforcing until the next agent adopts them{held}"),
             );
             println!(
                 "guardrail: stopped; programs stay pinned in {} and keep enforcing",
                 args.pin_dir.display()
             );
         }
-        backend => {
-            if let Backend::Bpf { sensor, .. } = backend {
+        _ => {
+            // A deliberate stop: nothing will answer these holds any more, so each is resolved
+            // now, by the policy's choice, while the programs still see the job's new state.
+            let resolved = agent.release_holds_on_stop();
+            if let Backend::Bpf { sensor, .. } = &mut agent.backend {
                 sensor.unpin_everything();
             }
             // Dropping the backend detaches every program (the watcher: its marks).
             agent.sink.agent_event(
                 "agent_stopped",
-                "guardrail agent stopped; programs detached",
+                &format!("guardrail agent stopped; programs detached{resolved}"),
             );
             println!("guardrail: stopped; all programs detached");
         }
@@ -327,7 +341,30 @@ fn stopped_during_startup(args: &AgentArgs, sig: Signal) {
             args.pin_dir.display()
         );
     } else {
-        crate::sensor::unpin_dir(&args.pin_dir);
+        // Holds a previous agent left pinned (this one may have adopted them already) are
+        // resolved as a running agent's stop resolves its own: never left stopped with no pins
+        // to find them by.
+        let source = PolicySource::from_args(args.policy.as_deref(), args.policy_dir.as_deref());
+        let end = source
+            .load()
+            .map_or(guardrail_policy::OnAgentStop::default(), |p| {
+                p.policy.deletion.on_agent_stop
+            })
+            == guardrail_policy::OnAgentStop::End;
+        if end {
+            for h in crate::offline::pinned_holds(&args.pin_dir).unwrap_or_default() {
+                procinfo::signal_job(h.pgid, Signal::SIGKILL);
+                println!(
+                    "guardrail: held job {} (incident {}) ended as the agent stops (deletion.on_agent_stop = \"end\")",
+                    h.pgid, h.incident
+                );
+            }
+            crate::sensor::unpin_dir(&args.pin_dir);
+        } else {
+            for l in crate::pins::switch_off(&args.pin_dir).lines {
+                println!("guardrail: {l}");
+            }
+        }
         println!("guardrail: {sig} received during start-up; stopped, all programs detached");
     }
 }
@@ -435,6 +472,7 @@ fn start(args: &AgentArgs) -> Result<Agent> {
         kernel_jobs: KernelJobs::default(),
         state_dir: args.state_dir.clone(),
         policy_fallback,
+        approvals: Default::default(),
     };
     agent.announce();
     for (kind, msg) in notes {
@@ -550,6 +588,11 @@ impl Agent {
             command: procinfo::cmdline(pid).unwrap_or(comm.clone()),
             comm,
             count: job.count,
+            total_count: job.total,
+            audit_session: std::fs::read_to_string(format!("/proc/{pid}/sessionid"))
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok())
+                .filter(|s| *s != u32::MAX),
             ..Default::default()
         };
         println!(
@@ -1071,12 +1114,17 @@ impl Agent {
         self.backend.next_incident()
     }
 
-    fn hold(&mut self, inc: Incident, key: JobKey) {
+    fn hold(&mut self, mut inc: Incident, key: JobKey) {
         // Stop the whole job, not only the task the kernel signalled.
         procinfo::signal_job(key.pgid, Signal::SIGSTOP);
         let timeout = self.policy.hold_timeout;
+        // A job approved before and held again: what it has done in all, and the approvals.
+        let job = self.backend.job(&key).ok().flatten();
+        inc.total_count = job.map_or(inc.count, |j| j.total.max(inc.count));
+        inc.earlier_approvals = self.approvals.of(&key);
+        let budget = job.map_or(inc.budget, |j| self.policy.rule_budget(j.rule));
         // The command and the reason (a path) are the job's text: capped and escaped.
-        let lines = [
+        let lines = crate::approval::hold_lines(
             format!(
                 "guardrail: held job \"{}\" on {}: {}. Incident {}.",
                 text::cap(&inc.command, 400),
@@ -1084,9 +1132,10 @@ impl Agent {
                 text::cap(&inc.reason, 300),
                 inc.id
             ),
-            format!("  To let it continue: guardrail approve {}", inc.id),
-            format!("  To end it:          guardrail deny {}", inc.id),
-        ];
+            inc.id,
+            budget,
+            crate::approval::held_again(inc.total_count, &inc.earlier_approvals),
+        );
         crate::tell::tell_job(inc.pid, &lines);
         self.sink.incident(&inc);
         println!(
@@ -1167,6 +1216,7 @@ impl Agent {
                 }
             }
         }
+        self.approvals.retain(|k| procinfo::pgid_alive(k.pgid));
         // Held jobs whose processes all ended are closed.
         let ended: Vec<u64> = self
             .holds
@@ -1246,6 +1296,8 @@ impl Agent {
         for_job: bool,
         by: &control::Peer,
     ) -> Result<String> {
+        let grant = crate::approval::Grant::from_request(budget, for_job)
+            .map_err(|e| anyhow::anyhow!(e))?;
         // The hold record goes only once the kernel's maps say the job may go on: a failed write
         // leaves the job held *and* listed, with its timeout still running.
         let Some(h) = self.holds.get(&id) else {
@@ -1256,23 +1308,9 @@ impl Agent {
             state: JOB_HELD,
             ..Default::default()
         });
-        // `--budget N`: exactly N more deletions before the next hold; plain approve: one more
-        // budget's worth; `--for-job`: no budget for the rest of the job. The window counts
-        // afresh from here: the kernel holds again when count > budget + allowance, so start the
-        // count where N more reach that line.
+        let total_at_approval = job.total;
         let rule_budget = self.policy.rule_budget(job.rule);
-        let extra = if for_job {
-            ALLOWANCE_UNLIMITED
-        } else {
-            budget.unwrap_or(rule_budget.max(1))
-        };
-        job.allowance = extra.saturating_sub(rule_budget).min(ALLOWANCE_UNLIMITED);
-        job.count = rule_budget.saturating_sub(extra);
-        job.prev_count = 0;
-        job.window_start_ns = crate::clock::monotonic_ns();
-        job.incident = 0;
-        job.held_ns = 0;
-        job.state = JOB_ACTIVE;
+        grant.apply(&mut job, rule_budget, crate::clock::monotonic_ns());
         self.backend
             .set_job(&key, &job)
             .context("the job stays held")?;
@@ -1287,15 +1325,106 @@ impl Agent {
         inc.decided_by = Some(by.uid);
         inc.decided_by_session = by.session_id();
         self.sink.incident(&inc);
-        let how = if for_job {
-            "for the rest of the job".to_string()
-        } else {
-            format!("for {extra} more deletions")
-        };
+        self.approvals.record(
+            key,
+            crate::approval::EarlierApproval {
+                incident: id,
+                more: match grant {
+                    crate::approval::Grant::More(n) => Some(n),
+                    crate::approval::Grant::RestOfJob => None,
+                },
+                by_uid: Some(by.uid),
+                by_session: by.session_id(),
+                total_at_approval,
+                time: events::now_rfc3339(),
+            },
+        );
         Ok(format!(
-            "approved incident {id} on {} {how}; job {} resumed",
-            self.host, h.key.pgid
+            "approved incident {id} on {} {}; job {} resumed",
+            self.host,
+            grant.describe(),
+            h.key.pgid
         ))
+    }
+
+    /// A deliberate stop (not a restart): every open hold is resolved by
+    /// `deletion.on_agent_stop`, one incident each, so no job is left stopped with nobody to
+    /// answer. "end" kills the job (as an unanswered hold's timeout does: a stop is no approval);
+    /// "continue" lets it finish, as `guardrail off` does. Returns the agent event's tail.
+    fn release_holds_on_stop(&mut self) -> String {
+        if self.holds.is_empty() {
+            return String::new();
+        }
+        let end = self.policy.policy.deletion.on_agent_stop == guardrail_policy::OnAgentStop::End;
+        let setting = if end { "end" } else { "continue" };
+        let holds = std::mem::take(&mut self.holds);
+        let n = holds.len();
+        let mut continued = Vec::new();
+        for (id, h) in holds {
+            let mut inc = h.incident;
+            inc.decided_by_text = Some(format!(
+                "agent stopped (deletion.on_agent_stop = \"{setting}\")"
+            ));
+            if !procinfo::pgid_alive(h.key.pgid) {
+                inc.outcome = "ended".into();
+                self.sink.incident(&inc);
+                continue;
+            }
+            // The kernel's state first: a program still running for a moment must neither stop
+            // a continued job again nor let an ended one delete on.
+            let mut job = self.backend.job(&h.key).ok().flatten().unwrap_or_default();
+            if end {
+                job.state = JOB_DENIED;
+            } else {
+                let rule_budget = self.policy.rule_budget(job.rule);
+                crate::approval::Grant::RestOfJob.apply(
+                    &mut job,
+                    rule_budget,
+                    crate::clock::monotonic_ns(),
+                );
+            }
+            if let Err(e) = self.backend.set_job(&h.key, &job) {
+                eprintln!("guardrail: hold {id}: writing the job's state: {e:#}");
+            }
+            let wrappers = procinfo::stopped_ancestors(h.key.pgid);
+            let what = if end {
+                "the guardrail agent was stopped: this held job is ended (deletion.on_agent_stop = \"end\")"
+            } else {
+                "the guardrail agent was stopped: this held job continues (deletion.on_agent_stop = \"continue\")"
+            };
+            crate::tell::tell_job(inc.pid, &[format!("guardrail: incident {id}: {what}")]);
+            if end {
+                procinfo::signal_job(h.key.pgid, Signal::SIGKILL);
+                inc.outcome = "ended_on_agent_stop".into();
+            } else {
+                procinfo::signal_job(h.key.pgid, Signal::SIGCONT);
+                continued.push(h.key.pgid);
+                inc.outcome = "continued_on_agent_stop".into();
+            }
+            procinfo::continue_pids(&wrappers);
+            self.sink.incident(&inc);
+        }
+        // A stop already on its way when the state changed (sent by a program in that moment):
+        // continue again until the jobs stay running.
+        for _ in 0..10 {
+            if continued.is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            for pgid in &continued {
+                let stopped = procinfo::pids_in_group(*pgid)
+                    .iter()
+                    .any(|p| procinfo::stat(*p).is_some_and(|s| s.state == 'T'));
+                if stopped {
+                    procinfo::signal_job(*pgid, Signal::SIGCONT);
+                }
+            }
+        }
+        let verb = if end { "ended" } else { "continued" };
+        println!(
+            "guardrail: {n} held job(s) {verb} as the agent stops (deletion.on_agent_stop = \"{setting}\")"
+        );
+        format!("; {n} held job(s) {verb} (deletion.on_agent_stop = \"{setting}\")")
     }
 
     /// `caller`: who denied (None for a timeout).
@@ -1370,6 +1499,9 @@ impl Agent {
                 reason: h.incident.reason.clone(),
                 age_secs: h.since.elapsed().as_secs(),
                 timeout_secs: h.timeout.as_secs(),
+                total_count: h.incident.total_count,
+                earlier_approvals: h.incident.earlier_approvals.clone(),
+                audit_session: h.incident.audit_session,
             })
             .collect()
     }
@@ -1421,6 +1553,21 @@ impl Agent {
                 return Response::Holds {
                     holds: self.hold_infos(view.map(|p| p.uid)),
                     filtered: view.map(|_| filtered_note()),
+                };
+            }
+            Request::SessionHolds => {
+                // Only the caller's own audit session, as the kernel reports it for the caller:
+                // a process without one (a service, cron without pam_loginuid) gets none.
+                let mine = peer.session_id();
+                let mut holds = self.hold_infos(view.map(|p| p.uid));
+                holds.retain(|h| mine.is_some() && h.audit_session == mine);
+                let note = match mine {
+                    Some(s) => format!("only the holds of your audit session ({s}) are shown"),
+                    None => "your process has no audit session (not started from a login), so no hold is yours to pick: name one, `guardrail approve ID` (see `guardrail holds`)".to_string(),
+                };
+                return Response::Holds {
+                    holds,
+                    filtered: Some(note),
                 };
             }
             Request::Approve {

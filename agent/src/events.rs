@@ -80,6 +80,17 @@ pub struct Incident {
     /// uid), as the kernel reported it for the control socket's caller.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decided_by_session: Option<u32>,
+    /// The job's deletions outside its targets over its whole life so far (`count` is the
+    /// window's): what a job held again after an approval has done in all. 0: not known.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub total_count: u64,
+    /// Approvals this job got before this hold (`guardrail approve ID --more N` that ran out).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub earlier_approvals: Vec<crate::approval::EarlierApproval>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 fn cstr(b: &[u8]) -> String {
@@ -191,6 +202,8 @@ impl Incident {
                 .map(|p| p.display().to_string()),
             session,
             budget: policy.rule_budget(ev.rule),
+            total_count: 0,
+            earlier_approvals: Vec::new(),
         }
     }
 
@@ -215,6 +228,8 @@ impl Incident {
             "denied" => "deny",
             "timed_out" => "timeout",
             "ended" => "close",
+            "continued_on_agent_stop" => "approve",
+            "ended_on_agent_stop" => "deny",
             _ => "none",
         }
     }
@@ -419,6 +434,8 @@ pub(crate) mod tests {
             budget: 100,
             first_path: "/srv/www/x/f00100".into(),
             last_path: "/srv/www/x/f00100".into(),
+            total_count: 0,
+            earlier_approvals: Vec::new(),
         }
     }
 

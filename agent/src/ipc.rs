@@ -92,6 +92,9 @@ pub enum Request {
         id: u64,
     },
     Reload,
+    /// `guardrail approve` with no id: the open holds of the caller's own audit session (the
+    /// daemon finds it through the caller's pidfd; nothing the client says counts).
+    SessionHolds,
     /// `guardrail confirm HOST`: one shutdown pass for the caller's audit session (the daemon
     /// checks `session` against the caller's own, found through its pidfd, SO_PEERPIDFD).
     Confirm {
@@ -118,6 +121,15 @@ pub struct HoldInfo {
     pub reason: String,
     pub age_secs: u64,
     pub timeout_secs: u64,
+    /// As [`crate::events::Incident::total_count`].
+    #[serde(default)]
+    pub total_count: u64,
+    /// As [`crate::events::Incident::earlier_approvals`].
+    #[serde(default)]
+    pub earlier_approvals: Vec<crate::approval::EarlierApproval>,
+    /// The audit session of the job's process that crossed (None: it had none).
+    #[serde(default)]
+    pub audit_session: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -227,6 +239,7 @@ mod tests {
             Just(Request::Status),
             Just(Request::Holds),
             Just(Request::Reload),
+            Just(Request::SessionHolds),
             (
                 any::<u64>(),
                 proptest::option::of(any::<u64>()),

@@ -1,5 +1,6 @@
 //! `guardrail`: the agent (`guardrail agent`) and the admin CLI that talks to it.
 mod alert;
+mod approval;
 mod btf;
 mod cgroup;
 mod clock;
@@ -15,6 +16,7 @@ mod inhibit;
 mod ipc;
 mod lastgood;
 mod lifecycle;
+mod offline;
 mod pins;
 mod policy_glue;
 mod probe;
@@ -54,23 +56,28 @@ struct Cli {
 enum Command {
     /// Run the agent in the foreground (systemd runs this).
     Agent(daemon::AgentArgs),
-    /// The tier in force, what it cannot see, the policy in force, and open holds.
+    /// The tier in force, what it cannot see, the policy in force, and open holds. With no
+    /// agent running: the jobs the pinned programs hold, and how to free them (exit 3).
     Status {
         #[arg(long)]
         json: bool,
+        /// The agent's pin directory, read when no agent answers.
+        #[arg(long, default_value = "/sys/fs/bpf/guardrail")]
+        pin_dir: PathBuf,
     },
     /// Open holds.
     Holds {
         #[arg(long)]
         json: bool,
     },
-    /// Let a held job continue.
+    /// Let a held job finish: no budget for the rest of this job (its process group; a new job
+    /// is judged afresh). Without ID at a terminal: pick among your own session's holds.
     Approve {
-        id: u64,
-        /// Deletions it may make before it is held again (default: one more budget).
-        #[arg(long, conflicts_with = "for_job")]
-        budget: Option<u64>,
-        /// No budget for the rest of this job.
+        id: Option<u64>,
+        /// Only N more deletions outside its targets, then hold it again.
+        #[arg(long, value_name = "N", alias = "budget", conflicts_with = "for_job")]
+        more: Option<u64>,
+        /// The rest of this job (what a bare approve does; kept for scripts).
         #[arg(long)]
         for_job: bool,
     },
@@ -198,20 +205,27 @@ fn run(cli: Cli) -> Result<ExitCode> {
             daemon::run(args)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status { json } => cli_status(&socket, json),
+        Command::Status { json, pin_dir } => cli_status(&socket, json, &pin_dir),
         Command::Holds { json } => cli_holds(&socket, json),
-        Command::Approve {
-            id,
-            budget,
-            for_job,
-        } => cli_done(ipc::call(
-            &socket,
-            &ipc::Request::Approve {
-                id,
-                budget,
-                for_job,
-            },
-        )?),
+        Command::Approve { id, more, .. } => {
+            let id = match id {
+                Some(id) => id,
+                None => match approval_pick(&socket, more)? {
+                    Ok(id) => id,
+                    Err(code) => return Ok(code),
+                },
+            };
+            // Without --more, say "the rest of the job" outright: an older agent's default was
+            // one more budget.
+            cli_done(ipc::call(
+                &socket,
+                &ipc::Request::Approve {
+                    id,
+                    budget: more,
+                    for_job: more.is_none(),
+                },
+            )?)
+        }
         Command::Deny { id } => cli_done(ipc::call(&socket, &ipc::Request::Deny { id })?),
         Command::Confirm { host } => {
             // Our own audit session; the agent checks it against the kernel's view of us.
@@ -274,15 +288,88 @@ fn print_holds(holds: &[ipc::HoldInfo]) {
             "        {}",
             text::escape_line(&text::cap(&h.reason, text::REASON_MAX))
         );
+        if !h.earlier_approvals.is_empty() {
+            let again = approval::held_again(h.total_count, &h.earlier_approvals);
+            println!("        {}", text::escape_line(&again.unwrap_or_default()));
+        }
         println!(
-            "        approve: guardrail approve {}   deny: guardrail deny {}",
-            h.id, h.id
+            "        finish: guardrail approve {}   only N more: guardrail approve {} --more N   end: guardrail deny {}",
+            h.id, h.id, h.id
         );
     }
 }
 
-fn cli_status(socket: &std::path::Path, json: bool) -> Result<ExitCode> {
-    match ipc::call(socket, &ipc::Request::Status)? {
+/// `guardrail approve` with no id: the caller's own session's holds, listed, and the one to
+/// approve typed at the terminal, molly-guard style (its id, or the host name when there is one).
+/// Ok(Err(code)): nothing to approve, exit with `code`.
+fn approval_pick(socket: &std::path::Path, more: Option<u64>) -> Result<Result<u64, ExitCode>> {
+    use std::io::{BufRead, IsTerminal, Write};
+    if !std::io::stdin().is_terminal() {
+        eprintln!(
+            "guardrail: approve needs an incident id when it is not run at a terminal: `guardrail approve ID` (open holds: `guardrail holds`); nothing approved"
+        );
+        return Ok(Err(ExitCode::from(2)));
+    }
+    let (holds, note) = match ipc::call(socket, &ipc::Request::SessionHolds)? {
+        ipc::Response::Holds { holds, filtered } => (holds, filtered),
+        ipc::Response::Error { message } if message.contains("unknown variant") => {
+            anyhow::bail!(
+                "this agent is older than this CLI and cannot list your session's holds: name one, `guardrail approve ID`"
+            )
+        }
+        other => return cli_done(other).map(Err),
+    };
+    let host = holds
+        .first()
+        .map(|h| h.host.clone())
+        .unwrap_or_else(procinfo::hostname);
+    if holds.is_empty() {
+        println!(
+            "no open hold of your session on {}{}",
+            text::escape_line(&host),
+            note.map(|n| format!(" ({n})")).unwrap_or_default()
+        );
+        println!("all open holds: guardrail holds");
+        return Ok(Err(ExitCode::FAILURE));
+    }
+    print_holds(&holds);
+    let grant = match more {
+        Some(n) => format!("for {n} more deletions"),
+        None => "for the rest of its job".to_string(),
+    };
+    let host_shown = text::escape_line(&host);
+    if holds.len() == 1 {
+        print!(
+            "Approve hold {} on {host_shown} {grant}? Type its id or the host name ({host_shown}) to approve, anything else cancels: ",
+            holds[0].id
+        );
+    } else {
+        print!("Approve which hold on {host_shown} {grant}? Type its id, anything else cancels: ");
+    }
+    std::io::stdout().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    let answer = answer.trim();
+    let picked = holds
+        .iter()
+        .find(|h| h.id.to_string() == answer)
+        .or_else(|| (holds.len() == 1 && answer == host).then(|| &holds[0]));
+    match picked {
+        Some(h) => Ok(Ok(h.id)),
+        None => {
+            println!("nothing approved");
+            Ok(Err(ExitCode::FAILURE))
+        }
+    }
+}
+
+fn cli_status(socket: &std::path::Path, json: bool, pin_dir: &std::path::Path) -> Result<ExitCode> {
+    // No agent answers: what the pinned state still holds, read straight from bpffs.
+    let resp = match ipc::call(socket, &ipc::Request::Status) {
+        Ok(r) => r,
+        Err(e) => return offline::status(socket, pin_dir, json, &e),
+    };
+    match resp {
         ipc::Response::Status(s) => {
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);

@@ -66,7 +66,9 @@ pub struct OffReport {
     pub problems: Vec<String>,
 }
 
-fn pinned_hash<K: aya::Pod, V: aya::Pod>(path: &Path) -> anyhow::Result<BpfHashMap<MapData, K, V>> {
+pub(crate) fn pinned_hash<K: aya::Pod, V: aya::Pod>(
+    path: &Path,
+) -> anyhow::Result<BpfHashMap<MapData, K, V>> {
     let data = MapData::from_pin(path)?;
     Ok(BpfHashMap::try_from(Map::HashMap(data))?)
 }

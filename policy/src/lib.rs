@@ -23,6 +23,7 @@
 //! action = "hold"             # hold | block | alert, when a job crosses its budget
 //! hold_timeout = "30m"        # an unanswered hold is denied after this; <= 168h
 //! on_deny = "kill"            # kill | refuse (resume, refusing deletions outside scope while it runs)
+//! on_agent_stop = "end"       # end | continue: the held jobs when the agent is stopped (not restarted)
 //! targets = ["/tmp", "/home/*/.cache"]  # free to delete in; `*` only as a whole component;
 //!                             # never `/` or a directory holding a protected root or data dir
 //!                             # (E0018); symlinks and foreign directories are left out (W0008,

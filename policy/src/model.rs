@@ -66,6 +66,19 @@ pub enum OnDeny {
     Refuse,
 }
 
+/// What a deliberate stop of the agent (not a restart) does to the jobs it holds: the agent
+/// cannot ask anyone once it is gone, and a job left stopped with no agent is an outage nobody
+/// sees.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnAgentStop {
+    /// SIGKILL the job, as an unanswered hold's timeout does: a stop is no approval.
+    #[default]
+    End,
+    /// Resume it with no budget for the rest of the job, as `guardrail off` does.
+    Continue,
+}
+
 /// Answer to a shutdown request from one session class.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -170,6 +183,8 @@ pub struct Deletion {
     #[serde(with = "ser_duration")]
     pub hold_timeout: Duration,
     pub on_deny: OnDeny,
+    /// What a deliberate stop of the agent does to the jobs it holds.
+    pub on_agent_stop: OnAgentStop,
     /// Global targets (rule 0's); may contain `*` components.
     pub targets: Vec<PathBuf>,
     pub protected_roots: Vec<PathBuf>,

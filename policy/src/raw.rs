@@ -99,6 +99,7 @@ raw_struct!(RawDeletion {
     action: Str,
     hold_timeout: Str,
     on_deny: Str,
+    on_agent_stop: Str,
     targets: StrList,
     protected_roots: StrList,
     protect_mount_points: Option<Sp<bool>>,
@@ -385,6 +386,7 @@ impl Merge for RawDeletion {
         scalar(&mut self.action, o.action);
         scalar(&mut self.hold_timeout, o.hold_timeout);
         scalar(&mut self.on_deny, o.on_deny);
+        scalar(&mut self.on_agent_stop, o.on_agent_stop);
         union(&mut self.targets, o.targets);
         union(&mut self.protected_roots, o.protected_roots);
         scalar(&mut self.protect_mount_points, o.protect_mount_points);

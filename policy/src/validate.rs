@@ -526,6 +526,10 @@ const ACTIONS: &[(&str, Action)] = &[
     ("alert", Action::Alert),
 ];
 const ON_DENY: &[(&str, OnDeny)] = &[("kill", OnDeny::Kill), ("refuse", OnDeny::Refuse)];
+const ON_AGENT_STOP: &[(&str, OnAgentStop)] = &[
+    ("end", OnAgentStop::End),
+    ("continue", OnAgentStop::Continue),
+];
 const SHUTDOWN: &[(&str, ShutdownAction)] = &[
     ("allow", ShutdownAction::Allow),
     ("confirm", ShutdownAction::Confirm),
@@ -570,6 +574,12 @@ fn validate_deletion(d: &RawDeletion, span: &Range<usize>, v: &mut V<'_, '_, '_>
         MAX_HOLD_TIMEOUT,
     );
     let on_deny = v.choice(&d.on_deny, "deletion.on_deny", ON_DENY, OnDeny::Kill);
+    let on_agent_stop = v.choice(
+        &d.on_agent_stop,
+        "deletion.on_agent_stop",
+        ON_AGENT_STOP,
+        OnAgentStop::End,
+    );
     let never_hold: Vec<String> = match &d.never_hold {
         None => defaults::NEVER_HOLD.iter().map(|u| u.to_string()).collect(),
         Some(list) => {
@@ -897,6 +907,7 @@ fn validate_deletion(d: &RawDeletion, span: &Range<usize>, v: &mut V<'_, '_, '_>
         action,
         hold_timeout,
         on_deny,
+        on_agent_stop,
         targets: targets.into_iter().map(|(p, _)| p).collect(),
         protected_roots: protected.into_iter().map(|(p, _)| p).collect(),
         protect_mount_points,

@@ -19,6 +19,7 @@ fn shipped_default_is_clean_on_a_host_that_has_its_paths() {
     assert_eq!(d.action, Action::Hold);
     assert_eq!(d.hold_timeout, Duration::from_secs(1800));
     assert_eq!(d.on_deny, OnDeny::Kill);
+    assert_eq!(d.on_agent_stop, OnAgentStop::End);
     assert!(d.protect_mount_points);
     // /run and /dev/shm: system daemons' state churn (logind rewrites files in /run/systemd at
     // every login) must never count against a budget.
@@ -400,4 +401,41 @@ fn never_hold_defaults_to_the_login_and_logging_services() {
         .expect("diagnosed");
     assert_eq!((d.line, d.column), (3, 15));
     assert!(d.message.contains("deletion.never_hold"), "{}", d.message);
+}
+
+#[test]
+fn on_agent_stop_is_end_or_continue() {
+    let load = |v: &str| {
+        check_str(
+            "p.toml",
+            &format!("[deletion]\nprotected_roots = [\"/\"]\non_agent_stop = \"{v}\"\n"),
+            &common::host(),
+        )
+    };
+    let c = load("continue");
+    assert!(
+        !c.diagnostics.iter().any(|d| d.is_error()),
+        "{:#?}",
+        c.diagnostics
+    );
+    assert_eq!(
+        c.policy.expect("loads").deletion.on_agent_stop,
+        OnAgentStop::Continue
+    );
+    let bad = load("detach");
+    let d = bad
+        .diagnostics
+        .iter()
+        .find(|d| d.is_error())
+        .expect("an error for a bad value");
+    assert!(
+        d.to_string()
+            .contains("\"detach\" is not a valid value for deletion.on_agent_stop"),
+        "{d}"
+    );
+    assert!(
+        d.to_string()
+            .contains("deletion.on_agent_stop is one of: end, continue"),
+        "{d}"
+    );
 }

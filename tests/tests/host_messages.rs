@@ -176,7 +176,7 @@ fn an_append_mode_log_keeps_its_content_and_gets_the_message_appended() {
     assert!(
         added.starts_with(&format!("\nguardrail: held job \"rm -rf victim\" on {h}: "))
             && added.ends_with(&format!(
-                "  To let it continue: guardrail approve {id}\n  To end it:          guardrail deny {id}\n"
+                "  To let it finish (no limit for the rest of this job): guardrail approve {id}\n  To let it delete 20 more, then hold it again:         guardrail approve {id} --more 20\n  To end it:                                            guardrail deny {id}\n"
             ))
             && !added.contains('\r'),
         "the appended message:\n{added}"

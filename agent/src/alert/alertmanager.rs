@@ -26,7 +26,14 @@ const FIRING_TTL_MS: i64 = 4 * 60_000;
 const ONE_SHOT_TTL_MS: i64 = 60 * 60_000;
 const TIMEOUT: Duration = Duration::from_secs(3);
 
-const HOLD_CLOSED: &[&str] = &["approved", "denied", "timed_out", "ended"];
+const HOLD_CLOSED: &[&str] = &[
+    "approved",
+    "denied",
+    "timed_out",
+    "ended",
+    "ended_on_agent_stop",
+    "continued_on_agent_stop",
+];
 
 pub struct AlertmanagerDestination {
     host_port: String,

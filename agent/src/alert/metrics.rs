@@ -19,7 +19,14 @@ use anyhow::{Context, Result};
 use super::{Destination, Record};
 
 const TIERS: &[&str] = &["lsm", "tracepoint", "userspace"];
-const HOLD_CLOSED: &[&str] = &["approved", "denied", "timed_out", "ended"];
+const HOLD_CLOSED: &[&str] = &[
+    "approved",
+    "denied",
+    "timed_out",
+    "ended",
+    "ended_on_agent_stop",
+    "continued_on_agent_stop",
+];
 
 #[derive(Debug, Default)]
 pub struct Metrics {

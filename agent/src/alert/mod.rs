@@ -89,7 +89,9 @@ impl Record {
                 "held" | "killed" => Severity::Crit,
                 // A shutdown request that was let through is worth a line, not a page.
                 _ if i.is_shutdown() && i.outcome != "refused" => Severity::Notice,
-                "refused" | "shutdown_refused" | "timed_out" | "denied" => Severity::Warning,
+                "refused" | "shutdown_refused" | "timed_out" | "denied" | "ended_on_agent_stop" => {
+                    Severity::Warning
+                }
                 _ => Severity::Notice,
             },
             Record::Agent(a) => match a.kind.as_str() {
@@ -184,6 +186,18 @@ fn incident_summary(i: &Incident) -> String {
         "ended" => format!(
             "incident {} closed: held job \"{}\" (pgid {}) on {} ended by itself",
             i.id, i.command, i.pgid, i.host
+        ),
+        "ended_on_agent_stop" | "continued_on_agent_stop" => format!(
+            "incident {} closed as the agent stopped: held job \"{}\" (pgid {}) on {} {} (deletion.on_agent_stop)",
+            i.id,
+            i.command,
+            i.pgid,
+            i.host,
+            if i.outcome == "ended_on_agent_stop" {
+                "ended"
+            } else {
+                "continued"
+            }
         ),
         other => format!("incident {} {other} on {}: {}", i.id, i.host, i.reason),
     }

@@ -16,8 +16,8 @@ use crate::sysvm::machine::{Vm, output_text, wait_child, wait_child_or_keep};
 /// The scratch root of the runaway deletions (inside the VM; never on the host).
 const SCRATCH: &str = "/srv/guardrail-e2e";
 /// Files in the scratch root's data directory. With the default policy's budget of 300 the
-/// runaway is held after 300 deletions; a plain `guardrail approve` (one more budget) is then
-/// enough to finish it.
+/// runaway is held after 300 deletions; a plain `guardrail approve` (the rest of the job) then
+/// lets it finish.
 const SCRATCH_FILES: u32 = 500;
 const DEFAULT_BUDGET: u32 = 300;
 
