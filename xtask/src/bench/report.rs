@@ -182,8 +182,7 @@ pub fn render(
     if missed_del {
         o.push_str(
             "Missed: what closes it is less work per deletion in the kernel. Today each counted or\n\
-             free deletion walks up to 64 `d_parent` ancestors with a hash lookup each (the tree here\n\
-             is 6-7 levels deep); a per-CPU or LRU cache of the scope verdict of the parent\n\
+             free deletion walks its `d_parent` ancestors (up to 64) with a hash lookup each; a per-CPU or LRU cache of the scope verdict of the parent\n\
              directory (keyed by its dev/inode, invalidated when the policy slot flips or a directory\n\
              is renamed) makes a run of deletions in one directory one lookup each. The table below\n\
              says how much of the added time is the programs themselves.\n\n",
