@@ -35,7 +35,7 @@ pub struct BenchCli {
     /// Files per directory in the deletion tree of 100 directories (default 1000).
     #[arg(long)]
     pub files_per_dir: Option<usize>,
-    /// Runs per blast-radius case (default 30).
+    /// Runs per blast-radius case (default 50).
     #[arg(long)]
     pub blast_runs: Option<usize>,
     /// fork+exec per exec row (default 5000).
@@ -67,7 +67,7 @@ impl Sizes {
             per_dir: cli.files_per_dir.unwrap_or(if q { 200 } else { 1000 }),
             rounds: cli.rounds.unwrap_or(if q { 1 } else { 7 }),
             execs: cli.execs.unwrap_or(if q { 500 } else { 5000 }),
-            blast_runs: cli.blast_runs.unwrap_or(if q { 1 } else { 30 }),
+            blast_runs: cli.blast_runs.unwrap_or(if q { 1 } else { 50 }),
             blast_files: 20_000,
             blast_budget: 1_000,
             idle_secs: cli.idle_secs.unwrap_or(if q { 5 } else { 60 }),
