@@ -90,9 +90,9 @@ fn group_states(pg: i32) -> Vec<char> {
 
 /// The deleters, in a process group of their own (one job): one `rm -rf` over every directory,
 /// or one `rm -rf` per directory in parallel.
-fn spawn_deleters(tree: &Path, deleters: usize) -> Result<Child> {
+fn spawn_deleters(tree: &Path, rm: &Path, deleters: usize) -> Result<Child> {
     let mut c = if deleters == 1 {
-        let mut c = Command::new("rm");
+        let mut c = Command::new(rm);
         c.arg("-rf");
         for d in 0..DIRS {
             c.arg(dir_of(tree, d));
@@ -101,7 +101,7 @@ fn spawn_deleters(tree: &Path, deleters: usize) -> Result<Child> {
     } else {
         let mut script = String::new();
         for d in 0..deleters {
-            script.push_str(&format!("rm -rf d{:02} & ", d % DIRS));
+            script.push_str(&format!("{} -rf d{:02} & ", rm.display(), d % DIRS));
         }
         script.push_str("wait");
         let mut c = Command::new("sh");
@@ -216,7 +216,14 @@ impl Drop for Responder {
 
 /// One runaway: refill, start the deleters (and the responder), wait until every process of the
 /// job is stopped or gone and the file count stands still, count, kill the job.
-fn one_run(tree: &Path, files: usize, budget: u64, deleters: usize, guard: Guard) -> Result<i64> {
+fn one_run(
+    tree: &Path,
+    rm: &Path,
+    files: usize,
+    budget: u64,
+    deleters: usize,
+    guard: Guard,
+) -> Result<i64> {
     refill(tree, files)?;
     let before = count(tree);
     if before != files {
@@ -227,7 +234,7 @@ fn one_run(tree: &Path, files: usize, budget: u64, deleters: usize, guard: Guard
         Guard::Responder => Some(Responder::start(tree, budget, pg.clone())?),
         Guard::Guardrail => None,
     };
-    let mut child = spawn_deleters(tree, deleters)?;
+    let mut child = spawn_deleters(tree, rm, deleters)?;
     let g = child.id() as i32;
     pg.store(g, Ordering::SeqCst);
     let t = Instant::now();
@@ -260,12 +267,17 @@ fn one_run(tree: &Path, files: usize, budget: u64, deleters: usize, guard: Guard
     Ok((before - left) as i64 - budget as i64)
 }
 
-pub fn run(bin: &Path, scratch: &Path, s: &Sizes) -> Result<BlastResult> {
+pub fn run(bin: &Path, scratch: &Path, rm: &Path, s: &Sizes) -> Result<BlastResult> {
     let tree = scratch.join("blast");
     let elsewhere = scratch.join("blast-target");
     std::fs::create_dir_all(&elsewhere)?;
     let agent_dir = scratch.join("agent-blast");
-    let pol = deletion::policy(&elsewhere, s.blast_budget);
+    let pol = deletion::scoped_policy(
+        &elsewhere,
+        rm,
+        s.blast_budget,
+        "[alerts.syslog]\nenabled = false\n",
+    );
     let mut r = BlastResult {
         files: s.blast_files,
         budget: s.blast_budget,
@@ -291,6 +303,7 @@ pub fn run(bin: &Path, scratch: &Path, s: &Sizes) -> Result<BlastResult> {
                 for _ in 0..s.blast_runs {
                     past.push(one_run(
                         &tree,
+                        rm,
                         s.blast_files,
                         s.blast_budget,
                         deleters,

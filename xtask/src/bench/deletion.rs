@@ -59,6 +59,20 @@ pub fn policy(target: &Path, budget: u64) -> String {
     )
 }
 
+/// A policy that stops only the bench's own runaways: every job gets a budget it never reaches,
+/// except a job that runs the bench's copy of `rm` (`rm`): `budget` within `target`. Other
+/// people's jobs on this machine are never held by the bench's agent.
+pub fn scoped_policy(target: &Path, rm: &Path, budget: u64, alerts: &str) -> String {
+    format!(
+        "mode = \"enforce\"\n[deletion]\nbudget = 100000000\nwindow = \"1m\"\naction = \"hold\"\n\
+         targets = [{t:?}]\nprotected_roots = [\"/\"]\nprotect_mount_points = false\n\
+         [[deletion.rule]]\nname = \"bench-runaway\"\nmatch = {{ executable = {rm:?} }}\n\
+         targets = [{t:?}]\nbudget = {budget}\n{alerts}",
+        t = target.display().to_string(),
+        rm = rm.display().to_string(),
+    )
+}
+
 /// `dirs` directories of `per_dir` empty files under `tree`, flushed to the disk.
 pub fn fill(tree: &Path, dirs: usize, per_dir: usize) -> Result<()> {
     for d in 0..dirs {
@@ -215,7 +229,7 @@ pub fn footprint(bin: &Path, scratch: &Path, idle: Duration) -> Result<Footprint
     let dir = scratch.join("agent-idle");
     let target = scratch.join("idle-target");
     std::fs::create_dir_all(&target)?;
-    let agent = Agent::start(bin, &policy(&target, 100), &dir)?;
+    let agent = Agent::start(bin, &policy(&target, 100_000_000), &dir)?;
     // Start-up work (BTF parsing, policy compile) is over once it says ready; let it settle.
     std::thread::sleep(Duration::from_secs(1));
     let t0 = sys::cpu_ticks(agent.pid());

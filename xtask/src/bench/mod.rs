@@ -8,7 +8,8 @@
 //! 2. footprint: agent RSS idle and peak, CPU idle, the maps' locked memory, events sent;
 //! 3. blast radius: files deleted past a budget by 1 and 16 parallel deleters, idle and under CPU
 //!    load, guardrail against a userspace-reactive baseline;
-//! 4. exec overhead: fork+exec of a static binary, unguarded vs guarded.
+//! 4. exec overhead: fork+exec of a static binary, unguarded vs guarded;
+//! 5. alert latency: from the crossing to the line at a local rsyslog, p50/p99.
 //!
 //! `--quick` takes each measurement once at a small size and writes nothing: the test command
 //! runs it so the bench cannot rot. It fails only when a measurement could not be taken.
@@ -17,12 +18,13 @@
 //! and auditd are undone by guards (sys.rs) also when a step fails.
 mod blast;
 mod deletion;
+mod latency;
 mod report;
 mod sys;
 
 use std::{path::Path, process::Command, time::Instant};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct BenchCli {
@@ -57,6 +59,7 @@ pub struct Sizes {
     pub blast_files: usize,
     pub blast_budget: u64,
     pub idle_secs: u64,
+    pub latency_runs: usize,
 }
 
 impl Sizes {
@@ -71,6 +74,7 @@ impl Sizes {
             blast_files: 20_000,
             blast_budget: 1_000,
             idle_secs: cli.idle_secs.unwrap_or(if q { 5 } else { 60 }),
+            latency_runs: if q { 3 } else { 50 },
         }
     }
 }
@@ -102,9 +106,14 @@ pub fn run(bin: &Path, out: &Path, cli: &BenchCli) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("the bench runs as root (the agent loads BPF programs; mounts, auditd)");
     }
+    let _lock = kernel_lock()?;
     let t = Instant::now();
     let s = Sizes::from(cli);
     let scratch = Scratch::new()?;
+    // The runaways run a copy of rm that only the bench's rules name (deletion::scoped_policy).
+    let rm = scratch.0.join("bin/rm");
+    std::fs::create_dir_all(scratch.0.join("bin"))?;
+    std::fs::copy("/usr/bin/rm", &rm).context("copying /usr/bin/rm")?;
     let env = report::Env::read();
     println!(
         "bench: {} ({s:?})",
@@ -132,12 +141,24 @@ pub fn run(bin: &Path, out: &Path, cli: &BenchCli) -> Result<()> {
     );
     let fp = deletion::footprint(bin, &scratch.0, std::time::Duration::from_secs(s.idle_secs))?;
     println!("bench: footprint done ({:.0}s)", t.elapsed().as_secs_f64());
-    let blast = blast::run(bin, &scratch.0, &s)?;
+    let blast = blast::run(bin, &scratch.0, &rm, &s)?;
     println!(
         "bench: blast radius done ({:.0}s)",
         t.elapsed().as_secs_f64()
     );
-    let text = report::render(&env, &s, &deletions, &exec, &fp, &blast, t.elapsed());
+    let lat = latency::run(bin, &scratch.0, &rm, s.latency_runs)?;
+    println!(
+        "bench: alert latency done ({:.0}s)",
+        t.elapsed().as_secs_f64()
+    );
+    let results = report::Results {
+        deletions,
+        exec,
+        footprint: fp,
+        blast,
+        latency: lat,
+    };
+    let text = report::render(&env, &s, &results, t.elapsed());
     print!("{text}");
     if cli.quick {
         println!(
@@ -154,6 +175,30 @@ pub fn run(bin: &Path, out: &Path, cli: &BenchCli) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The machine-wide lock the kernel tests take (tests/src/lib.rs `kernel_lock`): another
+/// agent would count, hold or slow the bench's deletions, and the bench's agents theirs.
+fn kernel_lock() -> Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open("/run/guardrail-tests.lock")
+        .context("opening /run/guardrail-tests.lock")?;
+    // SAFETY: flock on an fd we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        println!("bench: waiting for the kernel tests' lock (/run/guardrail-tests.lock)");
+        // SAFETY: as above, blocking.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            bail!(
+                "flock /run/guardrail-tests.lock: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    Ok(f)
 }
 
 /// `git describe`-like: the commit the bench ran from, `+dirty` when the work tree differs.
