@@ -26,7 +26,10 @@ const DIRS: usize = 16;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Guard {
+    /// The agent in the tier the kernel allows.
     Guardrail,
+    /// The agent forced to its last resort (`--tier userspace`: fanotify, after the fact).
+    Userspace,
     Responder,
 }
 
@@ -232,7 +235,7 @@ fn one_run(
     let pg = Arc::new(AtomicI32::new(0));
     let responder = match guard {
         Guard::Responder => Some(Responder::start(tree, budget, pg.clone())?),
-        Guard::Guardrail => None,
+        Guard::Guardrail | Guard::Userspace => None,
     };
     let mut child = spawn_deleters(tree, rm, deleters)?;
     let g = child.id() as i32;
@@ -291,12 +294,20 @@ pub fn run(bin: &Path, scratch: &Path, rm: &Path, s: &Sizes) -> Result<BlastResu
             r.load_how = l.how;
         }
         for deleters in [1, DIRS] {
-            for guard in [Guard::Guardrail, Guard::Responder] {
+            for guard in [Guard::Guardrail, Guard::Userspace, Guard::Responder] {
                 let agent = match guard {
                     Guard::Guardrail => Some(Agent::start(bin, &pol, &agent_dir)?),
+                    Guard::Userspace => Some(Agent::start_with(
+                        bin,
+                        &pol,
+                        &agent_dir,
+                        &["--tier", "userspace"],
+                    )?),
                     Guard::Responder => None,
                 };
-                if let Some(a) = &agent {
+                if let Some(a) = &agent
+                    && guard == Guard::Guardrail
+                {
                     r.tier = a.tier();
                 }
                 let mut past = Vec::new();
@@ -311,6 +322,7 @@ pub fn run(bin: &Path, scratch: &Path, rm: &Path, s: &Sizes) -> Result<BlastResu
                     )?);
                 }
                 if let Some(a) = &agent
+                    && guard == Guard::Guardrail
                     && a.incidents().is_empty()
                 {
                     bail!("the agent logged no incident for {} runaways", s.blast_runs);
@@ -323,6 +335,7 @@ pub fn run(bin: &Path, scratch: &Path, rm: &Path, s: &Sizes) -> Result<BlastResu
                     if load { "CPU load" } else { "idle" },
                     match guard {
                         Guard::Guardrail => "guardrail",
+                        Guard::Userspace => "guardrail --tier userspace",
                         Guard::Responder => "responder",
                     }
                 );

@@ -279,7 +279,8 @@ pub fn render(env: &Env, s: &Sizes, r: &Results, took: Duration) -> String {
         o,
         "Files deleted past the budget per run (deleted − budget), {} runs per case. Deleters: one\n\
          `rm -rf` over 16 directories, or 16 `rm -rf` in parallel (one job: one process group).\n\
-         CPU load: {} on every core. Baseline \"responder\": the way detection tools plus a\n\
+         CPU load: {} on every core. \"guardrail (userspace)\" is the agent forced to its last\n\
+         resort (fanotify reports deletions after they happened). Baseline \"responder\": the way detection tools plus a\n\
          responder work — each deletion reported to userspace after it happened (inotify, read by a\n\
          thread of the bench), counted there, the job SIGKILLed once past the budget; no log\n\
          pipeline or network in between, so a real deployment lets more through.\n",
@@ -304,6 +305,11 @@ pub fn render(env: &Env, s: &Sizes, r: &Results, took: Duration) -> String {
                 format!("guardrail ({})", blast.tier),
                 format!("≤ 1 per deleting task (≤ {})", c.deleters),
                 met(hi <= c.deleters as i64),
+            ),
+            Guard::Userspace => (
+                "guardrail (userspace, `--tier userspace`)".to_string(),
+                "as measured (README: ≤ 5000 per job)".into(),
+                met(hi <= 5000),
             ),
             Guard::Responder => ("userspace responder".to_string(), "as measured".into(), ""),
         };

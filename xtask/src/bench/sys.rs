@@ -254,6 +254,11 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(bin: &Path, policy_text: &str, dir: &Path) -> Result<Agent> {
+        Self::start_with(bin, policy_text, dir, &[])
+    }
+
+    /// With extra arguments (`--tier userspace`).
+    pub fn start_with(bin: &Path, policy_text: &str, dir: &Path, extra: &[&str]) -> Result<Agent> {
         std::fs::create_dir_all(dir)?;
         let policy = dir.join("policy.toml");
         std::fs::write(&policy, policy_text)?;
@@ -273,6 +278,7 @@ impl Agent {
             .arg(&pins)
             .arg("--state-dir")
             .arg(dir.join("state"))
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&log)?)
             .stderr(std::fs::File::options().append(true).open(&log)?)
