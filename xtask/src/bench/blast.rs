@@ -53,16 +53,21 @@ fn dir_of(tree: &Path, d: usize) -> PathBuf {
     tree.join(format!("d{d:02}"))
 }
 
-/// Creates whatever a previous run deleted: `files` empty files over [`DIRS`] directories.
+/// Creates whatever a previous run deleted: `files` empty files over [`DIRS`] directories (one
+/// listing per directory, then only the missing names: a run deletes a few thousand at most).
 fn refill(tree: &Path, files: usize) -> Result<()> {
     for d in 0..DIRS {
         let dir = dir_of(tree, d);
         std::fs::create_dir_all(&dir)?;
+        let have: std::collections::HashSet<std::ffi::OsString> = std::fs::read_dir(&dir)?
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
         for f in 0..files / DIRS {
-            match std::fs::File::create_new(dir.join(format!("f{f:05}"))) {
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(e).context("refilling the blast-radius tree"),
+            let name = format!("f{f:05}");
+            if !have.contains(std::ffi::OsStr::new(&name)) {
+                std::fs::File::create_new(dir.join(name))
+                    .context("refilling the blast-radius tree")?;
             }
         }
     }
@@ -260,7 +265,9 @@ fn one_run(
             let _ = child.wait();
             bail!("the deleters neither stopped nor ended in 120 s");
         }
-        std::thread::sleep(Duration::from_millis(5));
+        // Scanning /proc is not free: often enough to notice the end, not to steal the CPU
+        // the deleters and the guard compete for (nothing is counted until it has settled).
+        std::thread::sleep(Duration::from_millis(50));
     };
     drop(responder);
     // SAFETY: kill(2) of the process group the bench started (stopped or ended by now).
