@@ -265,6 +265,9 @@ pub fn render(env: &Env, s: &Sizes, r: &Results, took: Duration) -> String {
     if mib(fp.memlock_kib) > 16.0 {
         close.push("maps: size the largest maps (JOBS LRU of 16384 jobs, the 256 KiB event ring, per-CPU arrays) to what a host needs; per-CPU maps grow with the CPU count");
     }
+    if fp.cpu_idle_percent > 0.5 {
+        close.push("idle CPU: the agent's periodic work (the tick that adopts lost crossings, reaps ended jobs, checks map fill) should back off while nothing changes; measure it over a full minute first (`--idle-secs 60`) on a quiet machine");
+    }
     for c in close {
         let _ = writeln!(o, "Missed: {c}.\n");
     }
