@@ -78,8 +78,9 @@ enum Task {
     },
     /// Run only the VM (LSM tier) tests.
     Vm(vm::VmCli),
-    /// Measure what guardrail costs (side by side, ratios) and write BENCHMARKS.md.
-    Bench,
+    /// Measure what guardrail costs and lets through (side by side, ratios) and write
+    /// BENCHMARKS.md; `--quick` measures each thing once, small, and writes nothing.
+    Bench(bench::BenchCli),
     /// Build the .deb and the .rpm into target/package/ (lintian and systemd-analyze checked).
     Package,
     /// Build the packages, boot Debian 12 with systemd under qemu, install the .deb and test
@@ -221,10 +222,10 @@ fn main() -> Result<()> {
             no_sysvm,
             filter,
         } => test(no_vm, no_sysvm, filter),
-        Task::Bench => {
+        Task::Bench(args) => {
             setup()?;
             let bin = build_release()?;
-            bench::run(&bin, &root().join("BENCHMARKS.md"))
+            bench::run(&bin, &root().join("BENCHMARKS.md"), &args)
         }
         Task::Vm(args) => {
             setup()?;
@@ -295,6 +296,17 @@ fn test(no_vm: bool, no_sysvm: bool, filter: Option<String>) -> Result<()> {
         unit.args(["--", f]);
     }
     step("unit and host tests (tracepoint tier)", run_cmd(&mut unit));
+    // Every measurement of the bench once, small: it fails only when one cannot be taken.
+    if filter.as_deref().is_none_or(|f| "bench".contains(f)) {
+        let quick = bench::BenchCli {
+            quick: true,
+            ..Default::default()
+        };
+        step(
+            "bench --quick",
+            bench::run(&bin, &root().join("BENCHMARKS.md"), &quick),
+        );
+    }
     if !no_vm {
         let args = vm::VmCli {
             binary: Vec::new(),
