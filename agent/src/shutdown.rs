@@ -53,6 +53,117 @@ const SHUTDOWN_NAMES: &[&str] = &["shutdown", "reboot", "poweroff", "halt"];
 const MULTICALL_NAMES: &[&str] = &["systemctl", "init", "telinit"];
 const BIN_DIRS: &[&str] = &["/sbin", "/usr/sbin", "/bin", "/usr/bin"];
 
+/// systemctl options (systemd 252-257) whose value may be the next word: `--message reboot`
+/// and `-p reboot` do not make `reboot` the verb, and `--message x reboot` still reboots.
+const SYSTEMCTL_VALUE_OPTIONS: &[&str] = &[
+    "-t",
+    "--type",
+    "--state",
+    "-p",
+    "--property",
+    "-P",
+    "--kill-whom",
+    "--kill-value",
+    "-s",
+    "--signal",
+    "--what",
+    "--job-mode",
+    "--root",
+    "--image",
+    "--image-policy",
+    "-n",
+    "--lines",
+    "-o",
+    "--output",
+    "--preset-mode",
+    "-H",
+    "--host",
+    "-M",
+    "--machine",
+    "--message",
+    "--boot-loader-menu",
+    "--boot-loader-entry",
+    "--reboot-argument",
+    "--timestamp",
+    "--check-inhibitors",
+    "--legend",
+    "--plain",
+    "--when",
+    "--drop-in",
+    "--capsule",
+    "-C",
+];
+
+/// systemctl verbs that do not shut down. While looking for the verb, words that are neither
+/// these nor a shutdown verb are skipped (they are values of options the table may not know), so
+/// `systemctl --some-new-option value reboot` is still a reboot and `systemctl status reboot`
+/// is not.
+const SYSTEMCTL_OTHER_VERBS: &[&str] = &[
+    "list-units",
+    "list-automounts",
+    "list-paths",
+    "list-sockets",
+    "list-timers",
+    "list-unit-files",
+    "list-dependencies",
+    "list-machines",
+    "list-jobs",
+    "is-active",
+    "is-failed",
+    "is-enabled",
+    "is-system-running",
+    "status",
+    "show",
+    "cat",
+    "help",
+    "stop",
+    "reload",
+    "restart",
+    "try-restart",
+    "reload-or-restart",
+    "try-reload-or-restart",
+    "condrestart",
+    "force-reload",
+    "kill",
+    "clean",
+    "freeze",
+    "thaw",
+    "set-property",
+    "bind",
+    "mount-image",
+    "service-log-level",
+    "service-log-target",
+    "reset-failed",
+    "whoami",
+    "enable",
+    "disable",
+    "reenable",
+    "preset",
+    "preset-all",
+    "mask",
+    "unmask",
+    "link",
+    "revert",
+    "add-wants",
+    "add-requires",
+    "edit",
+    "get-default",
+    "set-default",
+    "cancel",
+    "show-environment",
+    "set-environment",
+    "unset-environment",
+    "import-environment",
+    "daemon-reload",
+    "daemon-reexec",
+    "log-level",
+    "log-target",
+    "service-watchdogs",
+    "default",
+    "rescue",
+    "emergency",
+];
+
 /// The words the kernel recognises in argv, with their flags.
 fn words() -> Vec<(&'static str, u32)> {
     let mut v: Vec<(&'static str, u32)> = Vec::new();
@@ -61,6 +172,25 @@ fn words() -> Vec<(&'static str, u32)> {
     }
     v.push(("shutdown", SD_W_ARGV0_CANCELS));
     v.push(("-c", SD_W_OPT_CANCEL));
+    // systemd's shutdown: the last of these wins over an earlier `-c`.
+    for o in [
+        "-r",
+        "-h",
+        "-H",
+        "-P",
+        "-k",
+        "--reboot",
+        "--halt",
+        "--poweroff",
+    ] {
+        v.push((o, SD_W_OPT_ACTION));
+    }
+    for o in SYSTEMCTL_VALUE_OPTIONS {
+        v.push((o, SD_W_OPT_VALUE));
+    }
+    for w in SYSTEMCTL_OTHER_VERBS {
+        v.push((w, SD_W_VERB_OTHER));
+    }
     v.push(("systemctl", SD_W_ARGV0_SYSTEMCTL));
     v.push(("init", SD_W_ARGV0_INIT));
     v.push(("telinit", SD_W_ARGV0_INIT));
@@ -129,6 +259,8 @@ fn shutdown_exes(policy: &gp::Policy) -> Vec<(FileId, u32, PathBuf)> {
                 .unwrap_or_default();
             let kind = if SHUTDOWN_NAMES.contains(&base.as_str()) {
                 SD_EXE_ALWAYS
+            } else if base == "systemctl" {
+                SD_EXE_SYSTEMCTL
             } else {
                 SD_EXE_MULTICALL
             };
@@ -413,6 +545,8 @@ impl Guard {
     pub fn attach(&self, sensor: &mut Sensor, tier: Tier) -> Result<()> {
         sensor.attach_tracepoint("sd_execve", "syscalls", "sys_enter_execve")?;
         sensor.attach_tracepoint("sd_execveat", "syscalls", "sys_enter_execveat")?;
+        sensor.attach_tracepoint("sd_execve_exit", "syscalls", "sys_exit_execve")?;
+        sensor.attach_tracepoint("sd_execveat_exit", "syscalls", "sys_exit_execveat")?;
         match tier {
             Tier::Lsm => {
                 let btf = Btf::from_sys_fs().context("reading kernel BTF")?;
@@ -1080,6 +1214,32 @@ mod tests {
         ));
     }
 
+    /// A word that is both a shutdown verb and an ordinary one would let `systemctl <it>` pass;
+    /// a value option that is also a verb would hide the verb after it.
+    #[test]
+    fn verb_and_option_flags_never_overlap() {
+        let mut flags: HashMap<u64, u32> = HashMap::new();
+        for (w, f) in words() {
+            *flags.entry(word_hash(w.as_bytes())).or_default() |= f;
+        }
+        for (w, _) in words() {
+            let f = flags[&word_hash(w.as_bytes())];
+            assert!(
+                f & SD_W_VERB_OTHER == 0 || f & (SD_W_VERB | SD_W_START | SD_W_TARGET) == 0,
+                "{w}: {f:#x}"
+            );
+            assert!(f & SD_W_OPT_VALUE == 0 || w.starts_with('-'), "{w}");
+        }
+        // `-H` is `shutdown --halt` and `systemctl --host HOST`: which one applies depends on
+        // argv[0], in the kernel.
+        let h = flags[&word_hash(b"-H")];
+        assert_eq!(
+            h & (SD_W_OPT_ACTION | SD_W_OPT_VALUE),
+            SD_W_OPT_ACTION | SD_W_OPT_VALUE
+        );
+        assert_eq!(flags[&word_hash(b"status")], SD_W_VERB_OTHER);
+    }
+
     #[test]
     fn words_are_flagged_once_each_with_all_their_meanings() {
         let mut flags: HashMap<u64, u32> = HashMap::new();
@@ -1092,6 +1252,9 @@ mod tests {
             SD_W_ARGV0_SHUTDOWN | SD_W_VERB
         );
         assert_eq!(flags[&word_hash(b"runlevel0.target")], SD_W_TARGET);
-        assert!(!flags.contains_key(&word_hash(b"status")));
+        assert_eq!(reboot & SD_W_VERB_OTHER, 0);
+        assert!(!flags.contains_key(&word_hash(b"list-reboots")));
+        // SD_WORDS holds 256 entries.
+        assert!(flags.len() <= 256, "{} words", flags.len());
     }
 }

@@ -582,8 +582,11 @@ pub const AUDIT_SESSION_UNSET: u32 = u32::MAX;
 /// A dedicated shutdown program (sysvinit's `reboot`, a policy `commands` entry): every exec is a
 /// shutdown request.
 pub const SD_EXE_ALWAYS: u32 = 1;
-/// A multi-call program (systemctl, busybox, systemd as init/telinit): argv decides.
+/// A multi-call program (busybox, systemd as init/telinit): argv decides.
 pub const SD_EXE_MULTICALL: u32 = 2;
+/// systemd's systemctl: a multi-call program that acts as systemctl under any argv[0] it does not
+/// recognise (`exec -a x systemctl reboot` reboots), so an unknown argv[0] is judged as systemctl.
+pub const SD_EXE_SYSTEMCTL: u32 = 3;
 
 /// Flags of a word in `SD_WORDS` (keyed by [`word_hash`]).
 /// argv[0] basename that is a shutdown verb by itself: reboot, poweroff, halt, shutdown.
@@ -604,10 +607,24 @@ pub const SD_W_RUNLEVEL: u32 = 1 << 6;
 pub const SD_W_ARGV0_CANCELS: u32 = 1 << 7;
 /// The option `-c` (cancel, for `shutdown`).
 pub const SD_W_OPT_CANCEL: u32 = 1 << 8;
+/// A `shutdown` option that chooses an action (`-r`, `-h`, `-P`, `--reboot`, ...). In systemd's
+/// shutdown the last action option wins, so `shutdown -c -r now` reboots: a `-c` counts as a
+/// cancel only when no action option follows it.
+pub const SD_W_OPT_ACTION: u32 = 1 << 9;
+/// A systemctl option whose value is the next word (`--message x`, `-p Name`): that word is
+/// never the verb.
+pub const SD_W_OPT_VALUE: u32 = 1 << 10;
+/// A systemctl verb that does not shut down (`status`, `restart`, ...). Words that are neither
+/// this nor a shutdown verb (values of options, unit names) are skipped while looking for the
+/// verb, so an option value the table does not know cannot pose as one.
+pub const SD_W_VERB_OTHER: u32 = 1 << 11;
 
 /// Words of argv the kernel captures at execve (argv[0] included) and bytes kept of each.
 pub const SD_ARGV_WORDS: usize = 6;
 pub const SD_WORD_LEN: usize = 32;
+/// Words of argv the kernel reads to find the verb and the options (only the first
+/// [`SD_ARGV_WORDS`] are kept for the message): five or more options no longer hide the verb.
+pub const SD_ARGV_SCAN: usize = 16;
 
 /// What the kernel learnt about a command line at `sys_enter_execve*`, keyed by thread id, read
 /// back at `bprm_check_security` / `sched_process_exec` of the same exec.
@@ -616,7 +633,7 @@ pub const SD_WORD_LEN: usize = 32;
 pub struct SdArgs {
     /// `SD_W_*` flags of argv[0]'s basename.
     pub argv0: u32,
-    /// Flags of the first argument that is not an option (`-x`, `--xyz`): the verb.
+    /// Flags of the first argument that is a known verb (not an option, not an option's value).
     pub verb: u32,
     /// Non-zero when a later non-option argument is a shutdown target.
     pub target: u32,

@@ -204,42 +204,65 @@ fn capture(argv: *const u64) -> u32 {
         bpf_probe_read_user_str_bytes((p0 as *const u8).wrapping_add(skip), &mut a.words[0])
     };
 
-    // The other words: the first one that is not an option is the verb.
+    // The other words, up to SD_ARGV_SCAN (the first SD_ARGV_WORDS kept for the message, the
+    // rest read into `buf`): the verb is the first known verb that is not an option or an
+    // option's value; `-c` cancels only if no action option comes after it.
+    let shutdown_argv0 = a.argv0 & SD_W_ARGV0_SHUTDOWN != 0;
     let mut verb_seen = false;
+    let mut skip_value = false;
+    let mut cancel = false;
     let mut w = 1usize;
-    while w < SD_ARGV_WORDS {
+    while w < SD_ARGV_SCAN {
         // SAFETY: user memory read with fault handling.
         let p =
             unsafe { aya_ebpf::helpers::bpf_probe_read_user(argv.wrapping_add(w)) }.unwrap_or(0);
         if p == 0 {
             break;
         }
+        let word: &mut [u8] = if w < SD_ARGV_WORDS {
+            &mut a.words[w]
+        } else {
+            &mut buf[..SD_WORD_LEN]
+        };
         // SAFETY: as above.
-        if unsafe { bpf_probe_read_user_str_bytes(p as *const u8, &mut a.words[w]) }.is_err() {
+        if unsafe { bpf_probe_read_user_str_bytes(p as *const u8, word) }.is_err() {
             break;
         }
         let mut h = WORD_HASH_INIT;
         let mut j = 0usize;
         while j < SD_WORD_LEN {
-            let b = a.words[w][j];
+            let b = word[j];
             if b == 0 {
                 break;
             }
             h = word_hash_step(h, b);
             j += 1;
         }
-        if a.words[w][0] == b'-' {
-            a.options |= word_flags(h);
-        } else {
-            let f = word_flags(h);
-            if !verb_seen {
+        let f = word_flags(h);
+        if skip_value {
+            skip_value = false;
+        } else if word[0] == b'-' {
+            a.options |= f & !SD_W_OPT_CANCEL;
+            if f & SD_W_OPT_CANCEL != 0 {
+                cancel = true;
+            } else if f & SD_W_OPT_ACTION != 0 {
+                cancel = false;
+            }
+            // `shutdown` has no option taking a separate value; systemctl (under any other
+            // name) has several, whose value must not pass for the verb.
+            skip_value = f & SD_W_OPT_VALUE != 0 && !shutdown_argv0;
+        } else if !verb_seen {
+            if f & (SD_W_VERB | SD_W_START | SD_W_VERB_OTHER | SD_W_RUNLEVEL) != 0 {
                 a.verb = f;
                 verb_seen = true;
-            } else if f & SD_W_TARGET != 0 {
-                a.target = 1;
             }
+        } else if f & SD_W_TARGET != 0 {
+            a.target = 1;
         }
         w += 1;
+    }
+    if cancel {
+        a.options |= SD_W_OPT_CANCEL;
     }
     let tid = bpf_get_current_pid_tgid() as u32;
     let _ = SD_ARGS.insert(&tid, &*a, 0);
@@ -292,6 +315,24 @@ pub fn sd_execveat(ctx: TracePointContext) -> u32 {
     capture(sys_arg(&ctx, 2) as *const u64)
 }
 
+/// The end of `execve`: its argv entry is dropped, whether the exec failed or the new program is
+/// about to run. So an exec that `sys_enter_execve*` did not see (32-bit) finds no entry, never
+/// the argv of an earlier (failed or harmless) exec of the same thread.
+#[tracepoint(category = "syscalls", name = "sys_exit_execve")]
+pub fn sd_execve_exit(_ctx: TracePointContext) -> u32 {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    let _ = SD_ARGS.remove(&tid);
+    0
+}
+
+/// The end of `execveat`, as [`sd_execve_exit`].
+#[tracepoint(category = "syscalls", name = "sys_exit_execveat")]
+pub fn sd_execveat_exit(_ctx: TracePointContext) -> u32 {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    let _ = SD_ARGS.remove(&tid);
+    0
+}
+
 // --- the decision ------------------------------------------------------------------------------
 
 /// Whether the exec of `file` with the argv captured for thread `tid` is a shutdown request.
@@ -305,24 +346,21 @@ fn exec_is_shutdown(file: *const u8, tid: u32) -> bool {
         return false;
     };
     // SAFETY: as above.
-    let args = unsafe { SD_ARGS.get(&tid) };
-    // `shutdown -c` cancels a scheduled shutdown: never refused, whatever the program.
-    if let Some(a) = args
-        && a.argv0 & SD_W_ARGV0_CANCELS != 0
-        && a.options & SD_W_OPT_CANCEL != 0
-    {
-        return false;
-    }
-    if kind == SD_EXE_ALWAYS {
+    let Some(a) = (unsafe { SD_ARGS.get(&tid) }) else {
+        // No argv from this exec's own `sys_enter_execve*` (the entry lives only while the
+        // syscall runs, see `sd_execve_exit`): an exec the syscall tracepoints do not see, such
+        // as a 32-bit `int 0x80` execve. What it asks for is unknown: judged as a shutdown.
         return true;
-    }
-    let Some(a) = args else {
-        return false;
     };
-    if a.argv0 & SD_W_ARGV0_SHUTDOWN != 0 {
+    // `shutdown -c` cancels a scheduled shutdown: never refused, whatever the program.
+    if a.argv0 & SD_W_ARGV0_CANCELS != 0 && a.options & SD_W_OPT_CANCEL != 0 {
+        return false;
+    }
+    if kind == SD_EXE_ALWAYS || a.argv0 & SD_W_ARGV0_SHUTDOWN != 0 {
         return true;
     }
-    if a.argv0 & SD_W_ARGV0_SYSTEMCTL != 0 {
+    let named = a.argv0 & (SD_W_ARGV0_SYSTEMCTL | SD_W_ARGV0_INIT) != 0;
+    if a.argv0 & SD_W_ARGV0_SYSTEMCTL != 0 || (kind == SD_EXE_SYSTEMCTL && !named) {
         return a.verb & SD_W_VERB != 0 || (a.verb & SD_W_START != 0 && a.target != 0);
     }
     if a.argv0 & SD_W_ARGV0_INIT != 0 {

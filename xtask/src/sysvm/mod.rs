@@ -38,7 +38,9 @@ use checks::deletion::{
     upgrade_during_hold,
 };
 use checks::packaging::{install, remove_package, rpm_on_systemd};
-use checks::shutdown::{confirmed_reboot, logind_inhibitor, shutdowns_refused};
+use checks::shutdown::{
+    argv_evasions_refused, confirmed_reboot, logind_inhibitor, shutdowns_refused,
+};
 use image::ensure_image;
 use machine::{Vm, output_text};
 
@@ -257,6 +259,10 @@ pub fn run_checks(vm: &mut Vm, deb: &Path, rpm: Option<&Path>, only: &[String]) 
     step(
         "shutdown requests over ssh refused, the VM keeps running",
         &mut shutdowns_refused,
+    )?;
+    step(
+        "shutdown argv evasions over ssh refused (options, -c -r, exec -a, 32-bit)",
+        &mut argv_evasions_refused,
     )?;
     step(
         "logind block inhibitor refuses D-Bus reboots, released for a pass",

@@ -131,6 +131,120 @@ pub fn shutdowns_refused(vm: &mut Vm) -> Result<()> {
     Ok(())
 }
 
+/// A static 32-bit x86 program (no libc: 30 bytes of code) that asks for
+/// `execve(path, [arg0, arg1], NULL)` with `int 0x80` and exits with the errno it got (1 for
+/// EPERM). A 32-bit execve never reaches the 64-bit syscall tracepoints where the kernel reads
+/// argv, so it tests what the guard does with an exec it saw no argv for.
+pub(crate) fn exec32(path: &str, arg0: &str, arg1: &str) -> Vec<u8> {
+    const BASE: u32 = 0x0804_8000;
+    const CODE_AT: u32 = 52 + 32;
+    let z = |s: &str| [s.as_bytes(), b"\0"].concat();
+    let (path, arg0, arg1) = (z(path), z(arg0), z(arg1));
+    let code_len = 30u32;
+    let path_at = CODE_AT + code_len;
+    let arg0_at = path_at + path.len() as u32;
+    let arg1_at = arg0_at + arg0.len() as u32;
+    let argv_at = (arg1_at + arg1.len() as u32 + 3) & !3;
+    let total = argv_at + 12;
+    let le = |v: u32| v.to_le_bytes();
+    let mut f = Vec::new();
+    // ELF header: 32-bit, little-endian, executable, i386.
+    f.extend_from_slice(&[0x7f, b'E', b'L', b'F', 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    f.extend_from_slice(&2u16.to_le_bytes());
+    f.extend_from_slice(&3u16.to_le_bytes());
+    f.extend_from_slice(&le(1));
+    f.extend_from_slice(&le(BASE + CODE_AT));
+    f.extend_from_slice(&le(52));
+    f.extend_from_slice(&le(0));
+    f.extend_from_slice(&le(0));
+    for h in [52u16, 32, 1, 40, 0, 0] {
+        f.extend_from_slice(&h.to_le_bytes());
+    }
+    // One PT_LOAD of the whole file, read + execute.
+    for v in [1, 0, BASE, BASE, total, total, 5, 0x1000] {
+        f.extend_from_slice(&le(v));
+    }
+    // mov eax,11; mov ebx,path; mov ecx,argv; xor edx,edx; int 0x80;
+    // mov ebx,eax; neg ebx; mov eax,1; int 0x80
+    f.push(0xb8);
+    f.extend_from_slice(&le(11));
+    f.push(0xbb);
+    f.extend_from_slice(&le(BASE + path_at));
+    f.push(0xb9);
+    f.extend_from_slice(&le(BASE + argv_at));
+    f.extend_from_slice(&[0x31, 0xd2, 0xcd, 0x80, 0x89, 0xc3, 0xf7, 0xdb, 0xb8]);
+    f.extend_from_slice(&le(1));
+    f.extend_from_slice(&[0xcd, 0x80]);
+    assert_eq!(f.len() as u32, path_at, "code length");
+    f.extend_from_slice(&path);
+    f.extend_from_slice(&arg0);
+    f.extend_from_slice(&arg1);
+    f.resize(argv_at as usize, 0);
+    for v in [BASE + arg0_at, BASE + arg1_at, 0] {
+        f.extend_from_slice(&le(v));
+    }
+    f
+}
+
+/// The line of `text` that refuses some request from this ssh session, asking for
+/// `guardrail confirm` (the request's wording depends on what the kernel saw of argv).
+fn any_refusal_line(text: &str) -> Option<&str> {
+    let tail =
+        format!(", run: guardrail confirm {HOST}, then repeat the command within 2 minutes.");
+    text.lines().map(str::trim).find(|l| {
+        l.starts_with("guardrail: refused \"")
+            && l.contains(&format!("\" on {HOST}, requested from ssh"))
+            && l.ends_with(&tail)
+    })
+}
+
+/// Issue 14's argv evasions of the shutdown guard (security review L3), each of which rebooted
+/// the VM on the old agent: the verb behind five options, `shutdown -c -r now` (the last option
+/// wins), `exec -a` renaming systemctl, an option's value posing as the verb, and a 32-bit
+/// execve. Each is refused with the confirmation message and the VM keeps running; reading a
+/// shutdown target's status is not refused.
+pub fn argv_evasions_refused(vm: &mut Vm) -> Result<()> {
+    let boot = boot_id(vm)?;
+    let helper = std::env::temp_dir().join(format!("guardrail-exec32-{}", std::process::id()));
+    std::fs::write(&helper, exec32("/usr/bin/systemctl", "systemctl", "reboot"))
+        .context("writing the 32-bit helper")?;
+    let up = vm.upload(&helper, "/tmp/exec32");
+    let _ = std::fs::remove_file(&helper);
+    up?;
+    vm.ssh("chmod 755 /tmp/exec32")?;
+    for command in [
+        "sudo systemctl -q --no-block --no-wall --no-ask-password --force reboot",
+        "sudo shutdown -c -r now",
+        "sudo bash -c 'exec -a x systemctl reboot'",
+        "sudo systemctl --message x reboot",
+        "sudo /tmp/exec32",
+    ] {
+        let job = vm.ssh_spawn(command, false)?;
+        let out = wait_child(job, Duration::from_secs(60))?;
+        let text = output_text(&out);
+        ensure!(
+            !out.status.success(),
+            "`{command}` over ssh exited 0: {text}"
+        );
+        let line = any_refusal_line(&text).with_context(|| {
+            format!("`{command}`: no refusal message asking for `guardrail confirm {HOST}`: {text}")
+        })?;
+        println!("sysvm:      `{command}` ({}): {line}", out.status);
+        still_up(vm, &boot)?;
+    }
+    // Not a shutdown: the verb is `status`, the target only its argument.
+    let out = wait_child(
+        vm.ssh_spawn("sudo systemctl --no-pager -n 0 status reboot.target", false)?,
+        Duration::from_secs(60),
+    )?;
+    let text = output_text(&out);
+    ensure!(
+        !text.contains("guardrail: refused") && text.contains("reboot.target"),
+        "`systemctl status reboot.target` was refused or said nothing about reboot.target: {text}"
+    );
+    still_up(vm, &boot)
+}
+
 /// Straight to logind over D-Bus, as the unprivileged test user.
 const LOGIN1_CALL: &str =
     "busctl call org.freedesktop.login1 /org/freedesktop/login1 org.freedesktop.login1.Manager";
@@ -369,4 +483,28 @@ pub fn confirmed_reboot(vm: &mut Vm) -> Result<()> {
     );
     println!("sysvm:      back up (new boot id), tier lsm, inhibitor held again: {line}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    /// The 32-bit helper the sysvm runs, tried here on harmless programs: it execs what it is
+    /// told, and exits with the errno when the exec fails.
+    #[test]
+    fn the_32_bit_helper_execs_and_reports_the_errno() {
+        let p = std::env::temp_dir().join(format!("guardrail-exec32-test-{}", std::process::id()));
+        let run = |path: &str| {
+            std::fs::write(&p, super::exec32(path, "x", "y")).expect("write");
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+            let st = std::process::Command::new(&p)
+                .status()
+                .expect("a 32-bit program runs");
+            st.code()
+        };
+        let codes = [run("/bin/false"), run("/bin/true"), run("/nonexistent/x")];
+        let _ = std::fs::remove_file(&p);
+        // /bin/false and /bin/true ran; ENOENT comes back as the exit status.
+        assert_eq!(codes, [Some(1), Some(0), Some(2)]);
+    }
 }
