@@ -951,15 +951,17 @@ impl Agent {
                 self.sink.incident(&inc);
             }
             // An `alert` rule: reported once per job, nothing stopped (the rule's action is
-            // checked too, for event sources that do not set the flag).
+            // checked too, for event sources that do not set the flag; not for a level's crossing,
+            // which has its own action and always sets the flag).
             EV_BUDGET_CROSSED
                 if ev.flags & guardrail_common::EVF_ALERT != 0
-                    || self
-                        .policy
-                        .kernel
-                        .rules
-                        .get(ev.rule as usize)
-                        .is_some_and(|r| r.action == guardrail_common::ACTION_ALERT) =>
+                    || crate::levels::level_of(ev.flags).is_none()
+                        && self
+                            .policy
+                            .kernel
+                            .rules
+                            .get(ev.rule as usize)
+                            .is_some_and(|r| r.action == guardrail_common::ACTION_ALERT) =>
             {
                 inc.outcome = "alerted".into();
                 self.sink.incident(&inc);
@@ -1268,6 +1270,12 @@ impl Agent {
         };
         job.allowance = extra.saturating_sub(rule_budget).min(ALLOWANCE_UNLIMITED);
         job.count = rule_budget.saturating_sub(extra);
+        // The kernel lets an approved job past its session's and user's budgets by its non-zero
+        // allowance: one more on both sides keeps the job's own line where it was.
+        if job.allowance == 0 {
+            job.allowance = 1;
+            job.count += 1;
+        }
         job.prev_count = 0;
         job.window_start_ns = crate::clock::monotonic_ns();
         job.incident = 0;

@@ -80,6 +80,13 @@ pub struct Incident {
     /// uid), as the kernel reported it for the control socket's caller.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decided_by_session: Option<u32>,
+    /// For `budget_crossed`: whose budget was crossed: `job` (the job's own), `session` (its login
+    /// session's), `unit` (its service unit's) or `user` (the user who logged in).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<String>,
+    /// For a level's crossing: how many jobs the level counted (in its last two windows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level_jobs: Option<u64>,
 }
 
 fn cstr(b: &[u8]) -> String {
@@ -124,7 +131,13 @@ impl Incident {
             _ => "delete",
         };
         let rule = policy.rule_name(ev.rule);
+        let level = crate::levels::level_of(ev.flags).filter(|_| ev.kind == EV_BUDGET_CROSSED);
+        let unit = unit_of(ev.tgid);
         let (kind, reason) = match ev.kind {
+            EV_BUDGET_CROSSED if level.is_some() => (
+                "budget_crossed",
+                crate::levels::reason(ev, policy, level.unwrap_or_default(), unit.as_deref()),
+            ),
             EV_BUDGET_CROSSED => (
                 "budget_crossed",
                 format!(
@@ -185,12 +198,17 @@ impl Incident {
             tier_gaps: tier.gaps().iter().map(|s| s.to_string()).collect(),
             action: String::new(),
             pids: procinfo::pids_in_group(ev.pgid),
-            unit: unit_of(ev.tgid),
+            unit,
             executable: std::fs::read_link(format!("/proc/{}/exe", ev.tgid))
                 .ok()
                 .map(|p| p.display().to_string()),
             session,
-            budget: policy.rule_budget(ev.rule),
+            budget: match level {
+                Some(l) => crate::levels::budget(policy, l),
+                None => policy.rule_budget(ev.rule),
+            },
+            level: (ev.kind == EV_BUDGET_CROSSED).then(|| crate::levels::name(level).to_string()),
+            level_jobs: level.and_then(|_| crate::levels::jobs(ev)),
         }
     }
 

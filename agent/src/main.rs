@@ -14,6 +14,7 @@ mod identity;
 mod inhibit;
 mod ipc;
 mod lastgood;
+mod levels;
 mod lifecycle;
 mod pins;
 mod policy_glue;
