@@ -422,6 +422,8 @@ pub(crate) mod tests {
             decided_by: None,
             decided_by_text: None,
             decided_by_session: None,
+            level: None,
+            level_jobs: None,
             tier_gaps: vec![],
             action: String::new(),
             pids: vec![1234, 1240],
