@@ -86,6 +86,7 @@ fn held_incident(agent: &Agent, id: u64) -> serde_json::Value {
         found = agent
             .events()
             .into_iter()
+            .map(|e| e["incident"].clone())
             .find(|e| e["id"].as_u64() == Some(id) && e["outcome"] == "held");
         found.is_some()
     });
@@ -243,7 +244,10 @@ fn an_admin_cleaning_up_by_hand_is_not_held() {
     assert_eq!(count_files(&dir), 0, "everything the admin removed is gone");
     assert!(agent.holds().is_empty(), "nothing held");
     assert!(
-        !agent.events().iter().any(|e| e["kind"] == "budget_crossed"),
+        !agent
+            .events()
+            .iter()
+            .any(|e| e["incident"]["kind"] == "budget_crossed"),
         "no incident: {:?}",
         agent.events()
     );
