@@ -260,7 +260,8 @@ pub struct RefusalKey {
 /// for its unit.
 pub const LEVEL_SESSION: u32 = 0;
 /// A service (no audit session): its unit, i.e. its cgroup two levels below the root
-/// (`system.slice/x.service`), or its own cgroup when that is shallower.
+/// (`system.slice/x.service`). A task in a shallower cgroup (the root, a slice) has no unit and
+/// is budgeted per job only.
 pub const LEVEL_UNIT: u32 = 1;
 /// The user who logged in (audit login uid, which `su` and `sudo` do not change), across all
 /// their sessions.

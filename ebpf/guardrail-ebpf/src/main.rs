@@ -875,16 +875,17 @@ fn charge_levels(slot: u32, new_job: u64, now: u64, once: u64) -> u64 {
     };
     if session == AUDIT_SESSION_UNSET {
         // A service: its unit, the cgroup two levels down (system.slice/x.service), so that a
-        // service's sub-cgroups (or a user's delegated ones) share one entry.
-        // SAFETY: helpers without preconditions; 0 when the cgroup is shallower.
+        // service's sub-cgroups (or a user's delegated ones) share one entry. A task in a
+        // shallower cgroup (the root, a slice itself: a host or container without systemd puts
+        // everything there) has no unit: counting it there would lump every unrelated process
+        // together and hold whichever crossed, so it is budgeted per job only.
+        // SAFETY: helper without preconditions; 0 when the cgroup is shallower.
         let top = unsafe { bpf_get_current_ancestor_cgroup_id(2) };
+        if top == 0 {
+            return 0;
+        }
         key.level = LEVEL_UNIT;
-        key.id = if top != 0 {
-            top
-        } else {
-            // SAFETY: as above.
-            unsafe { bpf_get_current_cgroup_id() }
-        };
+        key.id = top;
         return charge_level(&key, slot, new_job, now, once);
     }
     let hit = charge_level(&key, slot, new_job, now, once);
