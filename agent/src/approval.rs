@@ -45,6 +45,13 @@ impl Grant {
             Grant::More(n) => {
                 job.allowance = n.saturating_sub(rule_budget).min(ALLOWANCE_UNLIMITED);
                 job.count = rule_budget.saturating_sub(n);
+                // The kernel lets an approved job past its session's and user's budgets by its
+                // non-zero allowance: one more on both sides keeps the job's own line where it
+                // was.
+                if job.allowance == 0 {
+                    job.allowance = 1;
+                    job.count += 1;
+                }
             }
         }
         job.prev_count = 0;

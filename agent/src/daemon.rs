@@ -994,15 +994,17 @@ impl Agent {
                 self.sink.incident(&inc);
             }
             // An `alert` rule: reported once per job, nothing stopped (the rule's action is
-            // checked too, for event sources that do not set the flag).
+            // checked too, for event sources that do not set the flag; not for a level's crossing,
+            // which has its own action and always sets the flag).
             EV_BUDGET_CROSSED
                 if ev.flags & guardrail_common::EVF_ALERT != 0
-                    || self
-                        .policy
-                        .kernel
-                        .rules
-                        .get(ev.rule as usize)
-                        .is_some_and(|r| r.action == guardrail_common::ACTION_ALERT) =>
+                    || crate::levels::level_of(ev.flags).is_none()
+                        && self
+                            .policy
+                            .kernel
+                            .rules
+                            .get(ev.rule as usize)
+                            .is_some_and(|r| r.action == guardrail_common::ACTION_ALERT) =>
             {
                 inc.outcome = "alerted".into();
                 self.sink.incident(&inc);

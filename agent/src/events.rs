@@ -87,6 +87,13 @@ pub struct Incident {
     /// Approvals this job got before this hold (`guardrail approve ID --more N` that ran out).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub earlier_approvals: Vec<crate::approval::EarlierApproval>,
+    /// For `budget_crossed`: whose budget was crossed: `job` (the job's own), `session` (its login
+    /// session's), `unit` (its service unit's) or `user` (the user who logged in).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<String>,
+    /// For a level's crossing: how many jobs the level counted (in its last two windows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level_jobs: Option<u64>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -135,7 +142,13 @@ impl Incident {
             _ => "delete",
         };
         let rule = policy.rule_name(ev.rule);
+        let level = crate::levels::level_of(ev.flags).filter(|_| ev.kind == EV_BUDGET_CROSSED);
+        let unit = unit_of(ev.tgid);
         let (kind, reason) = match ev.kind {
+            EV_BUDGET_CROSSED if level.is_some() => (
+                "budget_crossed",
+                crate::levels::reason(ev, policy, level.unwrap_or_default(), unit.as_deref()),
+            ),
             EV_BUDGET_CROSSED => (
                 "budget_crossed",
                 format!(
@@ -196,14 +209,19 @@ impl Incident {
             tier_gaps: tier.gaps().iter().map(|s| s.to_string()).collect(),
             action: String::new(),
             pids: procinfo::pids_in_group(ev.pgid),
-            unit: unit_of(ev.tgid),
+            unit,
             executable: std::fs::read_link(format!("/proc/{}/exe", ev.tgid))
                 .ok()
                 .map(|p| p.display().to_string()),
             session,
-            budget: policy.rule_budget(ev.rule),
             total_count: 0,
             earlier_approvals: Vec::new(),
+            budget: match level {
+                Some(l) => crate::levels::budget(policy, l),
+                None => policy.rule_budget(ev.rule),
+            },
+            level: (ev.kind == EV_BUDGET_CROSSED).then(|| crate::levels::name(level).to_string()),
+            level_jobs: level.and_then(|_| crate::levels::jobs(ev)),
         }
     }
 
@@ -419,6 +437,8 @@ pub(crate) mod tests {
             decided_by: None,
             decided_by_text: None,
             decided_by_session: None,
+            level: None,
+            level_jobs: None,
             tier_gaps: vec![],
             action: String::new(),
             pids: vec![1234, 1240],

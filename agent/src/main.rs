@@ -15,6 +15,7 @@ mod identity;
 mod inhibit;
 mod ipc;
 mod lastgood;
+mod levels;
 mod lifecycle;
 mod offline;
 mod pins;

@@ -235,6 +235,7 @@ fn kernel_tables(policy: &gp::Policy, c: &gp::Compiled) -> KernelPolicy {
         },
         dirs: c.dirs.iter().map(|(k, v)| (*k, *v)).collect(),
         rules: c.rules.clone(),
+        levels: c.levels.clone(),
         exes: c.exes.clone(),
         cgroups: c.cgroups.clone(),
         uids: c.uids.clone(),

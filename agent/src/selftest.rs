@@ -122,6 +122,8 @@ fn runaway_check(offsets: &guardrail_common::KernelOffsets, tier: probe::Tier) -
         let policy = sensor::KernelPolicy {
             mode: guardrail_common::MODE_ENFORCE,
             dirs: Vec::new(),
+            // No budget above the job: the self-test judges one job only.
+            levels: Vec::new(),
             rules: vec![
                 RuleParams {
                     budget: u64::MAX / 8,

@@ -13,7 +13,7 @@ use aya::{
 };
 use guardrail_common::{
     CgroupKey, Config, DirKey, DirRule, ExeKey, HeldJob, JOB_ACTIVE, JobKey, JobState,
-    KernelOffsets, MAX_RULES, RuleParams, SelftestAnswer, UidKey,
+    KernelOffsets, LEVELS, MAX_RULES, RuleParams, SelftestAnswer, UidKey,
 };
 
 use crate::probe::Tier;
@@ -64,6 +64,8 @@ pub struct KernelPolicy {
     /// (kernel dev, ino) → rule.
     pub dirs: Vec<((u64, u64), DirRule)>,
     pub rules: Vec<RuleParams>,
+    /// Budgets above the job, by `LEVEL_*` (`LEVEL_PARAMS`); missing entries are off.
+    pub levels: Vec<RuleParams>,
     /// (kernel dev, ino) of an executable → rule id.
     pub exes: Vec<((u64, u64), u32)>,
     pub cgroups: Vec<(u64, u32)>,
@@ -76,7 +78,15 @@ pub struct KernelPolicy {
 /// Maps whose contents must outlive one agent process: job counters and holds, the incident
 /// counter, the executable tags of running processes, and shutdown callers stopped to wait for
 /// their refusal message.
-pub const PINNED_MAPS: &[&str] = &["JOBS", "HELD", "INCIDENTS", "TASK_RULE", "SD_STOPPED"];
+pub const PINNED_MAPS: &[&str] = &[
+    "JOBS",
+    "HELD",
+    "INCIDENTS",
+    "TASK_RULE",
+    "SD_STOPPED",
+    // A restart must not hand every session and user a fresh budget.
+    "LEVEL_COUNTS",
+];
 
 pub struct Sensor {
     ebpf: Ebpf,
@@ -370,6 +380,13 @@ impl Sensor {
                 rules
                     .set(next * MAX_RULES + i as u32, r, 0)
                     .context("writing RULES")?;
+            }
+            let mut levels: Array<_, RuleParams> = Array::try_from(self.map_mut("LEVEL_PARAMS")?)?;
+            for i in 0..LEVELS {
+                let p = policy.levels.get(i as usize).copied().unwrap_or_default();
+                levels
+                    .set(next * LEVELS + i, p, 0)
+                    .context("writing LEVEL_PARAMS")?;
             }
         }
         {

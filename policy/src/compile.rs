@@ -5,12 +5,12 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use guardrail_common::{
-    ACTION_EXEMPT, DIR_DATA, DIR_PROTECTED_ROOT, DIR_TARGET, DirRule, RULE_FLAG_AUDIT, RuleParams,
-    kernel_dev_from_user,
+    ACTION_EXEMPT, DIR_DATA, DIR_PROTECTED_ROOT, DIR_TARGET, DirRule, LEVEL_FLAG_ON,
+    RULE_FLAG_AUDIT, RULE_FLAG_NO_LEVELS, RuleParams, kernel_dev_from_user,
 };
 use serde::Serialize;
 
-use crate::model::{Identities, JobMatch, Mode, Policy};
+use crate::model::{Identities, JobMatch, LevelBudget, Mode, Policy};
 use crate::resolver::{Resolver, components, normalize};
 use crate::validate::Key;
 
@@ -46,6 +46,9 @@ pub struct Compiled {
     pub dirs: BTreeMap<(u64, u64), DirRule>,
     /// Indexed by rule id; 0 is the default rule.
     pub rules: Vec<RuleParams>,
+    /// The budgets above the job, indexed by `LEVEL_*` (session, unit, user): the kernel's
+    /// `LEVEL_PARAMS` for this slot. An entry without `LEVEL_FLAG_ON` counts nothing.
+    pub levels: Vec<RuleParams>,
     /// Same index as `rules`: `default`, rule and exemption names, `owner:user:postgres`, ...
     pub rule_names: Vec<String>,
     /// (kernel dev, ino) of an executable → rule id.
@@ -267,11 +270,25 @@ pub fn compile(policy: &Policy, resolver: &dyn Resolver) -> Compiled {
         }
     }
 
+    let no_levels = |shared: bool| if shared { 0 } else { RULE_FLAG_NO_LEVELS };
+    // Session and unit share `[deletion.session]`: a service is budgeted per unit instead of per
+    // login session.
+    let level = |l: &LevelBudget| RuleParams {
+        budget: l.budget,
+        window_ns: nanos(l.window),
+        action: l.action.kernel(),
+        flags: if l.enabled {
+            LEVEL_FLAG_ON | flags(Mode::Enforce)
+        } else {
+            0
+        },
+    };
+    b.out.levels = vec![level(&d.session), level(&d.session), level(&d.user)];
     let default = RuleParams {
         budget: d.budget,
         window_ns: nanos(d.window),
         action: d.action.kernel(),
-        flags: flags(Mode::Enforce),
+        flags: flags(Mode::Enforce) | no_levels(d.shared_budgets),
     };
     b.add_rule("default".to_string(), default);
 
@@ -284,7 +301,7 @@ pub fn compile(policy: &Policy, resolver: &dyn Resolver) -> Compiled {
                 budget: r.budget,
                 window_ns: nanos(r.window),
                 action: r.action.kernel(),
-                flags: flags(r.mode),
+                flags: flags(r.mode) | no_levels(r.shared_budgets),
             },
         );
         by_key.entry(Key::from(&r.matcher)).or_insert(id);

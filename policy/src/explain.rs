@@ -6,7 +6,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use guardrail_common::{
-    ACTION_EXEMPT, DIR_PROTECTED_ROOT, MAX_ANCESTORS, RULE_FLAG_AUDIT, Scope, scope_step,
+    ACTION_EXEMPT, DIR_PROTECTED_ROOT, LEVEL_FLAG_ON, LEVEL_SESSION, LEVEL_USER, MAX_ANCESTORS,
+    RULE_FLAG_AUDIT, RULE_FLAG_NO_LEVELS, Scope, scope_step,
 };
 use serde::Serialize;
 
@@ -88,6 +89,10 @@ pub struct Explanation {
     pub unresolved: Vec<PathBuf>,
     /// The job's unit, when it is in `deletion.never_hold`: the job is never stopped.
     pub never_held_unit: Option<String>,
+    /// For a counted deletion: the budgets above the job it also counts for, in words
+    /// ("its login session (a service: its unit): 500 per 1m, then hold").
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub shared_budgets: Vec<String>,
 }
 
 /// The rule a job runs under: executable > unit/cgroup > user > default.
@@ -153,6 +158,7 @@ pub fn explain(
         walked: Vec::new(),
         unresolved: Vec::new(),
         never_held_unit: job.unit.clone().filter(|u| compiled.never_hold.contains(u)),
+        shared_budgets: Vec::new(),
     };
     // The entry itself.
     if let Some(id) = kernel_identity(resolver, &path)
@@ -210,10 +216,39 @@ pub fn explain(
             },
         },
     };
+    if matches!(ex.verdict, Verdict::Counted { .. }) && params.flags & RULE_FLAG_NO_LEVELS == 0 {
+        ex.shared_budgets = level_lines(compiled);
+    }
     if let Verdict::DataOwner { data_dir_id } | Verdict::DataForeign { data_dir_id } = ex.verdict {
         ex.data_dir = compiled.data_dirs.get(data_dir_id as usize).cloned();
     }
     ex
+}
+
+/// The levels in force, as `explain` prints them (session and unit share their numbers).
+fn level_lines(compiled: &Compiled) -> Vec<String> {
+    [
+        (LEVEL_SESSION, "its login session (a service: its unit)"),
+        (LEVEL_USER, "the user who logged in, across their sessions"),
+    ]
+    .iter()
+    .filter_map(|(level, who)| {
+        let p = compiled.levels.get(*level as usize)?;
+        if p.flags & LEVEL_FLAG_ON == 0 {
+            return None;
+        }
+        let action = match p.action {
+            guardrail_common::ACTION_BLOCK => "block",
+            guardrail_common::ACTION_ALERT => "alert",
+            _ => "hold",
+        };
+        Some(format!(
+            "{who}: {} per {}, then {action} the job that crosses it",
+            p.budget,
+            format_duration(std::time::Duration::from_nanos(p.window_ns))
+        ))
+    })
+    .collect()
 }
 
 fn data_id(compiled: &Compiled, dir: Option<&Path>, resolver: &dyn Resolver) -> u32 {
@@ -263,6 +298,9 @@ impl fmt::Display for Explanation {
             }
         };
         write!(f, "outcome:  {outcome}")?;
+        for l in &self.shared_budgets {
+            write!(f, "\nalso:     counted for {l}")?;
+        }
         if self.audit {
             write!(
                 f,

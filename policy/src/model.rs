@@ -164,6 +164,32 @@ pub struct JobRule {
     pub window: Duration,
     pub action: Action,
     pub mode: Mode,
+    /// Whether this rule's jobs also count at the levels above the job (session, unit, user).
+    pub shared_budgets: bool,
+}
+
+/// A budget above the job (`[deletion.session]`, `[deletion.user]`): every deletion outside scope
+/// by a job whose rule shares budgets counts here too, whichever job made it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct LevelBudget {
+    /// Off: nothing is counted at this level (a policy without the section).
+    pub enabled: bool,
+    pub budget: u64,
+    #[serde(with = "ser_duration")]
+    pub window: Duration,
+    /// What happens to the job whose deletion takes the level past its budget.
+    pub action: Action,
+}
+
+impl LevelBudget {
+    pub const fn off(budget: u64, window: Duration) -> Self {
+        LevelBudget {
+            enabled: false,
+            budget,
+            window,
+            action: Action::Hold,
+        }
+    }
 }
 
 /// Jobs with no budget (`[[deletion.exempt]]`); protected roots and foreign data directories
@@ -196,6 +222,12 @@ pub struct Deletion {
     /// host's logging): past the budget they are refused where the tier can refuse, else only
     /// reported.
     pub never_hold: Vec<String>,
+    /// Whether jobs under the default rule also count at the levels above the job.
+    pub shared_budgets: bool,
+    /// Per login session; a service (no login session) is counted per unit with the same numbers.
+    pub session: LevelBudget,
+    /// Per user who logged in (audit login uid), across their sessions.
+    pub user: LevelBudget,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

@@ -104,9 +104,18 @@ raw_struct!(RawDeletion {
     protected_roots: StrList,
     protect_mount_points: Option<Sp<bool>>,
     never_hold: StrList,
+    shared_budgets: Option<Sp<bool>>,
+    session: Option<RawLevel>,
+    user: Option<RawLevel>,
     data_dir: Option<Vec<Sp<RawDataDir>>>,
     rule: Option<Vec<Sp<RawRule>>>,
     exempt: Option<Vec<Sp<RawExempt>>>,
+});
+
+raw_struct!(RawLevel {
+    budget: Option<Sp<i64>>,
+    window: Str,
+    action: Str,
 });
 
 raw_struct!(RawDataDir {
@@ -130,6 +139,7 @@ raw_struct!(RawRule {
     window: Str,
     action: Str,
     mode: Str,
+    shared_budgets: Option<Sp<bool>>,
 });
 
 raw_struct!(RawMatch {
@@ -391,6 +401,9 @@ impl Merge for RawDeletion {
         union(&mut self.protected_roots, o.protected_roots);
         scalar(&mut self.protect_mount_points, o.protect_mount_points);
         union(&mut self.never_hold, o.never_hold);
+        scalar(&mut self.shared_budgets, o.shared_budgets);
+        section(&mut self.session, o.session, sink);
+        section(&mut self.user, o.user, sink);
         keyed(
             &mut self.data_dir,
             o.data_dir,
@@ -406,6 +419,14 @@ impl Merge for RawDeletion {
             "exemption",
             sink,
         );
+    }
+}
+
+impl Merge for RawLevel {
+    fn merge(&mut self, o: Self, _: &mut Sink<'_>) {
+        scalar(&mut self.budget, o.budget);
+        scalar(&mut self.window, o.window);
+        scalar(&mut self.action, o.action);
     }
 }
 

@@ -28,6 +28,10 @@ pub(crate) mod defaults {
         "sshd.service",
         "guardrail.service",
     ];
+    /// `[deletion.session]` and `[deletion.user]` when a section is there without a budget or
+    /// window (a policy without the section has the level off).
+    pub const SESSION_BUDGET: u64 = 500;
+    pub const USER_BUDGET: u64 = 1000;
     pub const CONFIRM_WINDOW: Duration = Duration::from_secs(120);
     pub const EVENT_LOG: &str = "/var/log/guardrail/events.jsonl";
     pub const APP_NAME: &str = "guardrail";
@@ -525,6 +529,13 @@ const ACTIONS: &[(&str, Action)] = &[
     ("block", Action::Block),
     ("alert", Action::Alert),
 ];
+/// A level's action: a job action, or off.
+const LEVEL_ACTIONS: &[(&str, Option<Action>)] = &[
+    ("hold", Some(Action::Hold)),
+    ("block", Some(Action::Block)),
+    ("alert", Some(Action::Alert)),
+    ("off", None),
+];
 const ON_DENY: &[(&str, OnDeny)] = &[("kill", OnDeny::Kill), ("refuse", OnDeny::Refuse)];
 const ON_AGENT_STOP: &[(&str, OnAgentStop)] = &[
     ("end", OnAgentStop::End),
@@ -595,6 +606,14 @@ fn validate_deletion(d: &RawDeletion, span: &Range<usize>, v: &mut V<'_, '_, '_>
         }
     };
     let protect_mount_points = d.protect_mount_points.as_ref().is_none_or(|b| b.value);
+    let shared_budgets = d.shared_budgets.as_ref().is_none_or(|b| b.value);
+    let session = validate_level(
+        d.session.as_ref(),
+        "deletion.session",
+        defaults::SESSION_BUDGET,
+        v,
+    );
+    let user = validate_level(d.user.as_ref(), "deletion.user", defaults::USER_BUDGET, v);
 
     let targets = v.paths(&d.targets, "deletion.targets", true, true);
     let protected = v.paths(&d.protected_roots, "deletion.protected_roots", false, true);
@@ -699,6 +718,10 @@ fn validate_deletion(d: &RawDeletion, span: &Range<usize>, v: &mut V<'_, '_, '_>
         let window_r = v.duration(&rr.window, &format!("{field}.window"), window, MAX_WINDOW);
         let action_r = v.choice(&rr.action, &format!("{field}.action"), ACTIONS, action);
         let mode_r = v.choice(&rr.mode, &format!("{field}.mode"), MODES, Mode::Enforce);
+        let shared_r = rr
+            .shared_budgets
+            .as_ref()
+            .map_or(shared_budgets, |b| b.value);
         rule_spans.push(r.span.clone());
         if let (Some(name), Some(matcher)) = (name, matcher) {
             rules.push(JobRule {
@@ -709,6 +732,7 @@ fn validate_deletion(d: &RawDeletion, span: &Range<usize>, v: &mut V<'_, '_, '_>
                 window: window_r,
                 action: action_r,
                 mode: mode_r,
+                shared_budgets: shared_r,
             });
         }
     }
@@ -915,6 +939,41 @@ fn validate_deletion(d: &RawDeletion, span: &Range<usize>, v: &mut V<'_, '_, '_>
         rules,
         exemptions,
         never_hold,
+        shared_budgets,
+        session,
+        user,
+    }
+}
+
+/// `[deletion.session]` / `[deletion.user]`: absent is off; present, it counts with its own
+/// budget, window and action (`action = "off"` switches a level off in a drop-in).
+fn validate_level(
+    l: Option<&RawLevel>,
+    field: &str,
+    default_budget: u64,
+    v: &mut V<'_, '_, '_>,
+) -> LevelBudget {
+    let Some(l) = l else {
+        return LevelBudget::off(default_budget, defaults::WINDOW);
+    };
+    let budget = v.budget(&l.budget, &format!("{field}.budget"), default_budget);
+    let window = v.duration(
+        &l.window,
+        &format!("{field}.window"),
+        defaults::WINDOW,
+        MAX_WINDOW,
+    );
+    let action = v.choice(
+        &l.action,
+        &format!("{field}.action"),
+        LEVEL_ACTIONS,
+        Some(Action::Hold),
+    );
+    LevelBudget {
+        enabled: action.is_some(),
+        budget,
+        window,
+        action: action.unwrap_or(Action::Hold),
     }
 }
 

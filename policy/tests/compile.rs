@@ -485,3 +485,96 @@ fn never_hold_units_compile_to_the_cgroup_ids_of_running_units() {
         compiled.warnings
     );
 }
+
+/// Budgets above the job: absent, every level is off; present, session and unit share
+/// `[deletion.session]`, the user has its own, and `shared_budgets = false` keeps a rule's jobs
+/// out of them.
+#[test]
+fn level_budgets_compile_into_level_params() {
+    let (_, c, _) = setup();
+    assert_eq!(c.levels.len(), LEVELS as usize);
+    assert!(
+        c.levels.iter().all(|l| l.flags & LEVEL_FLAG_ON == 0),
+        "no section, no level: {:?}",
+        c.levels
+    );
+    assert!(c.rules.iter().all(|r| r.flags & RULE_FLAG_NO_LEVELS == 0));
+
+    let text = format!(
+        "{POLICY}\n[deletion.session]\nbudget = 40\nwindow = \"30s\"\n[deletion.user]\nbudget = 90\naction = \"block\"\n"
+    )
+    .replace(
+        "action = \"block\"\n[[deletion.exempt]]",
+        "action = \"block\"\nshared_budgets = false\n[[deletion.exempt]]",
+    );
+    let h = host();
+    let checked = check_str("p.toml", &text, &h);
+    assert!(checked.diagnostics.is_empty(), "{:#?}", checked.diagnostics);
+    let c = compile(&checked.policy.expect("loads"), &h);
+    let session = RuleParams {
+        budget: 40,
+        window_ns: 30_000_000_000,
+        action: ACTION_HOLD,
+        flags: LEVEL_FLAG_ON,
+    };
+    assert_eq!(c.levels[LEVEL_SESSION as usize], session);
+    assert_eq!(c.levels[LEVEL_UNIT as usize], session);
+    assert_eq!(
+        c.levels[LEVEL_USER as usize],
+        RuleParams {
+            budget: 90,
+            window_ns: 60_000_000_000,
+            action: ACTION_BLOCK,
+            flags: LEVEL_FLAG_ON,
+        }
+    );
+    let deploy = c
+        .rule_names
+        .iter()
+        .position(|n| n == "deploy")
+        .expect("deploy");
+    assert_eq!(
+        c.rules[deploy].flags & RULE_FLAG_NO_LEVELS,
+        RULE_FLAG_NO_LEVELS
+    );
+    assert_eq!(c.rules[0].flags & RULE_FLAG_NO_LEVELS, 0, "default shares");
+
+    // A drop-in can switch a level off.
+    let files = vec![
+        ("p.toml".to_string(), text.clone()),
+        (
+            "d.toml".to_string(),
+            "[deletion.user]\naction = \"off\"\n".to_string(),
+        ),
+    ];
+    let checked = check_sources(&files, &h);
+    assert!(checked.diagnostics.is_empty(), "{:#?}", checked.diagnostics);
+    let c = compile(&checked.policy.expect("loads"), &h);
+    assert_eq!(c.levels[LEVEL_USER as usize].flags & LEVEL_FLAG_ON, 0);
+    assert_eq!(c.levels[LEVEL_SESSION as usize], session);
+}
+
+/// `explain` names the budgets above the job a counted deletion also counts for.
+#[test]
+fn explain_names_the_shared_budgets() {
+    let h = host();
+    let text = format!("{POLICY}\n[deletion.session]\nbudget = 40\n");
+    let checked = check_str("p.toml", &text, &h);
+    assert!(checked.diagnostics.is_empty(), "{:#?}", checked.diagnostics);
+    let c = compile(&checked.policy.expect("loads"), &h);
+    let ex = explain(&c, Path::new("/etc/passwd"), &JobSpec::default(), &h);
+    assert_eq!(
+        ex.shared_budgets,
+        vec![
+            "its login session (a service: its unit): 40 per 1m, then hold the job that crosses it"
+        ]
+    );
+    assert!(
+        ex.to_string()
+            .ends_with("\nalso:     counted for its login session (a service: its unit): 40 per 1m, then hold the job that crosses it"),
+        "{ex}"
+    );
+    // In a target: free, nothing shared.
+    let ex = explain(&c, Path::new("/tmp/x"), &JobSpec::default(), &h);
+    assert!(ex.shared_budgets.is_empty());
+}

@@ -21,6 +21,18 @@ fn shipped_default_is_clean_on_a_host_that_has_its_paths() {
     assert_eq!(d.on_deny, OnDeny::Kill);
     assert_eq!(d.on_agent_stop, OnAgentStop::End);
     assert!(d.protect_mount_points);
+    // Budgets above the job: a loop of one job per file is stopped within the first few
+    // hundred, above what one job may use plus some work by hand.
+    assert!(d.session.enabled && d.user.enabled);
+    assert_eq!((d.session.budget, d.user.budget), (500, 750));
+    assert_eq!(d.session.window, Duration::from_secs(60));
+    assert_eq!(d.user.window, Duration::from_secs(60));
+    assert_eq!(
+        (d.session.action, d.user.action),
+        (Action::Hold, Action::Hold)
+    );
+    assert!(d.session.budget > d.budget && d.user.budget > d.session.budget);
+    assert!(d.shared_budgets);
     // /run and /dev/shm: system daemons' state churn (logind rewrites files in /run/systemd at
     // every login) must never count against a budget.
     for t in [

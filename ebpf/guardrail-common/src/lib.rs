@@ -252,6 +252,106 @@ pub struct RefusalKey {
     pub _pad: u32,
 }
 
+// --- budgets above the job ------------------------------------------------------------------
+
+/// Levels a deletion is also counted at, besides its job (index into `LEVEL_PARAMS`, per slot).
+/// A job runs either in a login session (audit session id set) or, with none, as a service: a
+/// login session's deletions count for the session and for the user who logged in; a service's
+/// for its unit.
+pub const LEVEL_SESSION: u32 = 0;
+/// A service (no audit session): its unit, i.e. its cgroup two levels below the root
+/// (`system.slice/x.service`). A task in a shallower cgroup (the root, a slice) has no unit and
+/// is budgeted per job only.
+pub const LEVEL_UNIT: u32 = 1;
+/// The user who logged in (audit login uid, which `su` and `sudo` do not change), across all
+/// their sessions.
+pub const LEVEL_USER: u32 = 2;
+/// Number of levels.
+pub const LEVELS: u32 = 3;
+
+/// `RuleParams::flags` of a `LEVEL_PARAMS` entry: the level is counted and enforced. An entry
+/// without it (all zero: never written) counts nothing, so a missing entry never holds anyone.
+pub const LEVEL_FLAG_ON: u32 = 1 << 1;
+/// `RuleParams::flags` of a job rule: its jobs are not counted at any level above the job
+/// (`shared_budgets = false` in the policy).
+pub const RULE_FLAG_NO_LEVELS: u32 = 1 << 2;
+
+/// Capacity of the `LEVEL_COUNTS` LRU map.
+pub const LEVEL_CAPACITY: u32 = 16384;
+
+/// Key of the `LEVEL_COUNTS` map: one session, unit or user.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LevelKey {
+    /// Audit session id, cgroup id or login uid.
+    pub id: u64,
+    /// `LEVEL_*`.
+    pub level: u32,
+    pub _pad: u32,
+}
+
+/// Counters of one level entry (LRU: evicting one forgets counts, never a hold, which lives in
+/// the job's `HELD` entry).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LevelState {
+    /// Start of the current window (bpf_ktime_get_ns).
+    pub window_start_ns: u64,
+    /// Deletions counted in the current window (atomic add).
+    pub count: u64,
+    /// Deletions counted in the previous window, for the sliding estimate.
+    pub prev_count: u64,
+    /// Jobs that began deleting outside scope in the current window, and in the previous one
+    /// (for the incident's "across N jobs").
+    pub jobs: u64,
+    pub prev_jobs: u64,
+    /// Non-zero once an `alert` crossing of this window was reported (one alert per window, not
+    /// one per job).
+    pub reported: u64,
+}
+
+/// What the level check returns to the judge, packed into one register (the judge's stack has
+/// no room for a struct): 0 when no level crossed, else the level + 1 in bits 0-1, its action in
+/// bits 2-3, the jobs count in bits 4-31 and the level's sliding count in bits 32-63.
+#[inline(always)]
+pub const fn level_hit_pack(level: u32, action: u32, jobs: u64, count: u64) -> u64 {
+    let jobs = if jobs > 0x0fff_ffff {
+        0x0fff_ffff
+    } else {
+        jobs
+    };
+    let count = if count > 0xffff_ffff {
+        0xffff_ffff
+    } else {
+        count
+    };
+    ((level as u64 + 1) & 3) | ((action as u64 & 3) << 2) | (jobs << 4) | (count << 32)
+}
+
+/// `(level, action, jobs, count)` of a packed level hit; `None` for 0.
+#[inline(always)]
+pub const fn level_hit_unpack(hit: u64) -> Option<(u32, u32, u64, u64)> {
+    if hit & 3 == 0 {
+        return None;
+    }
+    Some((
+        (hit & 3) as u32 - 1,
+        ((hit >> 2) & 3) as u32,
+        (hit >> 4) & 0x0fff_ffff,
+        hit >> 32,
+    ))
+}
+
+/// The event flag naming the level that crossed (`EVF_LEVEL_*`).
+#[inline(always)]
+pub const fn level_event_flag(level: u32) -> u32 {
+    match level {
+        LEVEL_SESSION => EVF_LEVEL_SESSION,
+        LEVEL_UNIT => EVF_LEVEL_UNIT,
+        _ => EVF_LEVEL_USER,
+    }
+}
+
 // --- events ----------------------------------------------------------------------------------
 
 /// A job crossed its budget (held, blocked or, in audit, would have been).
@@ -287,6 +387,14 @@ pub const EVF_ALERT: u32 = 1 << 7;
 /// kernel did not stop it. LSM tier: refused from here on for the rest of that job; other tiers:
 /// reported, and the job deletes on without a budget.
 pub const EVF_NEVER_HOLD: u32 = 1 << 8;
+
+/// The crossing is a level's, not the job's own budget: the job's login session
+/// ([`LEVEL_SESSION`]), its service's unit ([`LEVEL_UNIT`]) or the user who logged in
+/// ([`LEVEL_USER`]). `count` is then the level's count and `data_dir_id` the number of jobs it
+/// counted (unless [`EVF_NEVER_HOLD`] is set too).
+pub const EVF_LEVEL_SESSION: u32 = 1 << 9;
+pub const EVF_LEVEL_UNIT: u32 = 1 << 10;
+pub const EVF_LEVEL_USER: u32 = 1 << 11;
 
 /// Path components carried by an event (innermost first), each up to `NAME_LEN` bytes.
 pub const EVENT_PATH_DEPTH: usize = 6;
@@ -794,6 +902,8 @@ mod pod {
         super::FileId,
         super::SdOffsets,
         super::ShutdownEvent,
-        super::FsOffsets
+        super::FsOffsets,
+        super::LevelKey,
+        super::LevelState
     );
 }

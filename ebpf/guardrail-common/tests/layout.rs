@@ -82,6 +82,38 @@ fn deletion_guard_tables() {
     );
     layout!(HeldJob, 24, [state, rule, incident, held_ns]);
     layout!(RefusalKey, 16, [sid, pgid, kind, _pad]);
+    layout!(LevelKey, 16, [id, level, _pad]);
+    layout!(
+        LevelState,
+        48,
+        [
+            window_start_ns,
+            count,
+            prev_count,
+            jobs,
+            prev_jobs,
+            reported
+        ]
+    );
+}
+
+#[test]
+fn level_hit_round_trips_and_saturates() {
+    assert_eq!(level_hit_unpack(0), None);
+    assert_eq!(
+        level_hit_unpack(level_hit_pack(LEVEL_USER, ACTION_BLOCK, 57, 301)),
+        Some((LEVEL_USER, ACTION_BLOCK, 57, 301))
+    );
+    assert_eq!(
+        level_hit_unpack(level_hit_pack(
+            LEVEL_SESSION,
+            ACTION_HOLD,
+            1 << 40,
+            u64::MAX
+        )),
+        Some((LEVEL_SESSION, ACTION_HOLD, 0x0fff_ffff, 0xffff_ffff))
+    );
+    assert_eq!(level_event_flag(LEVEL_UNIT), EVF_LEVEL_UNIT);
 }
 
 #[test]

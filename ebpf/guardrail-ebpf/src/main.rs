@@ -148,6 +148,19 @@ static HELD: HashMap<JobKey, HeldJob> = HashMap::with_max_entries(HELD_CAPACITY,
 /// Refusals (protected root, foreign data directory) per job and kind, for rate limiting.
 #[map]
 static REFUSALS: LruHashMap<RefusalKey, u64> = LruHashMap::with_max_entries(16384, 0);
+/// Budgets above the job (`LEVEL_*`), indexed by `slot * LEVELS + level`.
+#[map]
+static LEVEL_PARAMS: Array<RuleParams> = Array::with_max_entries(LEVELS * POLICY_SLOTS, 0);
+/// Counters per login session, service unit and login user. LRU so that no number of sessions
+/// can fill it and stop counting; an evicted entry only forgets counts (a hold is the job's, in
+/// `HELD`). Unprivileged users cannot make audit sessions or units at will (services are keyed by
+/// their top unit, not by a delegated sub-cgroup), so only root can push an entry out.
+#[map]
+static LEVEL_COUNTS: LruHashMap<LevelKey, LevelState> =
+    LruHashMap::with_max_entries(LEVEL_CAPACITY, 0);
+/// Scratch space for a new level entry.
+#[map]
+static LEVEL_INIT: PerCpuArray<LevelState> = PerCpuArray::with_max_entries(1, 0);
 /// Scratch space for a new job's entry (too big for the BPF stack).
 #[map]
 static JOB_INIT: PerCpuArray<JobState> = PerCpuArray::with_max_entries(1, 0);
@@ -596,9 +609,12 @@ fn judge(d: &Deletion) -> Verdict {
 
     // 3. Outside scope: count against the job's budget.
     let existing = JOBS.get_ptr_mut(&key);
+    // 1 when this deletion is the job's first counted one (for the levels' job counts).
+    let mut new_job = 0u64;
     let job = match existing {
         Some(j) => j,
         None => {
+            new_job = 1;
             // The new entry is built in per-CPU scratch space: the BPF stack (512 bytes for the
             // whole call chain) cannot spare a JobState.
             let Some(fresh) = JOB_INIT.get_ptr_mut(0) else {
@@ -712,14 +728,33 @@ fn judge(d: &Deletion) -> Verdict {
             (*job).peak = estimate;
         }
     }
-    if !over_budget(n, prev, elapsed, params, allowance) {
+    let over_job = over_budget(n, prev, elapsed, params, allowance);
+    // The levels above the job (its login session or service unit, the user who logged in) count
+    // every deletion outside scope too, so that a job per file (`setsid rm` in a loop) does not
+    // start a fresh budget each time. A level past its budget holds the job that crossed it,
+    // unless an admin approved that job (every approval leaves a non-zero `allowance`): it goes
+    // on under its own budget, and the level's next job is held.
+    let mut level_hit = 0u64;
+    if params.flags & RULE_FLAG_NO_LEVELS == 0 {
+        level_hit = charge_levels(slot, new_job, now, rule_audit as u64);
+        if allowance != 0 {
+            level_hit = 0;
+        }
+    }
+    if !over_job && level_hit == 0 {
         return Verdict::Allow;
     }
 
-    // 4. Past the budget.
+    // 4. Past the budget: the job's own first; else the level's action, count and job count.
+    let (action, level_flags, count, jobs) = match level_hit_unpack(level_hit) {
+        Some((level, action, jobs, count)) if !over_job => {
+            (action, level_event_flag(level), count, jobs as u32)
+        }
+        _ => (params.action, 0, n, 0),
+    };
     // SAFETY: as above.
     let already_reported = unsafe { (*job).incident } != 0;
-    if rule_audit || params.action == ACTION_ALERT {
+    if rule_audit || action == ACTION_ALERT {
         if !already_reported {
             let inc = next_incident();
             // SAFETY: as above.
@@ -729,10 +764,10 @@ fn judge(d: &Deletion) -> Verdict {
                 d,
                 &Report {
                     kind: EV_BUDGET_CROSSED,
-                    flags,
+                    flags: flags | level_flags,
                     rule,
-                    data_dir_id: 0,
-                    count: n,
+                    data_dir_id: jobs,
+                    count,
                     incident: inc,
                 },
             );
@@ -747,21 +782,22 @@ fn judge(d: &Deletion) -> Verdict {
                 d,
                 &Report {
                     kind: EV_BUDGET_CROSSED,
-                    flags: if lsm {
-                        EVF_NEVER_HOLD | EVF_REFUSED
-                    } else {
-                        EVF_NEVER_HOLD
-                    },
+                    flags: level_flags
+                        | if lsm {
+                            EVF_NEVER_HOLD | EVF_REFUSED
+                        } else {
+                            EVF_NEVER_HOLD
+                        },
                     rule,
                     data_dir_id: unit,
-                    count: n,
+                    count,
                     incident: inc,
                 },
             );
         }
         return if lsm { Verdict::Refuse } else { Verdict::Allow };
     }
-    let new_state = if params.action == ACTION_BLOCK {
+    let new_state = if action == ACTION_BLOCK {
         JOB_BLOCKED
     } else {
         JOB_HELD
@@ -778,7 +814,7 @@ fn judge(d: &Deletion) -> Verdict {
             (*job).held_ns = held_ns;
         }
         remember_held(&key, new_state, rule, inc, held_ns);
-        let mut flags = d.tier_flags;
+        let mut flags = d.tier_flags | level_flags;
         if d.tier_flags & EVF_TRACEPOINT == 0 {
             flags |= EVF_REFUSED;
         }
@@ -795,8 +831,8 @@ fn judge(d: &Deletion) -> Verdict {
                 kind: EV_BUDGET_CROSSED,
                 flags,
                 rule,
-                data_dir_id: 0,
-                count: n,
+                data_dir_id: jobs,
+                count,
                 incident: inc,
             },
         );
@@ -811,6 +847,123 @@ fn judge(d: &Deletion) -> Verdict {
     } else {
         Verdict::Refuse
     }
+}
+
+/// Counts one deletion outside scope at the levels above its job: its login session (audit
+/// session id) or, for a service (no session), its unit; and the user who logged in (audit login
+/// uid, across their sessions). Returns the first level now past its budget, packed (see
+/// [`level_hit_pack`]), or 0. `alert` levels, and every level while `once` is set (audit), report
+/// one crossing per window, not one per job.
+///
+/// A leaf of `judge`, like [`never_hold_crossing`]: it reads only the two offsets it needs (not
+/// the whole offsets struct) and keeps its key small, since its frame sits where emit's does.
+#[inline(never)]
+fn charge_levels(slot: u32, new_job: u64, now: u64, once: u64) -> u64 {
+    // SAFETY: as for `offsets`: single fields of the read-only global.
+    let (session_off, loginuid_off) = unsafe {
+        (
+            read_volatile(core::ptr::addr_of!(OFFSETS.task_sessionid)),
+            read_volatile(core::ptr::addr_of!(OFFSETS.task_loginuid)),
+        )
+    };
+    let task = current_task();
+    let session: u32 = kread(task, session_off).unwrap_or(AUDIT_SESSION_UNSET);
+    let mut key = LevelKey {
+        id: session as u64,
+        level: LEVEL_SESSION,
+        _pad: 0,
+    };
+    if session == AUDIT_SESSION_UNSET {
+        // A service: its unit, the cgroup two levels down (system.slice/x.service), so that a
+        // service's sub-cgroups (or a user's delegated ones) share one entry. A task in a
+        // shallower cgroup (the root, a slice itself: a host or container without systemd puts
+        // everything there) has no unit: counting it there would lump every unrelated process
+        // together and hold whichever crossed, so it is budgeted per job only.
+        // SAFETY: helper without preconditions; 0 when the cgroup is shallower.
+        let top = unsafe { bpf_get_current_ancestor_cgroup_id(2) };
+        if top == 0 {
+            return 0;
+        }
+        key.level = LEVEL_UNIT;
+        key.id = top;
+        return charge_level(&key, slot, new_job, now, once);
+    }
+    let hit = charge_level(&key, slot, new_job, now, once);
+    let loginuid: u32 = kread(task, loginuid_off).unwrap_or(u32::MAX);
+    if loginuid == u32::MAX {
+        return hit;
+    }
+    key.level = LEVEL_USER;
+    key.id = loginuid as u64;
+    let user_hit = charge_level(&key, slot, new_job, now, once);
+    if hit != 0 { hit } else { user_hit }
+}
+
+/// One level's count: the same sliding window as a job's (see [`sliding_estimate`]).
+#[inline(always)]
+fn charge_level(key: &LevelKey, slot: u32, new_job: u64, now: u64, once: u64) -> u64 {
+    let Some(p) = LEVEL_PARAMS.get(slot * LEVELS + (key.level % LEVELS)) else {
+        return 0;
+    };
+    if p.flags & LEVEL_FLAG_ON == 0 {
+        return 0;
+    }
+    let (budget, window, action) = (p.budget, p.window_ns, p.action);
+    let st = match LEVEL_COUNTS.get_ptr_mut(key) {
+        Some(st) => st,
+        None => {
+            let Some(fresh) = LEVEL_INIT.get_ptr_mut(0) else {
+                return 0;
+            };
+            // SAFETY: this CPU's scratch value; every field is written.
+            unsafe {
+                (*fresh) = LevelState::default();
+                (*fresh).window_start_ns = now;
+                // BPF_NOEXIST: a racing CPU may have made it; either way look it up again.
+                let _ = LEVEL_COUNTS.insert(key, &*fresh, 1);
+            }
+            match LEVEL_COUNTS.get_ptr_mut(key) {
+                Some(st) => st,
+                None => return 0,
+            }
+        }
+    };
+    // SAFETY: field addresses of a map value valid for this run; counters change by atomics.
+    let (count_p, jobs_p, reported_p) = unsafe {
+        (
+            addr_of_mut!((*st).count),
+            addr_of_mut!((*st).jobs),
+            addr_of_mut!((*st).reported),
+        )
+    };
+    // SAFETY: as above; races here only blur the window edge.
+    let start = unsafe { (*st).window_start_ns };
+    let mut elapsed = now.saturating_sub(start);
+    if window != 0 && elapsed >= window {
+        let old = swap(count_p, 0);
+        let old_jobs = swap(jobs_p, 0);
+        let stale = elapsed >= 2 * window;
+        // SAFETY: as above.
+        unsafe {
+            (*st).prev_count = if stale { 0 } else { old };
+            (*st).prev_jobs = if stale { 0 } else { old_jobs };
+            (*st).window_start_ns = now;
+        }
+        swap(reported_p, 0);
+        elapsed = 0;
+    }
+    let n = fetch_add(count_p, 1) + 1;
+    let jobs = fetch_add(jobs_p, new_job) + new_job;
+    // SAFETY: as above.
+    let (prev, prev_jobs) = unsafe { ((*st).prev_count, (*st).prev_jobs) };
+    let estimate = sliding_estimate(n, prev, elapsed, window);
+    if estimate <= budget {
+        return 0;
+    }
+    if (action == ACTION_ALERT || once != 0) && swap(reported_p, 1) != 0 {
+        return 0;
+    }
+    level_hit_pack(key.level, action, jobs + prev_jobs, estimate)
 }
 
 /// Whether the current task belongs to the agent named by (`agent_tgid`, start time range): the
