@@ -1015,19 +1015,18 @@ impl Agent {
                         self.sink.incident(&inc);
                     }
                 } else if ev.flags & EVF_TRACEPOINT != 0 && ev.flags & EVF_SIGNALLED != 0 {
-                    // The tracepoint tier could not refuse: the job was stopped right after.
-                    let key = JobKey {
-                        sid: ev.sid,
-                        pgid: ev.pgid,
-                    };
-                    inc.id = self.next_local_incident();
-                    inc.outcome = "held".into();
-                    let mut job = self.backend.job(&key).ok().flatten().unwrap_or_default();
-                    job.state = JOB_HELD;
-                    job.incident = inc.id;
-                    job.held_ns = crate::clock::boottime_ns();
-                    let _ = self.backend.set_job(&key, &job);
-                    self.hold(inc, key);
+                    // The tracepoint tier cannot refuse: the kernel held (or, under a `block`
+                    // rule, killed) the job right after this first deletion, with an incident id.
+                    self.stopped_foreign(inc, ev);
+                } else if ev.flags & EVF_TRACEPOINT != 0 {
+                    // Seen after the fact and nothing stopped (a never_hold unit's job): the
+                    // deletion happened, so it is not "refused".
+                    inc.outcome = "reported".into();
+                    inc.reason = format!(
+                        "{} (tracepoint tier: the file is gone, the job was not stopped)",
+                        inc.reason
+                    );
+                    self.sink.incident(&inc);
                 } else {
                     inc.outcome = "refused".into();
                     self.sink.incident(&inc);
@@ -1063,6 +1062,49 @@ impl Agent {
             }
             _ => {}
         }
+    }
+
+    /// A tracepoint-tier deletion in a foreign data directory: the kernel let it through (it cannot
+    /// refuse), then stopped the job (JOB_HELD) or killed it (JOB_BLOCKED). The outcome says what
+    /// really happened: the file is gone, the job is held or killed.
+    fn stopped_foreign(&mut self, mut inc: Incident, ev: &Event) {
+        let key = JobKey {
+            sid: ev.sid,
+            pgid: ev.pgid,
+        };
+        let dir = self
+            .policy
+            .compiled
+            .data_dirs
+            .get(ev.data_dir_id as usize)
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "(unknown)".into());
+        inc.reason = format!(
+            "stopped after 1 file: a foreign deletion in data directory {dir} ({} {}; tracepoint tier: the file is gone)",
+            inc.op, inc.path
+        );
+        let state = self
+            .backend
+            .job(&key)
+            .ok()
+            .flatten()
+            .map(|j| j.state)
+            .unwrap_or(JOB_HELD);
+        if state == JOB_BLOCKED {
+            self.kernel_jobs.blocked_reported.insert(inc.id);
+            inc.reason = inc.reason.replacen("stopped after", "killed after", 1);
+            inc.outcome = "killed".into();
+            self.sink.incident(&inc);
+            return;
+        }
+        if let Some(h) = self.holds.get_mut(&inc.id) {
+            // Already adopted by a tick that found the job held before this event: give the
+            // hold its real reason.
+            h.incident.reason = inc.reason;
+            return;
+        }
+        inc.outcome = "held".into();
+        self.hold(inc, key);
     }
 
     fn next_local_incident(&mut self) -> u64 {
@@ -1266,7 +1308,13 @@ impl Agent {
         } else {
             budget.unwrap_or(rule_budget.max(1))
         };
-        job.allowance = extra.saturating_sub(rule_budget).min(ALLOWANCE_UNLIMITED);
+        // `--for-job` stores exactly ALLOWANCE_UNLIMITED: the tracepoint tier reads that value as
+        // "approved for the rest of the job" for foreign data directory deletions too.
+        job.allowance = if for_job {
+            ALLOWANCE_UNLIMITED
+        } else {
+            extra.saturating_sub(rule_budget).min(ALLOWANCE_UNLIMITED)
+        };
         job.count = rule_budget.saturating_sub(extra);
         job.prev_count = 0;
         job.window_start_ns = crate::clock::monotonic_ns();

@@ -1,0 +1,42 @@
+#!/bin/sh
+# vm-timeout: 300
+# The tracepoint tier, forced on 6.1: its programs load under this kernel's verifier (the chain
+# sys_enter_unlinkat -> judge -> emit_refusal -> emit sits at the 512-byte stack limit), and a
+# deletion in a data directory by a job not named for it, which this tier cannot refuse, goes
+# through for that one file and then holds the job; deny ends it with nothing more deleted.
+# (Before: the tier ignored the refusal, all 500 files went, and the log said "refused".)
+. /cases/lib.inc
+mkdir -p "$S/bin" "$S/target" "$S/root" "$S/db"
+cp "$KIT" "$S/bin/postgres"
+policy 100000 "$S/target" "$S/root" "
+[[deletion.data_dir]]
+path = \"$S/db\"
+owners = { executables = [\"$S/bin/postgres\"] }" >"$S/policy.toml"
+rm -f "$S/agent.log"
+/bin/guardrail agent --tier tracepoint --policy "$S/policy.toml" --socket "$S/gr.sock" \
+    --event-log "$S/events.jsonl" >"$S/agent.log" 2>&1 &
+AGENT=$!
+i=0
+until grep -q "guardrail: ready" "$S/agent.log" 2>/dev/null; do
+    kill -0 "$AGENT" 2>/dev/null || fail "the agent (tracepoint tier) exited before it was ready"
+    i=$((i + 1)); [ $i -gt 600 ] && fail "the agent was not ready within 60s"
+    sleep 0.1
+done
+grep -q "tier tracepoint in force" "$S/agent.log" || fail "the tracepoint tier is not in force"
+
+$KIT fill 500 "$S/db/base" >/dev/null
+# Started inside the data directory: the tier judges by the directory a deletion starts from.
+( cd "$S/db" && exec setsid rm -rf base >/dev/null 2>&1 ) &
+JOB=$!
+id=$(wait_hold) || fail "the foreign rm -rf was not held ($(count "$S/db") of 500 files left)"
+left=$(settle "$S/db")
+echo "foreign rm -rf in a data directory: held as incident $id, $left of 500 files left"
+[ "$left" -eq 499 ] || fail "expected the job stopped after 1 file (499 left), found $left"
+grep -Eq '"outcome": ?"held"' "$S/events.jsonl" || fail "no incident with outcome held"
+grep -Eq '"outcome": ?"refused"' "$S/events.jsonl" && fail "a deletion that happened is logged as refused"
+gr deny "$id" >/dev/null || fail "deny"
+wait "$JOB" 2>/dev/null
+[ "$(count "$S/db")" -eq 499 ] || fail "files went after the deny"
+stop_agent
+cleanup "$S/db"
+echo "ok: tracepoint tier loads on 6.1; a foreign rm -rf in a data directory is held after 1 file, denied, 499 left"
