@@ -1032,6 +1032,9 @@ impl Agent {
                     self.sink.incident(&inc);
                 }
             }
+            EV_HELD_RETRY if ev.flags & guardrail_common::EVF_KILLED != 0 => {
+                self.killed_resumed(inc, ev);
+            }
             EV_HELD_RETRY => {
                 // A held job was resumed without approval and tried again: the kernel re-stopped
                 // the task, we re-stop the whole job. Only while it is still held: a retry read
@@ -1062,6 +1065,48 @@ impl Agent {
             }
             _ => {}
         }
+    }
+
+    /// A held job resumed itself `SELF_RESUME_LIMIT` times without approval (tracepoint tier: a
+    /// sibling looping `kill -CONT`, a ptracer swallowing SIGSTOP): the kernel killed the task
+    /// and blocked the job. The rest of the job is killed here and the hold closed, saying why.
+    /// With no open hold (its crossing event was lost), the tick reports the blocked job.
+    fn killed_resumed(&mut self, inc: Incident, ev: &Event) {
+        let key = JobKey {
+            sid: ev.sid,
+            pgid: ev.pgid,
+        };
+        let Some(id) = self
+            .holds
+            .iter()
+            .find(|(_, h)| h.key == key)
+            .map(|(id, _)| *id)
+        else {
+            return;
+        };
+        let Some(h) = self.holds.remove(&id) else {
+            return;
+        };
+        // Found before the job goes: a wrapper stopped in sympathy (sudo) is continued after.
+        let wrappers = procinfo::stopped_ancestors(key.pgid);
+        procinfo::signal_job(key.pgid, Signal::SIGKILL);
+        procinfo::continue_pids(&wrappers);
+        self.kernel_jobs.blocked_reported.insert(id);
+        let mut out = h.incident;
+        out.outcome = "killed".into();
+        out.retries = ev.count;
+        out.last_path = inc.path;
+        out.reason = format!(
+            "{}; resumed itself {} times without approval; killed",
+            out.reason,
+            guardrail_common::SELF_RESUME_LIMIT
+        );
+        println!(
+            "guardrail: incident {id}: held job {} resumed itself {} times without approval; killed",
+            key.pgid,
+            guardrail_common::SELF_RESUME_LIMIT
+        );
+        self.sink.incident(&out);
     }
 
     /// A tracepoint-tier deletion in a foreign data directory: the kernel let it through (it cannot
@@ -1320,6 +1365,8 @@ impl Agent {
         job.window_start_ns = crate::clock::monotonic_ns();
         job.incident = 0;
         job.held_ns = 0;
+        // A later hold counts its self-resumes (SELF_RESUME_LIMIT) afresh.
+        job.refused = 0;
         job.state = JOB_ACTIVE;
         self.backend
             .set_job(&key, &job)

@@ -181,6 +181,13 @@ pub const JOB_DENIED: u32 = 2;
 /// Crossed its budget under a `block` rule: refused, never resumed.
 pub const JOB_BLOCKED: u32 = 3;
 
+/// Deletions a held job may make without approval in the tracepoint tier, which cannot refuse
+/// them: each is let through and re-stops the job (SIGSTOP); the one that reaches this many (a
+/// sibling looping `kill -CONT`, a ptracer swallowing SIGSTOP) gets SIGKILL and blocks the job.
+/// So at most this many files go after the hold, per task deleting at that moment. The LSM tier
+/// refuses every deletion of a held job and never needs it.
+pub const SELF_RESUME_LIMIT: u64 = 8;
+
 /// `JobState::allowance` value meaning "approved for the rest of the job".
 pub const ALLOWANCE_UNLIMITED: u64 = u64::MAX / 4;
 
@@ -287,6 +294,10 @@ pub const EVF_ALERT: u32 = 1 << 7;
 /// kernel did not stop it. LSM tier: refused from here on for the rest of that job; other tiers:
 /// reported, and the job deletes on without a budget.
 pub const EVF_NEVER_HOLD: u32 = 1 << 8;
+
+/// With `EV_HELD_RETRY`: the held job resumed itself `SELF_RESUME_LIMIT` times; the kernel sent
+/// SIGKILL to the task and blocked the job (tracepoint tier).
+pub const EVF_KILLED: u32 = 1 << 9;
 
 /// Path components carried by an event (innermost first), each up to `NAME_LEN` bytes.
 pub const EVENT_PATH_DEPTH: usize = 6;

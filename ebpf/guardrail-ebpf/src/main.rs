@@ -670,17 +670,29 @@ fn judge(d: &Deletion) -> Verdict {
     if state != JOB_ACTIVE {
         let n = fetch_add(refused_p, 1);
         if state == JOB_HELD {
-            let stopped = stop_self();
             // Resumed without approval (`fg`, `kill -CONT`): the LSM tier refuses this deletion,
             // the tracepoint tier cannot; both stop the task again at once so the job waits for
             // the admin instead of failing through (or, in the tracepoint tier, deleting) the
-            // rest of its work. The agent re-stops the whole job.
-            if n == 0 || n.is_power_of_two() {
+            // rest of its work. The agent re-stops the whole job. A job that keeps resuming
+            // itself in the tracepoint tier (a sibling looping `kill -CONT`, a ptracer swallowing
+            // SIGSTOP) is killed at its SELF_RESUME_LIMIT-th deletion since the hold (the
+            // crossing counted `refused` once).
+            let kill = d.tier_flags & EVF_TRACEPOINT != 0 && n >= SELF_RESUME_LIMIT;
+            let (stopped, first_kill) = if kill {
+                (false, block_resumed(&key, job))
+            } else {
+                (stop_self(), false)
+            };
+            if first_kill || (!kill && (n == 0 || n.is_power_of_two())) {
                 emit(
                     d,
                     &Report {
                         kind: EV_HELD_RETRY,
-                        flags: EVF_SIGNALLED,
+                        flags: if kill {
+                            EVF_SIGNALLED | EVF_KILLED
+                        } else {
+                            EVF_SIGNALLED
+                        },
                         rule,
                         data_dir_id: 0,
                         count: n + 1,
@@ -870,6 +882,31 @@ fn restore_held(key: &JobKey, job: *mut JobState) -> u32 {
     }
     // SAFETY: as above.
     unsafe { read_volatile(state_p) }
+}
+
+/// A held job that resumed itself `SELF_RESUME_LIMIT` times (tracepoint tier): SIGKILL to this
+/// task, and the job blocked (in `JOBS` and `HELD`), so that every further deletion of any of its
+/// tasks kills that task too until the agent has killed the whole job. Returns whether this CPU
+/// made the change (it alone reports it). A leaf: `judge` calls it beside `emit`, never above it.
+#[inline(never)]
+fn block_resumed(key: &JobKey, job: *mut JobState) -> bool {
+    signal(SIGKILL);
+    // SAFETY: field address of a valid map value (see `judge`).
+    let state_p = unsafe { addr_of_mut!((*job).state) };
+    if !cas(state_p, JOB_HELD, JOB_BLOCKED) {
+        return false;
+    }
+    // SAFETY: plain fields of the map value.
+    let h = unsafe {
+        HeldJob {
+            state: JOB_BLOCKED,
+            rule: (*job).rule,
+            incident: (*job).incident,
+            held_ns: (*job).held_ns,
+        }
+    };
+    let _ = HELD.insert(key, &h, 0);
+    true
 }
 
 /// Records a crossing in `HELD`, where no flood of new jobs can evict it.
@@ -1334,6 +1371,9 @@ fn tp_stop_foreign(d: &Deletion) {
                 (*job).held_ns = held_ns;
             }
             remember_held(&key, new_state, rule, inc, held_ns);
+            // Counted like a budget crossing, so that self-resumes count alike (see `judge`).
+            // SAFETY: field address of a valid map value.
+            fetch_add(unsafe { addr_of_mut!((*job).refused) }, 1);
             if new_state == JOB_HELD {
                 stop_self();
             } else {
@@ -1357,16 +1397,26 @@ fn tp_stop_foreign(d: &Deletion) {
     }
     if state == JOB_HELD {
         // Resumed without approval: stopped again, and the agent told (as `judge` does) so that
-        // it re-stops the whole job.
+        // it re-stops the whole job; killed at SELF_RESUME_LIMIT, as in `judge`.
         // SAFETY: field address of a valid map value.
         let n = fetch_add(unsafe { addr_of_mut!((*job).refused) }, 1);
-        stop_self();
-        if n == 0 || n.is_power_of_two() {
+        let kill = n >= SELF_RESUME_LIMIT;
+        let first_kill = if kill {
+            block_resumed(&key, job)
+        } else {
+            stop_self();
+            false
+        };
+        if first_kill || (!kill && (n == 0 || n.is_power_of_two())) {
             emit(
                 d,
                 &Report {
                     kind: EV_HELD_RETRY,
-                    flags: EVF_SIGNALLED,
+                    flags: if kill {
+                        EVF_SIGNALLED | EVF_KILLED
+                    } else {
+                        EVF_SIGNALLED
+                    },
                     rule,
                     data_dir_id: 0,
                     count: n + 1,

@@ -37,6 +37,22 @@ grep -Eq '"outcome": ?"refused"' "$S/events.jsonl" && fail "a deletion that happ
 gr deny "$id" >/dev/null || fail "deny"
 wait "$JOB" 2>/dev/null
 [ "$(count "$S/db")" -eq 499 ] || fail "files went after the deny"
+
+# A held job cannot resume itself: a sibling looping `kill -CONT` on it gets at most
+# SELF_RESUME_LIMIT (8) files more, then the kernel kills it. (Before: one file per resume, all
+# 500 went and rm exited 0.)
+$KIT fill 500 "$S/db/loop" >/dev/null
+( cd "$S/db" && exec setsid rm -rf loop >/dev/null 2>&1 ) &
+JOB=$!
+i=0
+while [ $i -lt 3000 ] && kill -CONT "$JOB" 2>/dev/null; do i=$((i + 1)); sleep 0.01; done
+wait "$JOB"; rc=$?
+left=$(count "$S/db/loop")
+echo "kill -CONT loop (x$i) on the held foreign rm: exit $rc, $left of 500 files left"
+[ "$rc" -eq 137 ] || fail "the self-resuming job was not killed (exit $rc)"
+[ "$left" -ge $((500 - 1 - 8)) ] || fail "more than 1 + 8 files went: $left of 500 left"
+grep -q 'resumed itself 8 times without approval; killed' "$S/events.jsonl" || fail "no incident says the job resumed itself and was killed"
+gr holds --json | grep -q '"id"' && fail "a hold is still open after the kill"
 stop_agent
 cleanup "$S/db"
-echo "ok: tracepoint tier loads on 6.1; a foreign rm -rf in a data directory is held after 1 file, denied, 499 left"
+echo "ok: tracepoint tier loads on 6.1; a foreign rm -rf in a data directory is held after 1 file, denied, 499 left; a kill -CONT loop is killed after at most 8 more"
