@@ -2,7 +2,8 @@
 //! cannot refuse a deletion: a held job that is continued without approval deletes one file and
 //! is stopped again. An attacker (user nobody) with a sibling process that loops `kill -CONT` on
 //! the held job got every file deleted that way, one per resume. Now the kernel kills the job at
-//! its `SELF_RESUME_LIMIT`-th deletion since the hold and the incident says so. Every scenario runs
+//! its `SELF_RESUME_LIMIT`-th deletion since the hold and the incident says so; the same for a
+//! ptracer that swallows the stop signals. Every scenario runs
 //! in a scratch directory under /var/tmp; every assertion counts files on disk.
 use std::{os::unix::fs::PermissionsExt, path::Path, time::Duration};
 
@@ -92,6 +93,7 @@ fn a_held_job_resumed_by_a_kill_cont_loop_is_killed_after_the_limit() {
     attack(s.path(), "victim", &cg);
     let left = settle(&victim, Duration::from_millis(700));
     let gone = FILES - left;
+    eprintln!("budget {BUDGET}, kill -CONT loop: {gone} of {FILES} files gone");
     assert!(
         gone <= BUDGET + 1 + SELF_RESUME_LIMIT,
         "{gone} of {FILES} files gone: at most the budget {BUDGET}, one past it and {SELF_RESUME_LIMIT} self-resumes"
@@ -149,6 +151,7 @@ fn a_foreign_job_in_a_data_directory_resumed_by_a_kill_cont_loop_is_killed_after
     attack(s.path(), "data/sub", &cg);
     let left = settle(&victim, Duration::from_millis(700));
     let gone = FILES - left;
+    eprintln!("data directory, kill -CONT loop: {gone} of {FILES} files gone");
     assert!(
         gone <= 1 + SELF_RESUME_LIMIT,
         "{gone} of {FILES} files gone: at most the first one and {SELF_RESUME_LIMIT} self-resumes"
@@ -172,6 +175,74 @@ fn a_foreign_job_in_a_data_directory_resumed_by_a_kill_cont_loop_is_killed_after
             |r| r.starts_with("stopped after 1 file: a foreign deletion in data directory")
         ),
         "{inc}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || agent.holds().is_empty()),
+        "the hold is closed: {:?}",
+        agent.holds()
+    );
+    assert_eq!(count_files(&victim), left, "nothing deleted after the kill");
+    assert!(agent.stop().expect("agent stops").success());
+}
+
+/// A job held at its budget whose own ptracer (nobody's `guardrail-testkit ptrace-nostop rm -rf`,
+/// what a same-user debugger can do) swallows every SIGSTOP, the kernel's and the agent's. Old
+/// code: the job never stopped, all 300 files went and rm exited 0. Now: killed at its
+/// SELF_RESUME_LIMIT-th deletion since the hold; the incident says so.
+#[test]
+fn a_held_job_whose_ptracer_swallows_sigstop_is_killed_after_the_limit() {
+    use std::os::unix::process::CommandExt;
+    require_root();
+    let _k = kernel_lock();
+    let s = scratch();
+    std::fs::set_permissions(s.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let victim = s.path().join("victim");
+    fill(&victim, FILES);
+    chown_nobody(&victim);
+    let cg = TestCgroup::new();
+    let agent = Agent::start(&policy(BUDGET as u64, &[], &[], &cg)).expect("agent starts");
+    let kit = NobodyKit::new();
+    let mut cmd = kit.cmd(&["ptrace-nostop", "rm", "-rf", "victim"]);
+    cmd.current_dir(s.path())
+        .process_group(0)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    guardrail_agent::cgroup::join_at_exec(&mut cmd, &cg.path).expect("cgroup path");
+    let mut child = cmd.spawn().expect("spawn the tracer");
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break Some(st);
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let left = settle(&victim, Duration::from_millis(700));
+    let gone = FILES - left;
+    eprintln!("budget {BUDGET}, ptracer swallowing SIGSTOP: {gone} of {FILES} files gone");
+    assert!(
+        gone <= BUDGET + 1 + SELF_RESUME_LIMIT,
+        "{gone} of {FILES} files gone: at most the budget {BUDGET}, one past it and {SELF_RESUME_LIMIT} self-resumes"
+    );
+    assert!(
+        gone > BUDGET + 1,
+        "{gone} files gone: the ptracer did keep the held job running (else this test proves nothing)"
+    );
+    assert_eq!(
+        status.and_then(|st| st.code()),
+        Some(137),
+        "the traced rm was killed (SIGKILL; the tracer exits 128 + 9)"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || killed_incident(&agent)
+            .is_some()),
+        "no incident saying the job resumed itself and was killed: {:?}\n{}",
+        agent.events(),
+        agent.log()
     );
     assert!(
         wait_until(Duration::from_secs(5), || agent.holds().is_empty()),

@@ -296,8 +296,9 @@ pub const EVF_ALERT: u32 = 1 << 7;
 pub const EVF_NEVER_HOLD: u32 = 1 << 8;
 
 /// With `EV_HELD_RETRY`: the held job resumed itself `SELF_RESUME_LIMIT` times; the kernel sent
-/// SIGKILL to the task and blocked the job (tracepoint tier).
-pub const EVF_KILLED: u32 = 1 << 9;
+/// SIGKILL to the task and blocked the job (tracepoint tier). (Bits 9-11 are left to the
+/// budgets-above-the-job work, which numbers its level flags there.)
+pub const EVF_KILLED: u32 = 1 << 12;
 
 /// Path components carried by an event (innermost first), each up to `NAME_LEN` bytes.
 pub const EVENT_PATH_DEPTH: usize = 6;
