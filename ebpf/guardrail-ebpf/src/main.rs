@@ -676,8 +676,10 @@ fn judge(d: &Deletion) -> Verdict {
             // rest of its work. The agent re-stops the whole job. A job that keeps resuming
             // itself in the tracepoint tier (a sibling looping `kill -CONT`, a ptracer swallowing
             // SIGSTOP) is killed at its SELF_RESUME_LIMIT-th deletion since the hold (the
-            // crossing counted `refused` once).
-            let kill = d.tier_flags & EVF_TRACEPOINT != 0 && n >= SELF_RESUME_LIMIT;
+            // crossing counted `refused` once). Not io_uring submissions: one io_uring_enter
+            // submits a whole batch (up to 32) before the stop lands, with no resume in between.
+            let kill = d.tier_flags & (EVF_TRACEPOINT | EVF_IO_URING) == EVF_TRACEPOINT
+                && n >= SELF_RESUME_LIMIT;
             let (stopped, first_kill) = if kill {
                 (false, block_resumed(&key, job))
             } else {
