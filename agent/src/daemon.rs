@@ -1060,23 +1060,25 @@ impl Agent {
                         self.sink.incident(&inc);
                     }
                 } else if ev.flags & EVF_TRACEPOINT != 0 && ev.flags & EVF_SIGNALLED != 0 {
-                    // The tracepoint tier could not refuse: the job was stopped right after.
-                    let key = JobKey {
-                        sid: ev.sid,
-                        pgid: ev.pgid,
-                    };
-                    inc.id = self.next_local_incident();
-                    inc.outcome = "held".into();
-                    let mut job = self.backend.job(&key).ok().flatten().unwrap_or_default();
-                    job.state = JOB_HELD;
-                    job.incident = inc.id;
-                    job.held_ns = crate::clock::boottime_ns();
-                    let _ = self.backend.set_job(&key, &job);
-                    self.hold(inc, key);
+                    // The tracepoint tier cannot refuse: the kernel held (or, under a `block`
+                    // rule, killed) the job right after this first deletion, with an incident id.
+                    self.stopped_foreign(inc, ev);
+                } else if ev.flags & EVF_TRACEPOINT != 0 {
+                    // Seen after the fact and nothing stopped (a never_hold unit's job): the
+                    // deletion happened, so it is not "refused".
+                    inc.outcome = "reported".into();
+                    inc.reason = format!(
+                        "{} (tracepoint tier: the file is gone, the job was not stopped)",
+                        inc.reason
+                    );
+                    self.sink.incident(&inc);
                 } else {
                     inc.outcome = "refused".into();
                     self.sink.incident(&inc);
                 }
+            }
+            EV_HELD_RETRY if ev.flags & guardrail_common::EVF_KILLED != 0 => {
+                self.killed_resumed(inc, ev);
             }
             EV_HELD_RETRY => {
                 // A held job was resumed without approval and tried again: the kernel re-stopped
@@ -1108,6 +1110,91 @@ impl Agent {
             }
             _ => {}
         }
+    }
+
+    /// A held job resumed itself `SELF_RESUME_LIMIT` times without approval (tracepoint tier: a
+    /// sibling looping `kill -CONT`, a ptracer swallowing SIGSTOP): the kernel killed the task
+    /// and blocked the job. The rest of the job is killed here and the hold closed, saying why.
+    /// With no open hold (its crossing event was lost), the tick reports the blocked job.
+    fn killed_resumed(&mut self, inc: Incident, ev: &Event) {
+        let key = JobKey {
+            sid: ev.sid,
+            pgid: ev.pgid,
+        };
+        let Some(id) = self
+            .holds
+            .iter()
+            .find(|(_, h)| h.key == key)
+            .map(|(id, _)| *id)
+        else {
+            return;
+        };
+        let Some(h) = self.holds.remove(&id) else {
+            return;
+        };
+        // Found before the job goes: a wrapper stopped in sympathy (sudo) is continued after.
+        let wrappers = procinfo::stopped_ancestors(key.pgid);
+        procinfo::signal_job(key.pgid, Signal::SIGKILL);
+        procinfo::continue_pids(&wrappers);
+        self.kernel_jobs.blocked_reported.insert(id);
+        let mut out = h.incident;
+        out.outcome = "killed".into();
+        out.retries = ev.count;
+        out.last_path = inc.path;
+        out.reason = format!(
+            "{}; resumed itself {} times without approval; killed",
+            out.reason,
+            guardrail_common::SELF_RESUME_LIMIT
+        );
+        println!(
+            "guardrail: incident {id}: held job {} resumed itself {} times without approval; killed",
+            key.pgid,
+            guardrail_common::SELF_RESUME_LIMIT
+        );
+        self.sink.incident(&out);
+    }
+
+    /// A tracepoint-tier deletion in a foreign data directory: the kernel let it through (it cannot
+    /// refuse), then stopped the job (JOB_HELD) or killed it (JOB_BLOCKED). The outcome says what
+    /// really happened: the file is gone, the job is held or killed.
+    fn stopped_foreign(&mut self, mut inc: Incident, ev: &Event) {
+        let key = JobKey {
+            sid: ev.sid,
+            pgid: ev.pgid,
+        };
+        let dir = self
+            .policy
+            .compiled
+            .data_dirs
+            .get(ev.data_dir_id as usize)
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "(unknown)".into());
+        inc.reason = format!(
+            "stopped after 1 file: a foreign deletion in data directory {dir} ({} {}; tracepoint tier: the file is gone)",
+            inc.op, inc.path
+        );
+        let state = self
+            .backend
+            .job(&key)
+            .ok()
+            .flatten()
+            .map(|j| j.state)
+            .unwrap_or(JOB_HELD);
+        if state == JOB_BLOCKED {
+            self.kernel_jobs.blocked_reported.insert(inc.id);
+            inc.reason = inc.reason.replacen("stopped after", "killed after", 1);
+            inc.outcome = "killed".into();
+            self.sink.incident(&inc);
+            return;
+        }
+        if let Some(h) = self.holds.get_mut(&inc.id) {
+            // Already adopted by a tick that found the job held before this event: give the
+            // hold its real reason.
+            h.incident.reason = inc.reason;
+            return;
+        }
+        inc.outcome = "held".into();
+        self.hold(inc, key);
     }
 
     fn next_local_incident(&mut self) -> u64 {
@@ -1313,6 +1400,8 @@ impl Agent {
         let total_at_approval = job.total;
         let rule_budget = self.policy.rule_budget(job.rule);
         grant.apply(&mut job, rule_budget, crate::clock::monotonic_ns());
+        // A later hold counts its self-resumes (SELF_RESUME_LIMIT) afresh.
+        job.refused = 0;
         self.backend
             .set_job(&key, &job)
             .context("the job stays held")?;

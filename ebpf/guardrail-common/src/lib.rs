@@ -181,6 +181,13 @@ pub const JOB_DENIED: u32 = 2;
 /// Crossed its budget under a `block` rule: refused, never resumed.
 pub const JOB_BLOCKED: u32 = 3;
 
+/// Deletions a held job may make without approval in the tracepoint tier, which cannot refuse
+/// them: each is let through and re-stops the job (SIGSTOP); the one that reaches this many (a
+/// sibling looping `kill -CONT`, a ptracer swallowing SIGSTOP) gets SIGKILL and blocks the job.
+/// So at most this many files go after the hold, per task deleting at that moment. The LSM tier
+/// refuses every deletion of a held job and never needs it.
+pub const SELF_RESUME_LIMIT: u64 = 8;
+
 /// `JobState::allowance` value meaning "approved for the rest of the job".
 pub const ALLOWANCE_UNLIMITED: u64 = u64::MAX / 4;
 
@@ -395,6 +402,10 @@ pub const EVF_NEVER_HOLD: u32 = 1 << 8;
 pub const EVF_LEVEL_SESSION: u32 = 1 << 9;
 pub const EVF_LEVEL_UNIT: u32 = 1 << 10;
 pub const EVF_LEVEL_USER: u32 = 1 << 11;
+/// With `EV_HELD_RETRY`: the held job resumed itself `SELF_RESUME_LIMIT` times; the kernel sent
+/// SIGKILL to the task and blocked the job (tracepoint tier). (Bits 9-11 are left to the
+/// budgets-above-the-job work, which numbers its level flags there.)
+pub const EVF_KILLED: u32 = 1 << 12;
 
 /// Path components carried by an event (innermost first), each up to `NAME_LEN` bytes.
 pub const EVENT_PATH_DEPTH: usize = 6;

@@ -161,6 +161,10 @@ static LEVEL_COUNTS: LruHashMap<LevelKey, LevelState> =
 /// Scratch space for a new level entry.
 #[map]
 static LEVEL_INIT: PerCpuArray<LevelState> = PerCpuArray::with_max_entries(1, 0);
+/// What `judge` found for a tracepoint-tier deletion in a foreign data directory, for the hook to
+/// act on after it returns: `[data_dir_id, rule]` (per CPU; `judge` has no stack to spare).
+#[map]
+static FOREIGN: PerCpuArray<[u32; 2]> = PerCpuArray::with_max_entries(1, 0);
 /// Scratch space for a new job's entry (too big for the BPF stack).
 #[map]
 static JOB_INIT: PerCpuArray<JobState> = PerCpuArray::with_max_entries(1, 0);
@@ -275,6 +279,10 @@ enum Verdict {
     /// after the stop (it runs again, and is judged again, when the job continues), so an approved
     /// job loses nothing. Where that is not safe it degrades to `Refuse`.
     Hold,
+    /// Tracepoint tier only: the deletion was in a data directory the job is not named for and has
+    /// gone through; the hook stops (or, under a `block` rule, kills) the job right after it, see
+    /// [`tp_stop_foreign`]. `FOREIGN` holds the data directory and rule.
+    StopForeign,
 }
 
 struct Deletion {
@@ -573,6 +581,15 @@ fn judge(d: &Deletion) -> Verdict {
                 Scope::Undecided => {}
                 Scope::InTarget | Scope::DataOwner => return Verdict::Allow,
                 Scope::DataForeign { data_dir_id } => {
+                    if !rule_audit && d.tier_flags & EVF_TRACEPOINT != 0 {
+                        // This tier cannot refuse: the hook holds the job after judge returns
+                        // (acting here would add a frame under judge, at the stack limit).
+                        if let Some(p) = FOREIGN.get_ptr_mut(0) {
+                            // SAFETY: this CPU's scratch value, valid for this run.
+                            unsafe { *p = [data_dir_id, rule] };
+                            return Verdict::StopForeign;
+                        }
+                    }
                     let flags = if rule_audit { EVF_AUDIT } else { EVF_REFUSED };
                     emit_refusal(
                         d,
@@ -669,17 +686,31 @@ fn judge(d: &Deletion) -> Verdict {
     if state != JOB_ACTIVE {
         let n = fetch_add(refused_p, 1);
         if state == JOB_HELD {
-            let stopped = stop_self();
             // Resumed without approval (`fg`, `kill -CONT`): the LSM tier refuses this deletion,
             // the tracepoint tier cannot; both stop the task again at once so the job waits for
             // the admin instead of failing through (or, in the tracepoint tier, deleting) the
-            // rest of its work. The agent re-stops the whole job.
-            if n == 0 || n.is_power_of_two() {
+            // rest of its work. The agent re-stops the whole job. A job that keeps resuming
+            // itself in the tracepoint tier (a sibling looping `kill -CONT`, a ptracer swallowing
+            // SIGSTOP) is killed at its SELF_RESUME_LIMIT-th deletion since the hold (the
+            // crossing counted `refused` once). Not io_uring submissions: one io_uring_enter
+            // submits a whole batch (up to 32) before the stop lands, with no resume in between.
+            let kill = d.tier_flags & (EVF_TRACEPOINT | EVF_IO_URING) == EVF_TRACEPOINT
+                && n >= SELF_RESUME_LIMIT;
+            let (stopped, first_kill) = if kill {
+                (false, block_resumed(&key, job))
+            } else {
+                (stop_self(), false)
+            };
+            if first_kill || (!kill && (n == 0 || n.is_power_of_two())) {
                 emit(
                     d,
                     &Report {
                         kind: EV_HELD_RETRY,
-                        flags: EVF_SIGNALLED,
+                        flags: if kill {
+                            EVF_SIGNALLED | EVF_KILLED
+                        } else {
+                            EVF_SIGNALLED
+                        },
                         rule,
                         data_dir_id: 0,
                         count: n + 1,
@@ -1008,6 +1039,31 @@ fn restore_held(key: &JobKey, job: *mut JobState) -> u32 {
     unsafe { read_volatile(state_p) }
 }
 
+/// A held job that resumed itself `SELF_RESUME_LIMIT` times (tracepoint tier): SIGKILL to this
+/// task, and the job blocked (in `JOBS` and `HELD`), so that every further deletion of any of its
+/// tasks kills that task too until the agent has killed the whole job. Returns whether this CPU
+/// made the change (it alone reports it). A leaf: `judge` calls it beside `emit`, never above it.
+#[inline(never)]
+fn block_resumed(key: &JobKey, job: *mut JobState) -> bool {
+    signal(SIGKILL);
+    // SAFETY: field address of a valid map value (see `judge`).
+    let state_p = unsafe { addr_of_mut!((*job).state) };
+    if !cas(state_p, JOB_HELD, JOB_BLOCKED) {
+        return false;
+    }
+    // SAFETY: plain fields of the map value.
+    let h = unsafe {
+        HeldJob {
+            state: JOB_BLOCKED,
+            rule: (*job).rule,
+            incident: (*job).incident,
+            held_ns: (*job).held_ns,
+        }
+    };
+    let _ = HELD.insert(key, &h, 0);
+    true
+}
+
 /// Records a crossing in `HELD`, where no flood of new jobs can evict it.
 #[inline(never)]
 fn remember_held(key: &JobKey, state: u32, rule: u32, incident: u64, held_ns: u64) {
@@ -1188,6 +1244,8 @@ fn lsm_verdict(v: Verdict) -> i32 {
         Verdict::Allow => 0,
         Verdict::Refuse => -EPERM,
         Verdict::Hold => -ERESTARTNOINTR,
+        // Never returned for the LSM tier; refusing is what this tier does for it.
+        Verdict::StopForeign => -EPERM,
     }
 }
 
@@ -1369,8 +1427,161 @@ fn tp_delete(dfd: i64, path: *const u8, op: u32) -> u32 {
         op,
         tier_flags: EVF_TRACEPOINT,
     };
-    let _ = judge(&d);
+    if judge(&d) == Verdict::StopForeign {
+        tp_stop_foreign(&d);
+    }
     0
+}
+
+/// A deletion in a data directory the job is not named for, seen by the tracepoint tier after the
+/// fact (the file is gone): the job is held from this first file, like a budget crossing (JOB_HELD,
+/// `HELD` entry, incident from the kernel counter, SIGSTOP to this task; the agent stops the rest of
+/// the job), or killed under a `block` rule. A job already held is stopped again, a blocked or
+/// denied one killed. A job approved `--for-job` (no budget) deletes on. A `never_hold` unit's job
+/// is never stopped: the deletion is only reported (rate-limited, like a refusal).
+///
+/// Called by the hook after `judge` has returned, so its frame sits where judge's was: the chain
+/// (program -> this -> emit_refusal -> emit) is no deeper than (program -> judge -> emit_refusal
+/// -> emit).
+#[inline(never)]
+fn tp_stop_foreign(d: &Deletion) {
+    let Some(f) = FOREIGN.get(0) else { return };
+    let (data_dir_id, rule) = (f[0], f[1] & (MAX_RULES - 1));
+    let Some(cfg) = config() else { return };
+    let slot = cfg.active_slot & 1;
+    let Some(params) = RULES.get(slot * MAX_RULES + rule) else {
+        return;
+    };
+    let o = offsets();
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let key = job_key(&o, current_task(), tgid);
+    if unit_lookup(&NEVER_HOLD, slot).is_some() {
+        emit_refusal(
+            d,
+            &mut Report {
+                kind: EV_DATA_DIR,
+                flags: EVF_NEVER_HOLD,
+                rule,
+                data_dir_id,
+                count: 0,
+                incident: 0,
+            },
+            &key,
+        );
+        return;
+    }
+    let job = match JOBS.get_ptr_mut(&key) {
+        Some(j) => j,
+        None => {
+            let Some(fresh) = JOB_INIT.get_ptr_mut(0) else {
+                return;
+            };
+            // SAFETY: helper without preconditions.
+            let now = unsafe { bpf_ktime_get_ns() };
+            // SAFETY: `fresh` points to this CPU's scratch value; every field is written.
+            unsafe {
+                (*fresh) = JobState::default();
+                (*fresh).state = JOB_ACTIVE;
+                (*fresh).rule = rule;
+                (*fresh).window_start_ns = now;
+                (*fresh).first_ns = now;
+                (*fresh).uid = bpf_get_current_uid_gid() as u32;
+                (*fresh).cgroup_id = bpf_get_current_cgroup_id();
+                if let Ok(comm) = bpf_get_current_comm() {
+                    (*fresh).comm = comm;
+                }
+                let _ = JOBS.insert(&key, &*fresh, 1);
+            }
+            match JOBS.get_ptr_mut(&key) {
+                Some(j) => j,
+                None => return,
+            }
+        }
+    };
+    // SAFETY: field address of a valid map value.
+    let state_p = unsafe { addr_of_mut!((*job).state) };
+    // SAFETY: as above.
+    let mut state = unsafe { read_volatile(state_p) };
+    if state == JOB_ACTIVE {
+        state = restore_held(&key, job);
+    }
+    if state == JOB_ACTIVE {
+        // SAFETY: plain field of the map value.
+        if unsafe { (*job).allowance } == ALLOWANCE_UNLIMITED {
+            return;
+        }
+        let new_state = if params.action == ACTION_BLOCK {
+            JOB_BLOCKED
+        } else {
+            JOB_HELD
+        };
+        if cas(state_p, JOB_ACTIVE, new_state) {
+            // This CPU made the change: it alone reports it.
+            let inc = next_incident();
+            // SAFETY: helper without preconditions.
+            let held_ns = unsafe { bpf_ktime_get_boot_ns() };
+            // SAFETY: plain fields of the map value.
+            unsafe {
+                (*job).incident = inc;
+                (*job).held_ns = held_ns;
+            }
+            remember_held(&key, new_state, rule, inc, held_ns);
+            // Counted like a budget crossing, so that self-resumes count alike (see `judge`).
+            // SAFETY: field address of a valid map value.
+            fetch_add(unsafe { addr_of_mut!((*job).refused) }, 1);
+            if new_state == JOB_HELD {
+                stop_self();
+            } else {
+                signal(SIGKILL);
+            }
+            emit(
+                d,
+                &Report {
+                    kind: EV_DATA_DIR,
+                    flags: EVF_SIGNALLED,
+                    rule,
+                    data_dir_id,
+                    count: 1,
+                    incident: inc,
+                },
+            );
+            return;
+        }
+        // SAFETY: as above.
+        state = unsafe { read_volatile(state_p) };
+    }
+    if state == JOB_HELD {
+        // Resumed without approval: stopped again, and the agent told (as `judge` does) so that
+        // it re-stops the whole job; killed at SELF_RESUME_LIMIT, as in `judge`.
+        // SAFETY: field address of a valid map value.
+        let n = fetch_add(unsafe { addr_of_mut!((*job).refused) }, 1);
+        let kill = n >= SELF_RESUME_LIMIT;
+        let first_kill = if kill {
+            block_resumed(&key, job)
+        } else {
+            stop_self();
+            false
+        };
+        if first_kill || (!kill && (n == 0 || n.is_power_of_two())) {
+            emit(
+                d,
+                &Report {
+                    kind: EV_HELD_RETRY,
+                    flags: if kill {
+                        EVF_SIGNALLED | EVF_KILLED
+                    } else {
+                        EVF_SIGNALLED
+                    },
+                    rule,
+                    data_dir_id: 0,
+                    count: n + 1,
+                    incident: 0,
+                },
+            );
+        }
+    } else if state == JOB_BLOCKED || state == JOB_DENIED {
+        signal(SIGKILL);
+    }
 }
 
 #[tracepoint(category = "syscalls", name = "sys_enter_unlinkat")]

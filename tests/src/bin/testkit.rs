@@ -318,6 +318,63 @@ fn setsid_unlink(n: usize, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `ptrace-nostop CMD...`: runs CMD in a session of its own (a job of its own) as its ptracer and
+/// swallows every stop signal CMD gets (SIGSTOP, SIGTSTP, SIGTTIN, SIGTTOU), passing the others
+/// on: what a same-user debugger can do to a job that should be held. Exits with CMD's status
+/// (128 + N when signal N ended it).
+fn ptrace_nostop(cmd: &[&str]) -> Result<()> {
+    let argv: Vec<std::ffi::CString> = cmd
+        .iter()
+        .map(|a| std::ffi::CString::new(*a))
+        .collect::<Result<_, _>>()?;
+    anyhow::ensure!(!argv.is_empty(), "ptrace-nostop CMD...");
+    let mut ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    ptrs.push(std::ptr::null());
+    let null = std::ptr::null_mut::<libc::c_void>();
+    // SAFETY: fork in a single-threaded process; the child only calls async-signal-safe
+    // functions (setsid, ptrace, execvp, _exit) on data built before the fork.
+    let child = match unsafe { libc::fork() } {
+        -1 => bail!("fork failed"),
+        // SAFETY: as above.
+        0 => unsafe {
+            libc::setsid();
+            libc::ptrace(libc::PTRACE_TRACEME, 0, null, null);
+            libc::execvp(ptrs[0], ptrs.as_ptr());
+            libc::_exit(127)
+        },
+        child => child,
+    };
+    loop {
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        if unsafe { libc::waitpid(child, &mut status, 0) } < 0 {
+            bail!("waitpid: {}", std::io::Error::last_os_error());
+        }
+        if libc::WIFEXITED(status) {
+            std::process::exit(libc::WEXITSTATUS(status));
+        }
+        if libc::WIFSIGNALED(status) {
+            std::process::exit(128 + libc::WTERMSIG(status));
+        }
+        if libc::WIFSTOPPED(status) {
+            let pass = match libc::WSTOPSIG(status) {
+                // The exec's trap, and every stop signal: swallowed.
+                libc::SIGTRAP | libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU => 0,
+                s => s,
+            };
+            // SAFETY: our own tracee, in a ptrace stop.
+            unsafe {
+                libc::ptrace(
+                    libc::PTRACE_CONT,
+                    child,
+                    null,
+                    pass as usize as *mut libc::c_void,
+                )
+            };
+        }
+    }
+}
+
 /// `sock reuse SOCKET HOST`: a confirmation from a reused pid. A child A connects to the socket
 /// and hands the connection to its own child C, then exits; this process reaps A and starts B
 /// with A's pid (clone3 set_tid) in a new audit session; C then claims B's session for A's
@@ -521,6 +578,7 @@ fn main() -> Result<()> {
         ["fill", n, dir] => fill(n.parse().context("file count")?, Path::new(dir)),
         ["mirror-stop", cmd @ ..] => mirror_stop(cmd),
         ["with-pid", pid, cmd @ ..] => with_pid(pid.parse().context("pid")?, cmd),
+        ["ptrace-nostop", cmd @ ..] => ptrace_nostop(cmd),
         ["sock", "reuse", socket, host] => sock_reuse(Path::new(socket), host),
         ["sock", mode, socket, arg] => sock_client(mode, Path::new(socket), arg),
         ["setsid-unlink", n, dir] => setsid_unlink(n.parse().context("job count")?, Path::new(dir)),
@@ -546,7 +604,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         _ => bail!(
-            "usage: guardrail-testkit uring-unlink DIR | fork-unlink N DIR | rename-over SRC DST | fill N DIR | count DIR | rm-rf PATH | mirror-stop CMD... | with-pid PID CMD... | plant-links TARGET FROM COUNT TEMPLATE... | dribble ADDR SECS | setsid-unlink N DIR | sock dribble|stream|noread|send SOCKET ARG"
+            "usage: guardrail-testkit uring-unlink DIR | fork-unlink N DIR | rename-over SRC DST | fill N DIR | count DIR | rm-rf PATH | mirror-stop CMD... | with-pid PID CMD... | ptrace-nostop CMD... | plant-links TARGET FROM COUNT TEMPLATE... | dribble ADDR SECS | setsid-unlink N DIR | sock dribble|stream|noread|send SOCKET ARG"
         ),
     }
 }
