@@ -272,6 +272,7 @@ pub enum ProgramSection {
     FExit {
         sleepable: bool,
     },
+    FModRet,
     FlowDissector,
     Extension,
     SkLookup,
@@ -435,6 +436,9 @@ impl FromStr for ProgramSection {
             "fentry.s" => Self::FEntry { sleepable: true },
             "fexit" => Self::FExit { sleepable: false },
             "fexit.s" => Self::FExit { sleepable: true },
+            // Only non-sleepable programs may modify a return value (the kernel refuses
+            // BPF_F_SLEEPABLE with BPF_MODIFY_RETURN), so there is no "fmod_ret.s".
+            "fmod_ret" => Self::FModRet,
             "flow_dissector" => Self::FlowDissector,
             "freplace" => Self::Extension,
             "sk_lookup" => Self::SkLookup,
