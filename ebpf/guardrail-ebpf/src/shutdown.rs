@@ -10,6 +10,8 @@
 //!   identity in `SD_EXES`, and for multi-call binaries by argv), `capable(CAP_SYS_BOOT)` refuses
 //!   reboot(2)/kexec, `file_open` refuses writes to /proc/sysrq-trigger, `task_kill` refuses the
 //!   signals that shut PID 1 down.
+//! - fmod_ret tier: the same bodies on `security_bprm_check`, `security_capable`,
+//!   `security_file_open` and `security_task_kill` (fmodret.rs).
 //! - Tracepoint tier: at `sched_process_exec` the exec'd shutdown program is stopped before its
 //!   first instruction (see [`sd_exec_tp`]).
 //!
@@ -543,6 +545,12 @@ fn report(op: u32, outcome: u32, packed: u32, signal: u32, words: Option<&SdArgs
 /// runs (execve returns EPERM).
 #[lsm(hook = "bprm_check_security")]
 pub fn sd_bprm_check(ctx: LsmContext) -> i32 {
+    sd_bprm_check_verdict(&ctx)
+}
+
+/// The body of `sd_bprm_check`, shared with the fmod_ret tier.
+#[inline(always)]
+pub(crate) fn sd_bprm_check_verdict(ctx: &LsmContext) -> i32 {
     if sd_config().is_none() {
         return 0;
     }
@@ -570,6 +578,12 @@ pub fn sd_bprm_check(ctx: LsmContext) -> i32 {
 /// often: anything but CAP_SYS_BOOT returns at once.
 #[lsm(hook = "capable")]
 pub fn sd_capable(ctx: LsmContext) -> i32 {
+    sd_capable_verdict(&ctx)
+}
+
+/// The body of `sd_capable`, shared with the fmod_ret tier.
+#[inline(always)]
+pub(crate) fn sd_capable_verdict(ctx: &LsmContext) -> i32 {
     let cap: i32 = ctx.arg(2);
     if cap != CAP_SYS_BOOT {
         return 0;
@@ -586,6 +600,12 @@ pub fn sd_capable(ctx: LsmContext) -> i32 {
 /// inode number and filesystem magic, so every procfs mount and bind mount is covered).
 #[lsm(hook = "file_open")]
 pub fn sd_file_open(ctx: LsmContext) -> i32 {
+    sd_file_open_verdict(&ctx)
+}
+
+/// The body of `sd_file_open`, shared with the fmod_ret tier.
+#[inline(always)]
+pub(crate) fn sd_file_open_verdict(ctx: &LsmContext) -> i32 {
     let Some(cfg) = sd_config() else {
         return 0;
     };
@@ -633,6 +653,12 @@ fn shuts_down_pid1(sig: i32) -> bool {
 /// *cred)`
 #[lsm(hook = "task_kill")]
 pub fn sd_task_kill(ctx: LsmContext) -> i32 {
+    sd_task_kill_verdict(&ctx)
+}
+
+/// The body of `sd_task_kill`, shared with the fmod_ret tier.
+#[inline(always)]
+pub(crate) fn sd_task_kill_verdict(ctx: &LsmContext) -> i32 {
     let sig: i32 = ctx.arg(2);
     if !shuts_down_pid1(sig) || sd_config().is_none() {
         return 0;
