@@ -310,10 +310,23 @@ fn test(no_vm: bool, no_sysvm: bool, filter: Option<String>) -> Result<()> {
             // can stall in a cross-CPU wait (soft lockups seen here); one is as fast.
             cpus: 1,
             verbose: false,
+            ubuntu_lsm: false,
         };
         step(
             "VM tests (LSM tier)",
-            vm::cli_main(with_binaries(args, &bin)),
+            vm::cli_main(with_binaries(args.clone(), &bin)),
+        );
+        // The same cases on the same 6.1 kernel booted the way Ubuntu boots (BPF LSM built, not
+        // active): the agent must pick the fmodret tier and give the same outcomes (~4 min).
+        step(
+            "VM tests (fmod_ret tier, 6.1 with Ubuntu's LSM list)",
+            vm::cli_main(with_binaries(
+                vm::VmCli {
+                    ubuntu_lsm: true,
+                    ..args
+                },
+                &bin,
+            )),
         );
     }
     // A filter names cases of the other suites; this one runs with none, or with "sysvm".

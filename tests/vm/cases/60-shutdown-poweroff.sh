@@ -11,8 +11,8 @@
 . /cases/lib.inc
 shutdown_policy "$S/policy.toml"
 start_agent "$S/policy.toml"
-gr status | grep -q '^tier:    lsm' || fail "status does not say tier lsm"
-gr status | grep -q 'sd_capable' || fail "the shutdown LSM programs are not attached"
+gr status | grep -q "^tier:    $TIER " || fail "status does not say tier $TIER"
+gr status | grep -q "${SD_PREFIX}capable" || fail "the shutdown programs of the $TIER tier are not attached"
 
 fake_sshd_session
 

@@ -240,10 +240,11 @@ impl ConsoleParser {
 
         if let Some(lsm) = line.strip_prefix(MARK_LSM) {
             self.lsm = Some(lsm.trim().to_owned());
+            // Without bpf is the fmodret tier's mode (Ubuntu's list); say so either way.
             let warn = if lsm.split(',').any(|l| l.trim() == "bpf") {
                 ""
             } else {
-                " (bpf missing!)"
+                " (no bpf: BPF LSM inactive)"
             };
             return Some(format!("guest LSMs: {}{warn}", lsm.trim()));
         }
