@@ -147,7 +147,7 @@ impl ProbeReport {
         match self.tier {
             Tier::Lsm => None,
             Tier::FModRet => Some(
-                "BPF LSM is built but not active: add bpf to the kernel's lsm= list (the list in /sys/kernel/security/lsm, then \",bpf\"; e.g. in GRUB_CMDLINE_LINUX, update-grub) and reboot for the lsm tier (no trampoline on every capability check)",
+                "BPF LSM is built but not active: boot with lsm=<the list in /sys/kernel/security/lsm>,bpf (GRUB_CMDLINE_LINUX in /etc/default/grub, then update-grub) for the lsm tier, which has no trampoline on every capability check and file open",
             ),
             Tier::Tracepoint | Tier::Userspace => Some(
                 "a kernel with BPF LSM active (lsm= list containing bpf), or x86_64 >= 5.7 with BTF and BPF trampolines for the fmodret tier, refuses in the kernel",

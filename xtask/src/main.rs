@@ -311,6 +311,7 @@ fn test(no_vm: bool, no_sysvm: bool, filter: Option<String>) -> Result<()> {
             cpus: 1,
             verbose: false,
             ubuntu_lsm: false,
+            kernel_package: None,
         };
         step(
             "VM tests (LSM tier)",

@@ -50,7 +50,7 @@ use anyhow::{Context, Result, bail, ensure};
 use crate::qemu::{TempDir, prune_logs};
 use console::{Outcome, boot_vm};
 use initramfs::build_initramfs;
-pub use kernel::ensure_kernel;
+pub use kernel::{ensure_kernel, ensure_kernel_from};
 
 /// The kernel command line before `lsm=`.
 const KERNEL_CMDLINE: &str = "console=ttyS0 quiet panic=-1 cryptomgr.notests";
@@ -404,6 +404,10 @@ pub struct VmCli {
     /// Boot with Ubuntu's LSM list (no `bpf`): the cases expect the fmodret tier.
     #[arg(long)]
     pub ubuntu_lsm: bool,
+    /// Debian package of the kernel to boot, e.g. linux-image-6.12-amd64 [default:
+    /// linux-image-amd64, Debian 12's 6.1].
+    #[arg(long)]
+    pub kernel_package: Option<String>,
 }
 
 fn parse_extra(s: &str) -> Result<(PathBuf, PathBuf), String> {
@@ -430,7 +434,10 @@ pub fn cli_main(args: VmCli) -> Result<()> {
         Some(dir) => dir,
         None => default_cache_dir()?,
     };
-    let kernel = ensure_kernel(&cache_dir)?;
+    let kernel = match &args.kernel_package {
+        Some(package) => ensure_kernel_from(&cache_dir, package)?,
+        None => ensure_kernel(&cache_dir)?,
+    };
     let opts = VmOptions {
         binaries: args.binary,
         filter: args.filter,
