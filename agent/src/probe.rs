@@ -237,6 +237,7 @@ fn probe_lsm(offsets: &KernelOffsets) -> Result<()> {
 /// only, and proves both that it ran and that the `stat` failed with EPERM: on this kernel the
 /// return value of an fmod_ret program on a `security_*` function really refuses the call (the
 /// kernel's BTF lists the function, it has a BPF trampoline, and nothing blocks the attach).
+/// Then loads the tier's deletion programs.
 fn probe_fmodret(offsets: &KernelOffsets) -> Result<()> {
     let mut ebpf = sensor::load(offsets)?;
     let tid = nix::unistd::gettid().as_raw() as u32;
@@ -271,12 +272,24 @@ fn probe_fmodret(offsets: &KernelOffsets) -> Result<()> {
         anyhow::bail!("an fmod_ret program attached but never ran");
     }
     match refused {
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {}
         Err(e) => {
             anyhow::bail!("an fmod_ret program ran but stat failed with {e} instead of EPERM")
         }
         Ok(_) => anyhow::bail!("an fmod_ret program ran but its return value did not refuse stat"),
     }
+    // Chosen only when its deletion programs also pass this kernel's verifier (loaded, never
+    // attached here): a kernel that refuses one gets the tracepoint tier, not an agent that
+    // cannot start.
+    for (name, func) in sensor::FMODRET_PROGRAMS {
+        let prog: &mut FModRet = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("no {name} program"))?
+            .try_into()?;
+        prog.load(func, &btf)
+            .with_context(|| format!("loading fmod_ret program {name} for {func}"))?;
+    }
+    Ok(())
 }
 
 fn probe_tracepoint(offsets: &KernelOffsets) -> Result<()> {
