@@ -365,15 +365,20 @@ fn excepted() -> bool {
     false
 }
 
-/// Judges one shutdown-class request of the current task. True: refuse it.
+/// Judges one shutdown-class request of the current task: -EPERM refuses it, 0 lets it go.
+///
+/// It returns the errno itself, a constant on every path, rather than a bool the caller turns
+/// into one: `if refuse { -EPERM } else { 0 }` compiles to a negation, which the verifier tracks
+/// as an unknown 32-bit value, and kernels >= 6.10 refuse an LSM program whose return value may
+/// lie outside [-4095, 0] (seen on Debian's 6.12: sd_bprm_check did not load).
 #[inline(never)]
-fn judge(op: u32, signal: u32, tid: u32, tracepoint: bool) -> bool {
+fn judge(op: u32, signal: u32, tid: u32, tracepoint: bool) -> i32 {
     let Some(cfg) = sd_config() else {
-        return false;
+        return 0;
     };
     let o = offsets();
     if o.valid == 0 {
-        return false;
+        return 0;
     }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     // PID 1 (and systemd-shutdown, which runs as PID 1) and the agent are never judged.
@@ -381,7 +386,7 @@ fn judge(op: u32, signal: u32, tid: u32, tracepoint: bool) -> bool {
         || (tgid == cfg.agent_tgid
             && crate::is_current_agent(&o, cfg.agent_tgid, cfg.agent_start_lo, cfg.agent_start_hi))
     {
-        return false;
+        return 0;
     }
     let task = current_task();
     let session = kread::<u32>(task, o.task_sessionid).unwrap_or(AUDIT_SESSION_UNSET);
@@ -414,7 +419,7 @@ fn judge(op: u32, signal: u32, tid: u32, tracepoint: bool) -> bool {
             signal,
             words,
         );
-        return false;
+        return 0;
     }
     let t = now();
     // A process that used a pass finishes its own request (exec, then reboot(2)).
@@ -442,7 +447,7 @@ fn judge(op: u32, signal: u32, tid: u32, tracepoint: bool) -> bool {
     }
     if cleared {
         report(op, SD_OUT_CONFIRMED, pack(class, action, 0), signal, words);
-        return false;
+        return 0;
     }
     if cfg.mode == MODE_AUDIT {
         report(
@@ -452,7 +457,7 @@ fn judge(op: u32, signal: u32, tid: u32, tracepoint: bool) -> bool {
             signal,
             words,
         );
-        return false;
+        return 0;
     }
     let outcome = if tracepoint {
         SD_OUT_STOPPED
@@ -478,7 +483,7 @@ fn judge(op: u32, signal: u32, tid: u32, tracepoint: bool) -> bool {
         // SAFETY: as above.
         let _ = unsafe { bpf_send_signal(SIGKILL) };
     }
-    true
+    -EPERM
 }
 
 /// Class, action and exception flag in one argument (BPF calls take at most five).
@@ -566,11 +571,7 @@ pub(crate) fn sd_bprm_check_verdict(ctx: &LsmContext) -> i32 {
     if !exec_is_shutdown(file, tid) {
         return 0;
     }
-    if judge(SD_OP_EXEC, 0, tid, false) {
-        -EPERM
-    } else {
-        0
-    }
+    judge(SD_OP_EXEC, 0, tid, false)
 }
 
 /// `int capable(const struct cred *cred, struct user_namespace *ns, int cap, unsigned int opts)`:
@@ -589,11 +590,7 @@ pub(crate) fn sd_capable_verdict(ctx: &LsmContext) -> i32 {
         return 0;
     }
     let tid = bpf_get_current_pid_tgid() as u32;
-    if judge(SD_OP_REBOOT, 0, tid, false) {
-        -EPERM
-    } else {
-        0
-    }
+    judge(SD_OP_REBOOT, 0, tid, false)
 }
 
 /// `int file_open(struct file *file)`: a write open of /proc/sysrq-trigger (matched by procfs
@@ -635,11 +632,7 @@ pub(crate) fn sd_file_open_verdict(ctx: &LsmContext) -> i32 {
         return 0;
     }
     let tid = bpf_get_current_pid_tgid() as u32;
-    if judge(SD_OP_SYSRQ, 0, tid, false) {
-        -EPERM
-    } else {
-        0
-    }
+    judge(SD_OP_SYSRQ, 0, tid, false)
 }
 
 /// Signals that make systemd (PID 1) shut down: SIGINT (ctrl-alt-del.target), SIGRTMIN+3..+6 and
@@ -669,11 +662,7 @@ pub(crate) fn sd_task_kill_verdict(ctx: &LsmContext) -> i32 {
         return 0;
     }
     let tid = bpf_get_current_pid_tgid() as u32;
-    if judge(SD_OP_SIGNAL, sig as u32, tid, false) {
-        -EPERM
-    } else {
-        0
-    }
+    judge(SD_OP_SIGNAL, sig as u32, tid, false)
 }
 
 // --- tracepoint tier ---------------------------------------------------------------------------
