@@ -49,7 +49,7 @@ pub struct AgentArgs {
     pub socket: Option<PathBuf>,
     /// Force a tier instead of probing (for tests of the weaker tiers on a stronger kernel).
     /// `userspace` is the last resort the probe picks when no BPF program can run.
-    #[arg(long, value_parser = ["auto", "lsm", "tracepoint", "userspace"], default_value = "auto")]
+    #[arg(long, value_parser = ["auto", "lsm", "fmodret", "tracepoint", "userspace"], default_value = "auto")]
     pub tier: String,
     /// JSON lines event log (default from the policy's [alerts.event_log]).
     #[arg(long)]
@@ -387,12 +387,7 @@ fn start(args: &AgentArgs) -> Result<Agent> {
     check()?;
     let report = probe::probe(offsets.as_ref().ok());
     check()?;
-    let tier = match args.tier.as_str() {
-        "lsm" => Tier::Lsm,
-        "tracepoint" => Tier::Tracepoint,
-        "userspace" => Tier::Userspace,
-        _ => report.tier,
-    };
+    let tier = Tier::from_name(&args.tier).unwrap_or(report.tier);
     let why = if args.tier == "auto" {
         report.why()
     } else {
@@ -662,7 +657,7 @@ impl Agent {
                     count: job.count,
                     ..Default::default()
                 };
-                inc.outcome = if self.tier == Tier::Lsm {
+                inc.outcome = if self.tier.refuses() {
                     "refused"
                 } else {
                     "killed"
@@ -734,7 +729,7 @@ impl Agent {
     /// Lets a held job of a never_hold unit go, as the kernel would have decided it: refused from
     /// here on where the tier refuses, free elsewhere.
     fn release_never_held(&mut self, key: JobKey, mut job: JobState, unit: &str) {
-        if self.tier == Tier::Lsm {
+        if self.tier.refuses() {
             job.state = JOB_DENIED;
         } else {
             job.state = JOB_ACTIVE;
@@ -1026,7 +1021,7 @@ impl Agent {
                     .unwrap_or(JOB_HELD);
                 if state == JOB_BLOCKED {
                     self.kernel_jobs.blocked_reported.insert(inc.id);
-                    inc.outcome = if self.tier == Tier::Lsm {
+                    inc.outcome = if self.tier.refuses() {
                         "refused".into()
                     } else {
                         "killed".into()
@@ -1539,7 +1534,7 @@ impl Agent {
         let Some(h) = self.holds.remove(&id) else {
             bail!("no open hold with id {id}")
         };
-        let kill_it = self.policy.deny_kills || self.tier != Tier::Lsm;
+        let kill_it = self.policy.deny_kills || !self.tier.refuses();
         // Found before the job goes: a wrapper stopped in sympathy (sudo) is continued after.
         let wrappers = procinfo::stopped_ancestors(h.key.pgid);
         if kill_it {

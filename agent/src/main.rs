@@ -101,7 +101,8 @@ enum Command {
         json: bool,
         /// Test this tier instead of the probed one (`userspace`: measure the last resort's
         /// blast radius on this host even where BPF works).
-        #[arg(long, value_parser = ["auto", "userspace"], default_value = "auto")]
+        /// `fmodret`: test the fmod_ret tier on a kernel where BPF LSM is active.
+        #[arg(long, value_parser = ["auto", "fmodret", "userspace"], default_value = "auto")]
         tier: String,
     },
     /// Emergency off switch, with or without an agent: detach every program pinned in PIN_DIR,
@@ -240,7 +241,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             )?)
         }
         Command::Policy { command } => cli_policy(command),
-        Command::Selftest { json, tier } => selftest::run(json, tier == "userspace"),
+        Command::Selftest { json, tier } => selftest::run(json, probe::Tier::from_name(&tier)),
         Command::Events(args) => alert::cli::run(args),
         Command::Off { pin_dir, force } => pins::run(&pin_dir, &socket, force),
         Command::Generate { what } => {

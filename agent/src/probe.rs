@@ -7,7 +7,7 @@ use anyhow::{Context, Result, anyhow};
 use aya::{
     Btf,
     maps::Array,
-    programs::{Lsm, TracePoint},
+    programs::{FModRet, Lsm, TracePoint},
 };
 use guardrail_common::KernelOffsets;
 use serde::Serialize;
@@ -19,6 +19,11 @@ use crate::sensor;
 pub enum Tier {
     /// BPF LSM: deletions and shutdowns refused in the kernel before they happen.
     Lsm,
+    /// The `lsm` tier's programs attached as fmod_ret (BPF_MODIFY_RETURN) to the kernel's
+    /// `security_*` functions, where BPF LSM is built but not in the active LSM list (Ubuntu):
+    /// the same refusals, before they happen.
+    #[serde(rename = "fmodret")]
+    FModRet,
     /// Syscall and sched tracepoints: counted in the kernel, the job stopped by a signal from the
     /// kernel right after the syscall that crossed the budget.
     Tracepoint,
@@ -30,6 +35,7 @@ impl fmt::Display for Tier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Tier::Lsm => "lsm",
+            Tier::FModRet => "fmodret",
             Tier::Tracepoint => "tracepoint",
             Tier::Userspace => "userspace",
         })
@@ -37,6 +43,23 @@ impl fmt::Display for Tier {
 }
 
 impl Tier {
+    /// Parses a `--tier` value; `auto` (and anything else) is None.
+    pub fn from_name(name: &str) -> Option<Tier> {
+        match name {
+            "lsm" => Some(Tier::Lsm),
+            "fmodret" => Some(Tier::FModRet),
+            "tracepoint" => Some(Tier::Tracepoint),
+            "userspace" => Some(Tier::Userspace),
+            _ => None,
+        }
+    }
+
+    /// Refuses in the kernel before the operation happens (EPERM, or a hold before the
+    /// deletion), rather than stopping the job after it.
+    pub fn refuses(self) -> bool {
+        matches!(self, Tier::Lsm | Tier::FModRet)
+    }
+
     /// What this tier cannot see or do, stated wherever the tier is reported.
     pub fn gaps(self) -> &'static [&'static str] {
         match self {
@@ -45,6 +68,14 @@ impl Tier {
                 "overwrites in place (truncate, O_TRUNC, dd over a file) are not counted as deletions",
                 "btrfs subvolume deletion (an ioctl) is not seen",
                 "shutdown requests sent straight over D-Bus (busctl, gdbus) are not seen: logind refuses them through guardrail's block inhibitor, except from root before systemd 257 (or a caller polkit lets ignore inhibitors); those to PID 1 (org.freedesktop.systemd1 StartUnit reboot.target) go through",
+            ],
+            Tier::FModRet => &[
+                "deletions by kernel threads for remote clients (nfsd, ksmbd) are judged as the kernel thread, not the client",
+                "overwrites in place (truncate, O_TRUNC, dd over a file) are not counted as deletions",
+                "btrfs subvolume deletion (an ioctl) is not seen",
+                "shutdown requests sent straight over D-Bus (busctl, gdbus) are not seen: logind refuses them through guardrail's block inhibitor, except from root before systemd 257 (or a caller polkit lets ignore inhibitors); those to PID 1 (org.freedesktop.systemd1 StartUnit reboot.target) go through",
+                "a BPF trampoline runs on every capability check (security_capable) and file open (security_file_open) on the host, not only on guarded ones: a small cost the lsm tier does not have",
+                "another tool's fmod_ret program on the same security_* function that refuses first ends the call before guardrail's runs (the refusal still stands; guardrail just does not count it)",
             ],
             Tier::Tracepoint => &[
                 "cannot refuse a single syscall: a job is stopped right after the deletion that crossed its budget (at most one file past the budget per task deleting at that moment)",
@@ -80,6 +111,8 @@ pub struct ProbeReport {
     pub tier: Tier,
     /// Ok, or why BPF LSM is not usable.
     pub lsm: Result<(), String>,
+    /// Ok, or why fmod_ret programs on `security_*` functions cannot refuse here.
+    pub fmodret: Result<(), String>,
     pub tracepoint: Result<(), String>,
 }
 
@@ -87,13 +120,19 @@ impl ProbeReport {
     pub fn why(&self) -> String {
         match self.tier {
             Tier::Lsm => "BPF LSM programs load and fire on this kernel".to_string(),
+            Tier::FModRet => format!(
+                "BPF LSM is not usable ({}); fmod_ret programs on security_* functions load, fire and refuse",
+                err(&self.lsm)
+            ),
             Tier::Tracepoint => format!(
-                "BPF LSM is not usable ({}); tracepoint programs load and fire",
-                self.lsm.as_ref().err().map(String::as_str).unwrap_or("?")
+                "BPF LSM is not usable ({}); fmod_ret is not usable ({}); tracepoint programs load and fire",
+                err(&self.lsm),
+                err(&self.fmodret)
             ),
             Tier::Userspace => format!(
-                "BPF LSM is not usable ({}); tracepoints are not usable ({})",
-                self.lsm.as_ref().err().map(String::as_str).unwrap_or("?"),
+                "BPF LSM is not usable ({}); fmod_ret is not usable ({}); tracepoints are not usable ({})",
+                err(&self.lsm),
+                err(&self.fmodret),
                 self.tracepoint
                     .as_ref()
                     .err()
@@ -102,6 +141,25 @@ impl ProbeReport {
             ),
         }
     }
+}
+
+impl ProbeReport {
+    /// How to get a stronger tier than the one probed, where this kernel could give one.
+    pub fn stronger(&self) -> Option<&'static str> {
+        match self.tier {
+            Tier::Lsm => None,
+            Tier::FModRet => Some(
+                "BPF LSM is built but not active: boot with lsm=<the list in /sys/kernel/security/lsm>,bpf (GRUB_CMDLINE_LINUX in /etc/default/grub, then update-grub) for the lsm tier, which has no trampoline on every capability check and file open",
+            ),
+            Tier::Tracepoint | Tier::Userspace => Some(
+                "a kernel with BPF LSM active (lsm= list containing bpf), or x86_64 >= 5.7 with BTF and BPF trampolines for the fmodret tier, refuses in the kernel",
+            ),
+        }
+    }
+}
+
+fn err(r: &Result<(), String>) -> &str {
+    r.as_ref().err().map(String::as_str).unwrap_or("?")
 }
 
 fn chain(e: &anyhow::Error) -> String {
@@ -118,13 +176,17 @@ pub fn probe(offsets: Option<&KernelOffsets>) -> ProbeReport {
         return ProbeReport {
             tier: Tier::Userspace,
             lsm: Err(why.clone()),
+            fmodret: Err(why.clone()),
             tracepoint: Err(why),
         };
     };
     let lsm = probe_lsm(offsets).map_err(|e| chain(&e));
+    let fmodret = probe_fmodret(offsets).map_err(|e| chain(&e));
     let tracepoint = probe_tracepoint(offsets).map_err(|e| chain(&e));
     let tier = if lsm.is_ok() {
         Tier::Lsm
+    } else if fmodret.is_ok() {
+        Tier::FModRet
     } else if tracepoint.is_ok() {
         Tier::Tracepoint
     } else {
@@ -133,6 +195,7 @@ pub fn probe(offsets: Option<&KernelOffsets>) -> ProbeReport {
     ProbeReport {
         tier,
         lsm,
+        fmodret,
         tracepoint,
     }
 }
@@ -168,6 +231,65 @@ fn probe_lsm(offsets: &KernelOffsets) -> Result<()> {
         anyhow::bail!(
             "a BPF LSM program attached but never ran (bpf is not in the kernel's active lsm= list)"
         );
+    }
+    Ok(())
+}
+
+/// Loads an fmod_ret program on `security_inode_getattr` that refuses a `stat` by this thread
+/// only, and proves both that it ran and that the `stat` failed with EPERM: on this kernel the
+/// return value of an fmod_ret program on a `security_*` function really refuses the call (the
+/// kernel's BTF lists the function, it has a BPF trampoline, and nothing blocks the attach).
+/// Then loads the tier's deletion programs.
+fn probe_fmodret(offsets: &KernelOffsets) -> Result<()> {
+    let mut ebpf = sensor::load(offsets)?;
+    let tid = nix::unistd::gettid().as_raw() as u32;
+    {
+        let mut target: Array<_, u32> = Array::try_from(
+            ebpf.map_mut("SELFTEST_TARGET")
+                .ok_or_else(|| anyhow!("no SELFTEST_TARGET"))?,
+        )?;
+        target.set(0, tid, 0)?;
+    }
+    let btf = Btf::from_sys_fs().context("reading kernel BTF")?;
+    let prog: &mut FModRet = ebpf
+        .program_mut("probe_fmodret")
+        .ok_or_else(|| anyhow!("no probe_fmodret program"))?
+        .try_into()?;
+    prog.load("security_inode_getattr", &btf)
+        .context("loading an fmod_ret program on security_inode_getattr")?;
+    let link = prog
+        .attach()
+        .context("attaching an fmod_ret program to security_inode_getattr")?;
+    let refused = std::fs::metadata(Path::new("/"));
+    let prog: &mut FModRet = ebpf
+        .program_mut("probe_fmodret")
+        .ok_or_else(|| anyhow!("no probe_fmodret"))?
+        .try_into()?;
+    prog.detach(link)?;
+    let hits: Array<_, u64> = Array::try_from(
+        ebpf.map("PROBE_LSM_HITS")
+            .ok_or_else(|| anyhow!("no PROBE_LSM_HITS"))?,
+    )?;
+    if hits.get(&0, 0)? == 0 {
+        anyhow::bail!("an fmod_ret program attached but never ran");
+    }
+    match refused {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {}
+        Err(e) => {
+            anyhow::bail!("an fmod_ret program ran but stat failed with {e} instead of EPERM")
+        }
+        Ok(_) => anyhow::bail!("an fmod_ret program ran but its return value did not refuse stat"),
+    }
+    // Chosen only when its deletion programs also pass this kernel's verifier (loaded, never
+    // attached here): a kernel that refuses one gets the tracepoint tier, not an agent that
+    // cannot start.
+    for (name, func) in sensor::FMODRET_PROGRAMS {
+        let prog: &mut FModRet = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("no {name} program"))?
+            .try_into()?;
+        prog.load(func, &btf)
+            .with_context(|| format!("loading fmod_ret program {name} for {func}"))?;
     }
     Ok(())
 }

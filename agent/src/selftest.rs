@@ -28,6 +28,9 @@ struct Report {
     tier: probe::Tier,
     why: String,
     gaps: Vec<String>,
+    /// How to get a stronger tier on this host, where there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stronger: Option<String>,
     checks: Vec<Check>,
 }
 
@@ -176,7 +179,7 @@ fn runaway_check(offsets: &guardrail_common::KernelOffsets, tier: probe::Tier) -
         let _ = child.wait();
         let gone = (RUNAWAY_FILES - left) as u64;
         let past = gone.saturating_sub(RUNAWAY_BUDGET);
-        let promised = if tier == probe::Tier::Lsm { 0 } else { 1 };
+        let promised = if tier.refuses() { 0 } else { 1 };
         Ok(Check {
             name: "runaway deletion".into(),
             ok: crossed && gone >= RUNAWAY_BUDGET.saturating_sub(1) && past <= promised,
@@ -331,13 +334,13 @@ fn userspace_runaway_check() -> Check {
     }
 }
 
-pub fn run(json: bool, force_userspace: bool) -> Result<ExitCode> {
+pub fn run(json: bool, forced: Option<probe::Tier>) -> Result<ExitCode> {
     crate::mount_kernel_filesystems();
     let offsets = btf::resolve_offsets(Path::new(btf::VMLINUX_BTF));
     let mut report = probe::probe(offsets.as_ref().ok());
     let probed = report.why();
-    if force_userspace {
-        report.tier = probe::Tier::Userspace;
+    if let Some(t) = forced {
+        report.tier = t;
     }
     let mut checks = vec![
         Check {
@@ -356,6 +359,15 @@ pub fn run(json: bool, force_userspace: bool) -> Result<ExitCode> {
                 .clone()
                 .err()
                 .unwrap_or_else(|| "loads and fires".into()),
+        },
+        Check {
+            name: "fmod_ret".into(),
+            ok: report.fmodret.is_ok(),
+            detail: report
+                .fmodret
+                .clone()
+                .err()
+                .unwrap_or_else(|| "loads, fires and refuses on security_* functions".into()),
         },
         Check {
             name: "tracepoints".into(),
@@ -406,12 +418,12 @@ pub fn run(json: bool, force_userspace: bool) -> Result<ExitCode> {
     }
     let out = Report {
         tier: report.tier,
-        why: if force_userspace {
-            format!("forced by --tier userspace; probe: {probed}")
-        } else {
-            probed
+        why: match forced {
+            Some(t) => format!("forced by --tier {t}; probe: {probed}"),
+            None => probed,
         },
         gaps: report.tier.gaps().iter().map(|s| s.to_string()).collect(),
+        stronger: report.stronger().map(str::to_string),
         checks,
     };
     let offsets_ok = out
@@ -432,9 +444,12 @@ pub fn run(json: bool, force_userspace: bool) -> Result<ExitCode> {
         for g in &out.gaps {
             println!("cannot: {g}");
         }
+        if let Some(s) = &out.stronger {
+            println!("stronger: {s}");
+        }
         for c in &out.checks {
             // A tier this kernel lacks is a "no", not a failure; the rest must pass.
-            let capability = matches!(c.name.as_str(), "BPF LSM" | "tracepoints")
+            let capability = matches!(c.name.as_str(), "BPF LSM" | "fmod_ret" | "tracepoints")
                 || (c.name == "remote shutdown" && out.tier == probe::Tier::Userspace);
             let mark = match (c.ok, capability) {
                 (true, _) => " ok ",
@@ -447,7 +462,7 @@ pub fn run(json: bool, force_userspace: bool) -> Result<ExitCode> {
     if out.tier == probe::Tier::Userspace {
         eprintln!(
             "guardrail selftest: no kernel enforcement{}; the userspace last resort stops runaways after the fact",
-            if force_userspace {
+            if forced.is_some() {
                 " tested (forced)"
             } else {
                 " is possible here"

@@ -7,7 +7,7 @@ use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, RingBuf},
     programs::{
-        Lsm, RawTracePoint, TracePoint,
+        FModRet, Lsm, RawTracePoint, TracePoint,
         links::{FdLink, PinnedLink},
     },
 };
@@ -39,6 +39,14 @@ pub const LSM_PROGRAMS: &[(&str, &str)] = &[
     ("inode_unlink", "inode_unlink"),
     ("inode_rmdir", "inode_rmdir"),
     ("inode_rename", "inode_rename"),
+];
+
+/// Deletion hooks of the fmodret tier: (program, kernel function). The same bodies as
+/// `LSM_PROGRAMS`, on the `security_*` functions that call those hooks.
+pub const FMODRET_PROGRAMS: &[(&str, &str)] = &[
+    ("fm_unlink", "security_inode_unlink"),
+    ("fm_rmdir", "security_inode_rmdir"),
+    ("fm_rename", "security_inode_rename"),
 ];
 
 /// Deletion tracepoints of the tracepoint tier: (program, category, name).
@@ -185,6 +193,13 @@ impl Sensor {
                     self.attach_lsm(prog, hook, &btf)?;
                 }
             }
+            Tier::FModRet => {
+                let btf =
+                    Btf::from_sys_fs().context("reading kernel BTF for the fmod_ret hooks")?;
+                for (prog, func) in FMODRET_PROGRAMS {
+                    self.attach_fmodret(prog, func, &btf)?;
+                }
+            }
             Tier::Tracepoint => {
                 for (prog, cat, name) in TRACEPOINT_PROGRAMS {
                     self.attach_tracepoint(prog, cat, name)?;
@@ -215,6 +230,21 @@ impl Sensor {
         let id = p
             .attach()
             .with_context(|| format!("attaching LSM program {prog}"))?;
+        let link = FdLink::from(p.take_link(id)?);
+        self.record_attached(prog, link);
+        Ok(())
+    }
+
+    /// Loads `prog` and attaches it as fmod_ret to kernel function `func`; its link joins the
+    /// sensor's like an LSM program's.
+    pub fn attach_fmodret(&mut self, prog: &'static str, func: &str, btf: &Btf) -> Result<()> {
+        crate::lifecycle::check()?;
+        let p: &mut FModRet = self.program(prog)?.try_into()?;
+        p.load(func, btf)
+            .with_context(|| format!("loading fmod_ret program {prog} for {func}"))?;
+        let id = p
+            .attach()
+            .with_context(|| format!("attaching fmod_ret program {prog} to {func}"))?;
         let link = FdLink::from(p.take_link(id)?);
         self.record_attached(prog, link);
         Ok(())

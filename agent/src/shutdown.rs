@@ -559,6 +559,17 @@ impl Guard {
                     sensor.attach_lsm(prog, hook, &btf)?;
                 }
             }
+            Tier::FModRet => {
+                let btf = Btf::from_sys_fs().context("reading kernel BTF")?;
+                for (prog, func) in [
+                    ("fm_bprm_check", "security_bprm_check"),
+                    ("fm_capable", "security_capable"),
+                    ("fm_file_open", "security_file_open"),
+                    ("fm_task_kill", "security_task_kill"),
+                ] {
+                    sensor.attach_fmodret(prog, func, &btf)?;
+                }
+            }
             Tier::Tracepoint => sensor.attach_raw_tracepoint("sd_exec_tp", "sched_process_exec")?,
             Tier::Userspace => {}
         }
@@ -744,7 +755,8 @@ impl Guard {
             // Tracepoint tier: the program was loaded but never ran; it must not.
             let _ = kill(pid, Signal::SIGKILL);
         } else {
-            // LSM tier: the request already failed with EPERM; let the caller report it.
+            // LSM and fmodret tiers: the request already failed with EPERM; let the caller
+            // report it.
             let _ = kill(pid, Signal::SIGCONT);
         }
         // The callers up the tree, within the same audit session: sudo's pty monitor is the

@@ -322,11 +322,38 @@ fn test(no_vm: bool, no_sysvm: bool, filter: Option<String>) -> Result<()> {
             // can stall in a cross-CPU wait (soft lockups seen here); one is as fast.
             cpus: 1,
             verbose: false,
+            ubuntu_lsm: false,
+            kernel_package: None,
         };
-        step(
-            "VM tests (LSM tier)",
-            vm::cli_main(with_binaries(args, &bin)),
-        );
+        // The kernel matrix: every case on Debian 12's 6.1 and 6.12 (other struct layouts, the
+        // 6.9+ LSM static calls), each booted with BPF LSM active (lsm tier) and the way Ubuntu
+        // boots (BPF LSM built, not active: the agent must pick the fmodret tier and give the
+        // same outcomes). About 4 min each on an idle host, up to 9 on a busy one.
+        for (name, ubuntu_lsm, kernel_package) in [
+            ("VM tests (LSM tier)", false, None),
+            (
+                "VM tests (fmod_ret tier, 6.1 with Ubuntu's LSM list)",
+                true,
+                None,
+            ),
+            (
+                "VM tests (LSM tier, 6.12)",
+                false,
+                Some("linux-image-6.12-amd64"),
+            ),
+            (
+                "VM tests (fmod_ret tier, 6.12 with Ubuntu's LSM list)",
+                true,
+                Some("linux-image-6.12-amd64"),
+            ),
+        ] {
+            let args = vm::VmCli {
+                ubuntu_lsm,
+                kernel_package: kernel_package.map(str::to_string),
+                ..args.clone()
+            };
+            step(name, vm::cli_main(with_binaries(args, &bin)));
+        }
     }
     // A filter names cases of the other suites; this one runs with none, or with "sysvm".
     if !no_sysvm && filter.as_deref().is_none_or(|f| "sysvm".contains(f)) {

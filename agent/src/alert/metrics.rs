@@ -18,7 +18,7 @@ use anyhow::{Context, Result};
 
 use super::{Destination, Record};
 
-const TIERS: &[&str] = &["lsm", "tracepoint", "userspace"];
+const TIERS: &[&str] = &["lsm", "fmodret", "tracepoint", "userspace"];
 const HOLD_CLOSED: &[&str] = &[
     "approved",
     "denied",

@@ -7,6 +7,10 @@
 //!   cannot refuse, so they stop the job with a signal sent from the kernel (it lands after the
 //!   current syscall: at most one file past the budget per deleting task).
 //!
+//! - `fmodret`: the `lsm` tier's programs attached as fmod_ret (BPF_MODIFY_RETURN) to the kernel's
+//!   `security_*` functions, for kernels that build BPF LSM but leave it out of the active LSM list
+//!   (Ubuntu). Same bodies, same verdicts (see fmodret.rs).
+//!
 //! The kernel counts and decides; userspace hears only of state changes (a crossing, a refusal of
 //! a protected path), never of each deleted file.
 //!
@@ -54,6 +58,7 @@ use aya_ebpf::{
 };
 use guardrail_common::*;
 
+mod fmodret;
 mod shutdown;
 
 pub(crate) const EPERM: i32 = 1;
@@ -1261,8 +1266,9 @@ pub fn inode_rmdir(ctx: LsmContext) -> i32 {
     lsm_remove(&ctx, OP_RMDIR)
 }
 
+/// The body of `inode_unlink`/`inode_rmdir`, shared with the fmod_ret tier.
 #[inline(always)]
-fn lsm_remove(ctx: &LsmContext, op: u32) -> i32 {
+pub(crate) fn lsm_remove(ctx: &LsmContext, op: u32) -> i32 {
     let entry: *const u8 = ctx.arg(1);
     let o = offsets();
     let parent = kptr(entry, o.dentry_d_parent).unwrap_or(core::ptr::null());
@@ -1282,6 +1288,13 @@ fn lsm_remove(ctx: &LsmContext, op: u32) -> i32 {
 /// protected root away is refused.
 #[lsm(hook = "inode_rename")]
 pub fn inode_rename(ctx: LsmContext) -> i32 {
+    rename_verdict(&ctx)
+}
+
+/// The body of `inode_rename`, shared with the fmod_ret tier (`security_inode_rename` takes the
+/// same four arguments first).
+#[inline(always)]
+pub(crate) fn rename_verdict(ctx: &LsmContext) -> i32 {
     let o = offsets();
     let old_dentry: *const u8 = ctx.arg(1);
     let new_dentry: *const u8 = ctx.arg(3);

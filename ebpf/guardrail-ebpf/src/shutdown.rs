@@ -10,6 +10,8 @@
 //!   identity in `SD_EXES`, and for multi-call binaries by argv), `capable(CAP_SYS_BOOT)` refuses
 //!   reboot(2)/kexec, `file_open` refuses writes to /proc/sysrq-trigger, `task_kill` refuses the
 //!   signals that shut PID 1 down.
+//! - fmod_ret tier: the same bodies on `security_bprm_check`, `security_capable`,
+//!   `security_file_open` and `security_task_kill` (fmodret.rs).
 //! - Tracepoint tier: at `sched_process_exec` the exec'd shutdown program is stopped before its
 //!   first instruction (see [`sd_exec_tp`]).
 //!
@@ -401,15 +403,20 @@ fn excepted() -> bool {
     false
 }
 
-/// Judges one shutdown-class request of the current task. True: refuse it.
+/// Judges one shutdown-class request of the current task: -EPERM refuses it, 0 lets it go.
+///
+/// It returns the errno itself, a constant on every path, rather than a bool the caller turns
+/// into one: `if refuse { -EPERM } else { 0 }` compiles to a negation, which the verifier tracks
+/// as an unknown 32-bit value, and kernels >= 6.10 refuse an LSM program whose return value may
+/// lie outside [-4095, 0] (seen on Debian's 6.12: sd_bprm_check did not load).
 #[inline(never)]
-fn judge(op: u32, signal: u32, tid: u32, tracepoint: bool) -> bool {
+fn judge(op: u32, signal: u32, tid: u32, tracepoint: bool) -> i32 {
     let Some(cfg) = sd_config() else {
-        return false;
+        return 0;
     };
     let o = offsets();
     if o.valid == 0 {
-        return false;
+        return 0;
     }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     // PID 1 (and systemd-shutdown, which runs as PID 1) and the agent are never judged.
@@ -417,7 +424,7 @@ fn judge(op: u32, signal: u32, tid: u32, tracepoint: bool) -> bool {
         || (tgid == cfg.agent_tgid
             && crate::is_current_agent(&o, cfg.agent_tgid, cfg.agent_start_lo, cfg.agent_start_hi))
     {
-        return false;
+        return 0;
     }
     let task = current_task();
     let session = kread::<u32>(task, o.task_sessionid).unwrap_or(AUDIT_SESSION_UNSET);
@@ -450,7 +457,7 @@ fn judge(op: u32, signal: u32, tid: u32, tracepoint: bool) -> bool {
             signal,
             words,
         );
-        return false;
+        return 0;
     }
     let t = now();
     // A process that used a pass finishes its own request (exec, then reboot(2)).
@@ -478,7 +485,7 @@ fn judge(op: u32, signal: u32, tid: u32, tracepoint: bool) -> bool {
     }
     if cleared {
         report(op, SD_OUT_CONFIRMED, pack(class, action, 0), signal, words);
-        return false;
+        return 0;
     }
     if cfg.mode == MODE_AUDIT {
         report(
@@ -488,7 +495,7 @@ fn judge(op: u32, signal: u32, tid: u32, tracepoint: bool) -> bool {
             signal,
             words,
         );
-        return false;
+        return 0;
     }
     let outcome = if tracepoint {
         SD_OUT_STOPPED
@@ -514,7 +521,7 @@ fn judge(op: u32, signal: u32, tid: u32, tracepoint: bool) -> bool {
         // SAFETY: as above.
         let _ = unsafe { bpf_send_signal(SIGKILL) };
     }
-    true
+    -EPERM
 }
 
 /// Class, action and exception flag in one argument (BPF calls take at most five).
@@ -581,6 +588,12 @@ fn report(op: u32, outcome: u32, packed: u32, signal: u32, words: Option<&SdArgs
 /// runs (execve returns EPERM).
 #[lsm(hook = "bprm_check_security")]
 pub fn sd_bprm_check(ctx: LsmContext) -> i32 {
+    sd_bprm_check_verdict(&ctx)
+}
+
+/// The body of `sd_bprm_check`, shared with the fmod_ret tier.
+#[inline(always)]
+pub(crate) fn sd_bprm_check_verdict(ctx: &LsmContext) -> i32 {
     if sd_config().is_none() {
         return 0;
     }
@@ -596,11 +609,7 @@ pub fn sd_bprm_check(ctx: LsmContext) -> i32 {
     if !exec_is_shutdown(file, tid) {
         return 0;
     }
-    if judge(SD_OP_EXEC, 0, tid, false) {
-        -EPERM
-    } else {
-        0
-    }
+    judge(SD_OP_EXEC, 0, tid, false)
 }
 
 /// `int capable(const struct cred *cred, struct user_namespace *ns, int cap, unsigned int opts)`:
@@ -608,22 +617,30 @@ pub fn sd_bprm_check(ctx: LsmContext) -> i32 {
 /// often: anything but CAP_SYS_BOOT returns at once.
 #[lsm(hook = "capable")]
 pub fn sd_capable(ctx: LsmContext) -> i32 {
+    sd_capable_verdict(&ctx)
+}
+
+/// The body of `sd_capable`, shared with the fmod_ret tier.
+#[inline(always)]
+pub(crate) fn sd_capable_verdict(ctx: &LsmContext) -> i32 {
     let cap: i32 = ctx.arg(2);
     if cap != CAP_SYS_BOOT {
         return 0;
     }
     let tid = bpf_get_current_pid_tgid() as u32;
-    if judge(SD_OP_REBOOT, 0, tid, false) {
-        -EPERM
-    } else {
-        0
-    }
+    judge(SD_OP_REBOOT, 0, tid, false)
 }
 
 /// `int file_open(struct file *file)`: a write open of /proc/sysrq-trigger (matched by procfs
 /// inode number and filesystem magic, so every procfs mount and bind mount is covered).
 #[lsm(hook = "file_open")]
 pub fn sd_file_open(ctx: LsmContext) -> i32 {
+    sd_file_open_verdict(&ctx)
+}
+
+/// The body of `sd_file_open`, shared with the fmod_ret tier.
+#[inline(always)]
+pub(crate) fn sd_file_open_verdict(ctx: &LsmContext) -> i32 {
     let Some(cfg) = sd_config() else {
         return 0;
     };
@@ -653,11 +670,7 @@ pub fn sd_file_open(ctx: LsmContext) -> i32 {
         return 0;
     }
     let tid = bpf_get_current_pid_tgid() as u32;
-    if judge(SD_OP_SYSRQ, 0, tid, false) {
-        -EPERM
-    } else {
-        0
-    }
+    judge(SD_OP_SYSRQ, 0, tid, false)
 }
 
 /// Signals that make systemd (PID 1) shut down: SIGINT (ctrl-alt-del.target), SIGRTMIN+3..+6 and
@@ -671,6 +684,12 @@ fn shuts_down_pid1(sig: i32) -> bool {
 /// *cred)`
 #[lsm(hook = "task_kill")]
 pub fn sd_task_kill(ctx: LsmContext) -> i32 {
+    sd_task_kill_verdict(&ctx)
+}
+
+/// The body of `sd_task_kill`, shared with the fmod_ret tier.
+#[inline(always)]
+pub(crate) fn sd_task_kill_verdict(ctx: &LsmContext) -> i32 {
     let sig: i32 = ctx.arg(2);
     if !shuts_down_pid1(sig) || sd_config().is_none() {
         return 0;
@@ -681,11 +700,7 @@ pub fn sd_task_kill(ctx: LsmContext) -> i32 {
         return 0;
     }
     let tid = bpf_get_current_pid_tgid() as u32;
-    if judge(SD_OP_SIGNAL, sig as u32, tid, false) {
-        -EPERM
-    } else {
-        0
-    }
+    judge(SD_OP_SIGNAL, sig as u32, tid, false)
 }
 
 // --- tracepoint tier ---------------------------------------------------------------------------

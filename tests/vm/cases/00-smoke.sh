@@ -1,12 +1,15 @@
 #!/bin/sh
-# The VM itself is fit for the LSM tier: BPF LSM active, BTF present, scratch tmpfs writable.
+# The VM itself is fit for the tier under test: BPF LSM active (lsm tier) or built but not active
+# (fmodret tier, booted with Ubuntu's list), BTF present, scratch tmpfs writable.
 set -eu
 
 lsm=$(cat /sys/kernel/security/lsm)
-echo "active LSMs: $lsm"
-case ",$lsm," in
-    *,bpf,*) ;;
-    *) echo "FAIL: bpf is not an active LSM"; exit 1 ;;
+tier=$(sed -n 's/.*guardrail\.tier=\([a-z]*\).*/\1/p' /proc/cmdline)
+echo "active LSMs: $lsm; tier under test: ${tier:-lsm}"
+case ",$lsm,:${tier:-lsm}" in
+    *,bpf,*:lsm) ;;
+    *,bpf,*:*) echo "FAIL: bpf is an active LSM, the ${tier} tier cannot be tested"; exit 1 ;;
+    *:lsm) echo "FAIL: bpf is not an active LSM"; exit 1 ;;
 esac
 
 # BPF LSM programs are typed against the kernel's BTF; without it nothing loads.

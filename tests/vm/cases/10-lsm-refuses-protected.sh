@@ -9,7 +9,7 @@ policy 100 "$S/target" "$S/root" "
 path = \"$S/data\"
 owners = { units = [\"database.service\"] }" >"$S/policy.toml"
 start_agent "$S/policy.toml"
-gr status | grep -q '^tier:    lsm' || fail "status does not say tier lsm"
+gr status | grep -q "^tier:    $TIER " || fail "status does not say tier $TIER"
 
 err=$(rm "$S/data/f1" 2>&1) && fail "rm inside the protected directory succeeded"
 echo "refused as expected: $err"

@@ -38,7 +38,7 @@ done
 kill -KILL "$AGENT"
 wait "$AGENT" 2>/dev/null
 [ -d /sys/fs/bpf/guardrail/links ] || fail "nothing is pinned after the crash"
-ls /sys/fs/bpf/guardrail/links | grep -q '^sd_bprm_check$' || fail "the shutdown programs are not pinned: $(ls /sys/fs/bpf/guardrail/links)"
+ls /sys/fs/bpf/guardrail/links | grep -q "^${SD_PREFIX}bprm_check\$" || fail "the shutdown programs are not pinned: $(ls /sys/fs/bpf/guardrail/links)"
 sleep 6
 touch "$S/crashed"
 wait $REMOTE

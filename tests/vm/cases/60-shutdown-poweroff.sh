@@ -1,18 +1,19 @@
 #!/bin/sh
 # vm-timeout: 300
-# The remote-shutdown guard in the LSM tier. A session classified remote is built the way the
-# agent's classifier recognises one without logind: an executable named `sshd-session` (a copy
-# of the testkit: the classifier goes by the executable, not the command name) takes a new audit
-# session id by writing /proc/self/loginuid, exactly what pam_loginuid does in OpenSSH's per-connection process, and
-# runs the "user's" commands as its children. From there `reboot -f` and `poweroff -f` (busybox
-# applets: reboot(2), refused through capable(CAP_SYS_BOOT)) and `echo o > /proc/sysrq-trigger`
-# (file_open) are refused and the VM keeps running; after `guardrail confirm guardrail-vm`,
+# The remote-shutdown guard in the LSM and fmodret tiers. A session classified remote is built
+# the way the agent's classifier recognises one without logind: an executable named
+# `sshd-session` (a copy of the testkit: the classifier goes by the executable, not the command
+# name) takes a new audit session id by writing /proc/self/loginuid, exactly what pam_loginuid
+# does in OpenSSH's per-connection process, and runs the "user's" commands as its children. From
+# there `reboot -f` and `poweroff -f` (busybox applets: reboot(2), refused through
+# capable(CAP_SYS_BOOT)), `echo o > /proc/sysrq-trigger` (file_open) and SIGRTMIN+4 to PID 1
+# (task_kill) are refused and the VM keeps running; after `guardrail confirm guardrail-vm`,
 # `poweroff -f` powers the VM off, which the harness counts as the pass.
 . /cases/lib.inc
 shutdown_policy "$S/policy.toml"
 start_agent "$S/policy.toml"
-gr status | grep -q '^tier:    lsm' || fail "status does not say tier lsm"
-gr status | grep -q 'sd_capable' || fail "the shutdown LSM programs are not attached"
+gr status | grep -q "^tier:    $TIER " || fail "status does not say tier $TIER"
+gr status | grep -q "${SD_PREFIX}capable" || fail "the shutdown programs of the $TIER tier are not attached"
 
 fake_sshd_session
 
@@ -31,7 +32,11 @@ for cmd in "reboot -f" "poweroff -f" "busybox poweroff -f" "busybox reboot -f" "
     echo "$out" | grep -q "guardrail: refused \"[^\"]*\" on guardrail-vm, requested from ssh (session $sid). $tail" \
         || { echo "REMOTE-FAIL: '$cmd' printed no refusal message"; exit 1; }
 done
-echo "still running after five refused shutdowns"
+# SIGRTMIN+4 (38, systemd's poweroff request) to PID 1: refused at task_kill.
+out=$(kill -38 1 2>&1) && { echo "REMOTE-FAIL: kill -38 1 succeeded"; exit 1; }
+echo "kill -38 1 -> $out"
+echo "$out" | grep -q "Operation not permitted" || { echo "REMOTE-FAIL: kill -38 1 not refused with EPERM"; exit 1; }
+echo "still running after six refused shutdowns"
 /bin/guardrail --socket "$S/gr.sock" confirm wrong-name && { echo "REMOTE-FAIL: confirm wrong-name succeeded"; exit 1; }
 /bin/guardrail --socket "$S/gr.sock" confirm guardrail-vm || { echo "REMOTE-FAIL: confirm guardrail-vm failed"; exit 1; }
 echo "REMOTE-POWEROFF"

@@ -177,7 +177,8 @@ pub(super) fn boot_vm(
         result.elapsed.as_secs_f64()
     );
 
-    parser.finish(&mut result, &status, &qemu_stderr);
+    let want_bpf = opts.lsm.split(',').any(|l| l == "bpf");
+    parser.finish(&mut result, &status, &qemu_stderr, want_bpf);
     Ok(result)
 }
 
@@ -240,10 +241,11 @@ impl ConsoleParser {
 
         if let Some(lsm) = line.strip_prefix(MARK_LSM) {
             self.lsm = Some(lsm.trim().to_owned());
+            // Without bpf is the fmodret tier's mode (Ubuntu's list); say so either way.
             let warn = if lsm.split(',').any(|l| l.trim() == "bpf") {
                 ""
             } else {
-                " (bpf missing!)"
+                " (no bpf: BPF LSM inactive)"
             };
             return Some(format!("guest LSMs: {}{warn}", lsm.trim()));
         }
@@ -300,7 +302,14 @@ impl ConsoleParser {
     }
 
     /// Settles what the end of the boot means for the case in flight.
-    fn finish(mut self, result: &mut BootResult, status: &ExitStatus, qemu_stderr: &[String]) {
+    /// `want_bpf`: whether the boot's `lsm=` list asked for BPF LSM (the fmodret mode does not).
+    fn finish(
+        mut self,
+        result: &mut BootResult,
+        status: &ExitStatus,
+        qemu_stderr: &[String],
+        want_bpf: bool,
+    ) {
         let ended_how = if result.timed_out {
             "the overall timeout ran out".to_owned()
         } else if let Some(panic) = &self.panic {
@@ -360,10 +369,11 @@ impl ConsoleParser {
         if self
             .lsm
             .as_deref()
-            .is_some_and(|l| !l.split(',').any(|x| x.trim() == "bpf"))
+            .is_some_and(|l| l.split(',').any(|x| x.trim() == "bpf") != want_bpf)
         {
             result.vm_errors.push(format!(
-                "bpf is not an active LSM in the guest: {:?}",
+                "bpf {} an active LSM in the guest, against its lsm= list: {:?}",
+                if want_bpf { "is not" } else { "is" },
                 self.lsm
             ));
         }

@@ -50,11 +50,15 @@ use anyhow::{Context, Result, bail, ensure};
 use crate::qemu::{TempDir, prune_logs};
 use console::{Outcome, boot_vm};
 use initramfs::build_initramfs;
-pub use kernel::ensure_kernel;
+pub use kernel::{ensure_kernel, ensure_kernel_from};
 
+/// The kernel command line before `lsm=`.
+const KERNEL_CMDLINE: &str = "console=ttyS0 quiet panic=-1 cryptomgr.notests";
 /// BPF LSM is only active when `bpf` is in the boot-time LSM list; Debian's default omits it.
-const KERNEL_CMDLINE: &str =
-    "console=ttyS0 quiet panic=-1 cryptomgr.notests lsm=lockdown,capability,landlock,yama,bpf";
+pub const LSM_WITH_BPF: &str = "lockdown,capability,landlock,yama,bpf";
+/// Ubuntu's active LSM list (22.04 to 25.04, minus integrity, which 6.1 does not list): BPF LSM
+/// built but inactive, so the agent must pick the fmodret tier.
+pub const LSM_UBUNTU: &str = "lockdown,capability,landlock,yama,apparmor";
 /// Old console logs are pruned beyond this many, so the cache does not grow without bound.
 const KEEP_LOGS: usize = 20;
 
@@ -83,6 +87,9 @@ pub struct VmOptions {
     pub kernel: Option<PathBuf>,
     /// Also copy every console line to stdout as it arrives (otherwise only results are printed).
     pub echo_console: bool,
+    /// The kernel's `lsm=` list. The cases expect the lsm tier when it has `bpf`, else the
+    /// fmodret tier (passed to them as `guardrail.tier=` on the command line).
+    pub lsm: String,
 }
 
 impl VmOptions {
@@ -100,6 +107,7 @@ impl VmOptions {
             cpus: 2,
             kernel: None,
             echo_console: false,
+            lsm: LSM_WITH_BPF.to_string(),
         })
     }
 }
@@ -244,8 +252,14 @@ pub fn run_vm_tests(opts: &VmOptions) -> Result<VmReport> {
     let mut reported: BTreeSet<String> = BTreeSet::new();
     let mut only: Option<String> = None;
     loop {
+        let tier = if opts.lsm.split(',').any(|l| l == "bpf") {
+            "lsm"
+        } else {
+            "fmodret"
+        };
         let mut cmdline = format!(
-            "{KERNEL_CMDLINE} guardrail.case_timeout={}",
+            "{KERNEL_CMDLINE} lsm={} guardrail.tier={tier} guardrail.case_timeout={}",
+            opts.lsm,
             opts.case_timeout.as_secs().max(1)
         );
         match (&only, &opts.filter) {
@@ -387,6 +401,13 @@ pub struct VmCli {
     /// Copy the whole serial console to stdout while it runs.
     #[arg(long)]
     pub verbose: bool,
+    /// Boot with Ubuntu's LSM list (no `bpf`): the cases expect the fmodret tier.
+    #[arg(long)]
+    pub ubuntu_lsm: bool,
+    /// Debian package of the kernel to boot, e.g. linux-image-6.12-amd64 [default:
+    /// linux-image-amd64, Debian 12's 6.1].
+    #[arg(long)]
+    pub kernel_package: Option<String>,
 }
 
 fn parse_extra(s: &str) -> Result<(PathBuf, PathBuf), String> {
@@ -413,7 +434,10 @@ pub fn cli_main(args: VmCli) -> Result<()> {
         Some(dir) => dir,
         None => default_cache_dir()?,
     };
-    let kernel = ensure_kernel(&cache_dir)?;
+    let kernel = match &args.kernel_package {
+        Some(package) => ensure_kernel_from(&cache_dir, package)?,
+        None => ensure_kernel(&cache_dir)?,
+    };
     let opts = VmOptions {
         binaries: args.binary,
         filter: args.filter,
@@ -425,6 +449,12 @@ pub fn cli_main(args: VmCli) -> Result<()> {
         cpus: args.cpus,
         kernel: Some(kernel),
         echo_console: args.verbose,
+        lsm: if args.ubuntu_lsm {
+            LSM_UBUNTU
+        } else {
+            LSM_WITH_BPF
+        }
+        .to_string(),
         ..VmOptions::new(args.cases_dir.unwrap_or_else(default_cases_dir))?
     };
     run_vm_tests(&opts)?.check()
