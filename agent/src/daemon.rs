@@ -1116,19 +1116,25 @@ impl Agent {
             sid: ev.sid,
             pgid: ev.pgid,
         };
+        // Found before the job goes: a wrapper stopped in sympathy (sudo) is continued after.
+        let wrappers = procinfo::stopped_ancestors(key.pgid);
         let Some(id) = self
             .holds
             .iter()
             .find(|(_, h)| h.key == key)
             .map(|(id, _)| *id)
         else {
+            // No hold to close: the kernel had already blocked the job when the agent read its
+            // crossing (parallel tasks deleting at the hold reached the limit first), so it was
+            // reported as killed, not held. Its tasks stopped at the hold would wait forever,
+            // and their parent with them: the job still ends whole (seen with 16 parallel rm).
+            procinfo::signal_job(key.pgid, Signal::SIGKILL);
+            procinfo::continue_pids(&wrappers);
             return;
         };
         let Some(h) = self.holds.remove(&id) else {
             return;
         };
-        // Found before the job goes: a wrapper stopped in sympathy (sudo) is continued after.
-        let wrappers = procinfo::stopped_ancestors(key.pgid);
         procinfo::signal_job(key.pgid, Signal::SIGKILL);
         procinfo::continue_pids(&wrappers);
         self.kernel_jobs.blocked_reported.insert(id);

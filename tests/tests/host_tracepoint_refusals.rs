@@ -125,8 +125,8 @@ fn foreign_rm_rf_in_data_dir_is_held_after_one_file_then_denied() {
     assert!(st.agent.holds().is_empty(), "no hold left");
 }
 
-/// Plain `approve` lets the job go on, and its next foreign deletion holds it again (one more
-/// file, a new incident); `approve --for-job` lets it delete in the data directory for the rest
+/// `approve --more N` lets the job go on, and its next foreign deletion holds it again (one more
+/// file, a new incident); a plain `approve` lets it delete in the data directory for the rest
 /// of the job. Old code: nothing was ever held, all 1000 files went at once.
 #[test]
 fn approve_continues_once_and_for_job_lets_it_finish() {
@@ -138,7 +138,8 @@ fn approve_continues_once_and_for_job_lets_it_finish() {
         .wait_hold(Duration::from_secs(60))
         .expect("the foreign job is held");
     assert_eq!(settle(&st.victim, Duration::from_millis(700)), FILES - 1);
-    st.agent.cli_ok(&["approve", &first.to_string()]);
+    st.agent
+        .cli_ok(&["approve", &first.to_string(), "--more", "1"]);
     let second = wait_until(Duration::from_secs(30), || {
         st.agent
             .holds()
@@ -151,7 +152,7 @@ fn approve_continues_once_and_for_job_lets_it_finish() {
     assert_eq!(
         settle(&st.victim, Duration::from_millis(700)),
         FILES - 2,
-        "exactly one more file after a plain approve"
+        "exactly one more file after approve --more"
     );
     let outcomes: Vec<String> = data_dir_incidents(&st.agent)
         .iter()
@@ -166,8 +167,7 @@ fn approve_continues_once_and_for_job_lets_it_finish() {
         ],
         "incidents"
     );
-    st.agent
-        .cli_ok(&["approve", &second.to_string(), "--for-job"]);
+    st.agent.cli_ok(&["approve", &second.to_string()]);
     assert!(
         job.wait(Duration::from_secs(60)).is_some(),
         "the job approved for the rest of it finishes"
