@@ -558,6 +558,7 @@ impl Guard {
                 ] {
                     sensor.attach_lsm(prog, hook, &btf)?;
                 }
+                sensor.attach_raw_tracepoint("sd_exec_done", "sched_process_exec")?;
             }
             Tier::FModRet => {
                 let btf = Btf::from_sys_fs().context("reading kernel BTF")?;
@@ -569,6 +570,7 @@ impl Guard {
                 ] {
                     sensor.attach_fmodret(prog, func, &btf)?;
                 }
+                sensor.attach_raw_tracepoint("sd_exec_done", "sched_process_exec")?;
             }
             Tier::Tracepoint => sensor.attach_raw_tracepoint("sd_exec_tp", "sched_process_exec")?,
             Tier::Userspace => {}

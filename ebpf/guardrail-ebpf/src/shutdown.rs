@@ -317,9 +317,9 @@ pub fn sd_execveat(ctx: TracePointContext) -> u32 {
     capture(sys_arg(&ctx, 2) as *const u64)
 }
 
-/// The end of `execve`: its argv entry is dropped, whether the exec failed or the new program is
-/// about to run. So an exec that `sys_enter_execve*` did not see (32-bit) finds no entry, never
-/// the argv of an earlier (failed or harmless) exec of the same thread.
+/// The end of `execve`: its argv entry is dropped (a failed exec's; a successful one's is dropped
+/// at `sched_process_exec` already). So an exec that `sys_enter_execve*` did not see (32-bit)
+/// finds no entry, never the argv of an earlier (failed or harmless) exec of the same thread.
 #[tracepoint(category = "syscalls", name = "sys_exit_execve")]
 pub fn sd_execve_exit(_ctx: TracePointContext) -> u32 {
     let tid = bpf_get_current_pid_tgid() as u32;
@@ -723,12 +723,26 @@ pub fn sd_exec_tp(ctx: RawTracePointContext) -> i32 {
     let old_pid = unsafe { bpf_probe_read_kernel(args.add(1)) }.unwrap_or(0) as u32;
     // SAFETY: as above.
     let bprm = unsafe { bpf_probe_read_kernel(args.add(2)) }.unwrap_or(0) as *const u8;
-    let Ok(file) = kptr(bprm, so.bprm_file) else {
-        return 0;
-    };
-    if !exec_is_shutdown(file, old_pid) {
-        return 0;
+    if let Ok(file) = kptr(bprm, so.bprm_file)
+        && exec_is_shutdown(file, old_pid)
+    {
+        let _ = judge(SD_OP_EXEC, 0, old_pid, true);
     }
-    let _ = judge(SD_OP_EXEC, 0, old_pid, true);
+    // This exec is done with its argv (see `sd_exec_done`).
+    let _ = SD_ARGS.remove(&old_pid);
+    0
+}
+
+/// `sched_process_exec` in the lsm and fmodret tiers: the exec happened, so its argv entry is
+/// dropped here. `sys_exit_execve` cannot be relied on for that: after an exec of a 32-bit
+/// program the task is a compat task and the syscall exit tracepoint skips it, which left the
+/// entry behind for the program's own `int 0x80` execve to find (seen in the sysvm: a 32-bit
+/// helper's exec of `systemctl reboot` judged by the helper's own argv and let through).
+#[raw_tracepoint(tracepoint = "sched_process_exec")]
+pub fn sd_exec_done(ctx: RawTracePointContext) -> i32 {
+    let args = ctx.as_ptr() as *const u64;
+    // SAFETY: the context holds the hook's three arguments.
+    let old_pid = unsafe { bpf_probe_read_kernel(args.add(1)) }.unwrap_or(0) as u32;
+    let _ = SD_ARGS.remove(&old_pid);
     0
 }
