@@ -750,7 +750,13 @@ impl Guard {
         forget_stopped(sensor, ev.tgid);
         let msg = self.refusal_message(&cmd, &verb, session, ev.action, class_name);
         // The kernel stopped the task: it still holds its terminal and stderr.
-        crate::tell::tell_job(ev.tgid, std::slice::from_ref(&msg));
+        // The task is killed or continued right after: the message must be on its terminal
+        // first.
+        crate::tell::tell_job_and_wait(
+            ev.tgid,
+            std::slice::from_ref(&msg),
+            Duration::from_millis(500),
+        );
         println!("{}", text::escape_line(&msg));
         let pid = Pid::from_raw(ev.tgid as i32);
         if ev.outcome == SD_OUT_STOPPED {

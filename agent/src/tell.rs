@@ -171,14 +171,28 @@ pub fn render(lines: &[String], terminal: bool) -> Vec<u8> {
 
 /// Tells a job `lines` (text the agent composed; untrusted parts in it are escaped here).
 pub fn tell_job(pid: u32, lines: &[String]) {
+    let _ = start_telling(pid, lines);
+}
+
+/// Like [`tell_job`], then waits up to `wait` for the write to be done: for a caller that ends
+/// the job right after (a refused shutdown program), whose terminal session would otherwise
+/// close before the message landed (seen with `ssh -tt` on a busy host). Bounded, so a job
+/// that never reads its terminal costs the loop at most `wait`.
+pub fn tell_job_and_wait(pid: u32, lines: &[String], wait: std::time::Duration) {
+    if let Some(done) = start_telling(pid, lines) {
+        let _ = done.recv_timeout(wait);
+    }
+}
+
+fn start_telling(pid: u32, lines: &[String]) -> Option<std::sync::mpsc::Receiver<()>> {
     let (fd, terminal) = match target(pid) {
         Ok(Some(t)) => t,
-        Ok(None) => return,
+        Ok(None) => return None,
         Err(e) => {
             set_unavailable(&format!(
                 "pidfd_getfd refused ({e}): a kernel without it, or a security module that forbids ptrace access to jobs"
             ));
-            return;
+            return None;
         }
     };
     let mut pfd = libc::pollfd {
@@ -189,13 +203,14 @@ pub fn tell_job(pid: u32, lines: &[String]) {
     // SAFETY: one pollfd we own, zero timeout: returns at once.
     let ready = unsafe { libc::poll(&mut pfd, 1, 0) } == 1 && pfd.revents & libc::POLLOUT != 0;
     if !ready {
-        return;
+        return None;
     }
     if WRITERS.fetch_add(1, Ordering::SeqCst) >= WRITERS_MAX {
         WRITERS.fetch_sub(1, Ordering::SeqCst);
-        return;
+        return None;
     }
     let bytes = render(lines, terminal);
+    let (tx, rx) = std::sync::mpsc::channel();
     let spawned = std::thread::Builder::new()
         .name("guardrail-tell".into())
         .spawn(move || {
@@ -203,10 +218,13 @@ pub fn tell_job(pid: u32, lines: &[String]) {
             let _ = unsafe { libc::write(fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) };
             drop(fd);
             WRITERS.fetch_sub(1, Ordering::SeqCst);
+            let _ = tx.send(());
         });
     if spawned.is_err() {
         WRITERS.fetch_sub(1, Ordering::SeqCst);
+        return None;
     }
+    Some(rx)
 }
 
 #[cfg(test)]
