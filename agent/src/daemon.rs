@@ -321,6 +321,14 @@ pub fn run(args: AgentArgs) -> Result<()> {
 }
 
 /// The `Instant` a hold began, from the kernel's `CLOCK_BOOTTIME` stamp (0: now).
+/// A crossing the kernel made as a hold (tracepoint tier, no `EVF_BLOCKED`) for a job now found
+/// blocked: between the crossing and the agent's reading of it, the job resumed itself
+/// `SELF_RESUME_LIMIT` times and the kernel killed it (its kill event follows).
+fn resumed_before_read(ev: &Event) -> bool {
+    ev.flags & guardrail_common::EVF_TRACEPOINT != 0
+        && ev.flags & guardrail_common::EVF_BLOCKED == 0
+}
+
 fn held_since(held_ns: u64) -> Instant {
     let now = crate::clock::boottime_ns();
     if held_ns == 0 || held_ns > now {
@@ -1019,6 +1027,10 @@ impl Agent {
                     .flatten()
                     .map(|j| j.state)
                     .unwrap_or(JOB_HELD);
+                if state == JOB_BLOCKED && resumed_before_read(ev) {
+                    self.end_resumed(inc, key, None);
+                    return;
+                }
                 if state == JOB_BLOCKED {
                     self.kernel_jobs.blocked_reported.insert(inc.id);
                     inc.outcome = if self.tier.refuses() {
@@ -1135,20 +1147,33 @@ impl Agent {
         let Some(h) = self.holds.remove(&id) else {
             return;
         };
-        procinfo::signal_job(key.pgid, Signal::SIGKILL);
-        procinfo::continue_pids(&wrappers);
-        self.kernel_jobs.blocked_reported.insert(id);
         let mut out = h.incident;
-        out.outcome = "killed".into();
         out.retries = ev.count;
         out.last_path = inc.path;
+        self.end_resumed(out, key, Some(wrappers));
+    }
+
+    /// Ends a job held and then killed by the kernel for resuming itself: the rest of the job is
+    /// killed (a wrapper stopped in sympathy is continued) and the incident says why. Called on
+    /// the kill event for an open hold, or on the crossing itself when the agent read it only
+    /// after the kill (under load: the held job resumed itself faster than the agent read).
+    fn end_resumed(&mut self, mut out: Incident, key: JobKey, wrappers: Option<Vec<u32>>) {
+        let wrappers = wrappers.unwrap_or_else(|| procinfo::stopped_ancestors(key.pgid));
+        procinfo::signal_job(key.pgid, Signal::SIGKILL);
+        procinfo::continue_pids(&wrappers);
+        self.kernel_jobs.blocked_reported.insert(out.id);
+        out.outcome = "killed".into();
+        if out.retries == 0 {
+            out.retries = guardrail_common::SELF_RESUME_LIMIT;
+        }
         out.reason = format!(
             "{}; resumed itself {} times without approval; killed",
             out.reason,
             guardrail_common::SELF_RESUME_LIMIT
         );
         println!(
-            "guardrail: incident {id}: held job {} resumed itself {} times without approval; killed",
+            "guardrail: incident {}: held job {} resumed itself {} times without approval; killed",
+            out.id,
             key.pgid,
             guardrail_common::SELF_RESUME_LIMIT
         );
@@ -1181,6 +1206,10 @@ impl Agent {
             .flatten()
             .map(|j| j.state)
             .unwrap_or(JOB_HELD);
+        if state == JOB_BLOCKED && resumed_before_read(ev) {
+            self.end_resumed(inc, key, None);
+            return;
+        }
         if state == JOB_BLOCKED {
             self.kernel_jobs.blocked_reported.insert(inc.id);
             inc.reason = inc.reason.replacen("stopped after", "killed after", 1);
@@ -1749,3 +1778,25 @@ fn filtered_note() -> String {
 
 // Silence "unused" for states only read through the kernel.
 const _: [u32; 2] = [JOB_ACTIVE, JOB_DENIED];
+
+#[cfg(test)]
+mod tests {
+    use guardrail_common::{EVF_BLOCKED, EVF_SIGNALLED, EVF_TRACEPOINT, Event};
+
+    use super::resumed_before_read;
+
+    #[test]
+    fn a_blocked_job_was_killed_for_resuming_only_if_its_crossing_held_it() {
+        let ev = |flags| {
+            let mut e = Event::zeroed();
+            e.flags = flags;
+            e
+        };
+        assert!(resumed_before_read(&ev(EVF_TRACEPOINT | EVF_SIGNALLED)));
+        assert!(!resumed_before_read(&ev(EVF_TRACEPOINT
+            | EVF_SIGNALLED
+            | EVF_BLOCKED)));
+        // LSM and fmod_ret refuse: a held job never resumes into a kill there.
+        assert!(!resumed_before_read(&ev(0)));
+    }
+}

@@ -191,6 +191,19 @@ fn a_foreign_job_in_a_data_directory_resumed_by_a_kill_cont_loop_is_killed_after
 /// SELF_RESUME_LIMIT-th deletion since the hold; the incident says so.
 #[test]
 fn a_held_job_whose_ptracer_swallows_sigstop_is_killed_after_the_limit() {
+    ptraced_rm_is_killed_after_the_limit(false);
+}
+
+/// The same with the agent too slow to read the crossing before the kernel's kill (it is
+/// SIGSTOPped until the traced rm is gone; what a loaded host did in CI). Old code: the crossing,
+/// read late, found the job blocked and was reported as a plain budget kill, never saying it
+/// resumed itself.
+#[test]
+fn a_job_killed_for_resuming_before_the_agent_read_its_crossing_says_so() {
+    ptraced_rm_is_killed_after_the_limit(true);
+}
+
+fn ptraced_rm_is_killed_after_the_limit(pause_agent: bool) {
     use std::os::unix::process::CommandExt;
     require_root();
     let _k = kernel_lock();
@@ -209,6 +222,16 @@ fn a_held_job_whose_ptracer_swallows_sigstop_is_killed_after_the_limit() {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
     guardrail_agent::cgroup::join_at_exec(&mut cmd, &cg.path).expect("cgroup path");
+    let signal_agent = |sig: &str| {
+        let st = std::process::Command::new("kill")
+            .args([sig, &agent.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(st.success(), "kill {sig} the agent");
+    };
+    if pause_agent {
+        signal_agent("-STOP");
+    }
     let mut child = cmd.spawn().expect("spawn the tracer");
     let start = std::time::Instant::now();
     let status = loop {
@@ -221,6 +244,9 @@ fn a_held_job_whose_ptracer_swallows_sigstop_is_killed_after_the_limit() {
         }
         std::thread::sleep(Duration::from_millis(50));
     };
+    if pause_agent {
+        signal_agent("-CONT");
+    }
     let left = settle(&victim, Duration::from_millis(700));
     let gone = FILES - left;
     eprintln!("budget {BUDGET}, ptracer swallowing SIGSTOP: {gone} of {FILES} files gone");
@@ -244,6 +270,9 @@ fn a_held_job_whose_ptracer_swallows_sigstop_is_killed_after_the_limit() {
         agent.events(),
         agent.log()
     );
+    let inc = killed_incident(&agent).expect("found");
+    assert_eq!(inc["kind"], "budget_crossed", "{inc}");
+    assert_eq!(inc["action"], "block", "{inc}");
     assert!(
         wait_until(Duration::from_secs(5), || agent.holds().is_empty()),
         "the hold is closed: {:?}",

@@ -406,6 +406,10 @@ pub const EVF_LEVEL_USER: u32 = 1 << 11;
 /// SIGKILL to the task and blocked the job (tracepoint tier). (Bits 9-11 are left to the
 /// budgets-above-the-job work, which numbers its level flags there.)
 pub const EVF_KILLED: u32 = 1 << 12;
+/// With a crossing (`EV_BUDGET_CROSSED`, `EV_DATA_DIR`): the kernel blocked the job there (a
+/// `block` action), it did not hold it. A job found blocked whose crossing lacks this flag was held
+/// and then killed for resuming itself (tracepoint tier) before the agent read the crossing.
+pub const EVF_BLOCKED: u32 = 1 << 13;
 
 /// Path components carried by an event (innermost first), each up to `NAME_LEN` bytes.
 pub const EVENT_PATH_DEPTH: usize = 6;

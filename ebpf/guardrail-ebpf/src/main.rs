@@ -857,9 +857,12 @@ fn judge(d: &Deletion) -> Verdict {
         if new_state == JOB_HELD {
             stopped = stop_self();
             flags |= EVF_SIGNALLED;
-        } else if d.tier_flags & EVF_TRACEPOINT != 0 {
-            signal(SIGKILL);
-            flags |= EVF_SIGNALLED;
+        } else {
+            flags |= EVF_BLOCKED;
+            if d.tier_flags & EVF_TRACEPOINT != 0 {
+                signal(SIGKILL);
+                flags |= EVF_SIGNALLED;
+            }
         }
         emit(
             d,
@@ -1551,7 +1554,11 @@ fn tp_stop_foreign(d: &Deletion) {
                 d,
                 &Report {
                     kind: EV_DATA_DIR,
-                    flags: EVF_SIGNALLED,
+                    flags: if new_state == JOB_HELD {
+                        EVF_SIGNALLED
+                    } else {
+                        EVF_SIGNALLED | EVF_BLOCKED
+                    },
                     rule,
                     data_dir_id,
                     count: 1,
