@@ -141,16 +141,7 @@ impl Backend {
     /// A fresh incident id from the counter the enforcement side numbers incidents with.
     fn next_incident(&mut self) -> u64 {
         match self {
-            Backend::Bpf { sensor, .. } => {
-                let mut id = 0;
-                if let Some(m) = sensor.ebpf_mut().map_mut("INCIDENTS")
-                    && let Ok(mut a) = aya::maps::Array::<_, u64>::try_from(m)
-                {
-                    id = a.get(&0, 0).unwrap_or(0) + 1;
-                    let _ = a.set(0, id, 0);
-                }
-                id
-            }
+            Backend::Bpf { sensor, .. } => crate::sensor::next_incident_or_log(sensor),
             Backend::Userspace(f) => f.next_incident(),
         }
     }

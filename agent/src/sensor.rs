@@ -632,6 +632,49 @@ impl Sensor {
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
     }
+
+    /// A fresh incident id from the kernel's counter, by the same atomic add the deletion
+    /// programs use (the `incident_id` program, run with `BPF_PROG_TEST_RUN`; see its module):
+    /// an id the agent takes can never be one a crossing took at the same moment.
+    pub fn next_incident(&mut self) -> Result<u64> {
+        use aya::programs::{SocketFilter, TestRun, TestRunOptions};
+        let p: &mut SocketFilter = self.program("incident_id")?.try_into()?;
+        if p.fd().is_err() {
+            p.load().context("loading incident_id")?;
+        }
+        // A socket filter's test run needs at least an Ethernet header of packet data.
+        let packet = [0u8; 64];
+        let out = p
+            .test_run(TestRunOptions {
+                data_in: Some(&packet),
+                repeat: 1,
+                ..Default::default()
+            })
+            .context("running incident_id (BPF_PROG_TEST_RUN)")?;
+        match out.return_value {
+            0 => bail!("incident_id could not read the INCIDENTS counter"),
+            id => Ok(u64::from(id)),
+        }
+    }
+}
+
+/// [`Sensor::next_incident`]; should the kernel refuse the test run, the reason is logged and
+/// the id is taken by a read-then-write of the counter (racy against a crossing at that very
+/// moment, as before this program existed, but never no id at all).
+pub fn next_incident_or_log(sensor: &mut Sensor) -> u64 {
+    sensor.next_incident().unwrap_or_else(|e| {
+        eprintln!(
+            "guardrail: incident id by read-then-write (the kernel counter's program failed: {e:#})"
+        );
+        let mut id = 0;
+        if let Ok(m) = sensor.map_mut("INCIDENTS")
+            && let Ok(mut a) = Array::<_, u64>::try_from(m)
+        {
+            id = a.get(&0, 0).unwrap_or(0) + 1;
+            let _ = a.set(0, id, 0);
+        }
+        id
+    })
 }
 
 /// Reads the self-test answer for this process, triggering the self-test tracepoint with a

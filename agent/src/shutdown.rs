@@ -883,7 +883,7 @@ impl Guard {
         sensor: &mut Sensor,
     ) -> Incident {
         Incident {
-            id: next_incident(sensor),
+            id: crate::sensor::next_incident_or_log(sensor),
             time: now_rfc3339(),
             host: self.host.clone(),
             tier: self.tier.to_string(),
@@ -1142,18 +1142,6 @@ fn verb_of(words: &[String]) -> String {
         return x.to_string();
     }
     "shut down".to_string()
-}
-
-fn next_incident(sensor: &mut Sensor) -> u64 {
-    // Shares the kernel's incident counter so ids never collide with deletion incidents.
-    let mut id = 0;
-    if let Some(m) = sensor.ebpf_mut().map_mut("INCIDENTS")
-        && let Ok(mut a) = Array::<_, u64>::try_from(m)
-    {
-        id = a.get(&0, 0).unwrap_or(0) + 1;
-        let _ = a.set(0, id, 0);
-    }
-    id
 }
 
 fn cgroup2_root() -> PathBuf {

@@ -59,6 +59,7 @@ use aya_ebpf::{
 use guardrail_common::*;
 
 mod fmodret;
+mod incident_id;
 mod shutdown;
 
 pub(crate) const EPERM: i32 = 1;
