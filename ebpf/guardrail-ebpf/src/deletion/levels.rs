@@ -38,8 +38,9 @@ pub(crate) static LEVEL_INIT: PerCpuArray<LevelState> = PerCpuArray::with_max_en
 /// [`level_hit_pack`]), or 0. `alert` levels, and every level while `once` is set (audit), report
 /// one crossing per window, not one per job.
 ///
-/// A leaf of `judge`, like [`never_hold_crossing`]: it reads only the two offsets it needs (not
-/// the whole offsets struct) and keeps its key small, since its frame sits where emit's does.
+/// A leaf of `judge`, like [`never_hold_crossing`](super::judge::never_hold_crossing): it reads
+/// only the two offsets it needs (not the whole offsets struct) and keeps its key small, since its
+/// frame sits where emit's does.
 #[inline(never)]
 pub(crate) fn charge_levels(slot: u32, new_job: u64, now: u64, once: u64) -> u64 {
     // SAFETY: as for `offsets`: single fields of the read-only global.

@@ -28,7 +28,8 @@ pub(crate) enum Verdict {
     Hold,
     /// Tracepoint tier only: the deletion was in a data directory the job is not named for and has
     /// gone through; the hook stops (or, under a `block` rule, kills) the job right after it, see
-    /// [`tp_stop_foreign`]. `FOREIGN` holds the data directory and rule.
+    /// [`tp_stop_foreign`](tracepoint::tp_stop_foreign). `FOREIGN` holds the data directory and
+    /// rule.
     StopForeign,
 }
 
