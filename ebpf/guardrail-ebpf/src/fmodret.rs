@@ -24,7 +24,10 @@ use aya_ebpf::{helpers::bpf_get_current_pid_tgid, programs::LsmContext};
 use guardrail_common::{OP_RMDIR, OP_UNLINK};
 
 use crate::{
-    EPERM, PROBE_LSM_HITS, SELFTEST_TARGET, fetch_add, lsm_remove, rename_verdict, shutdown,
+    deletion::lsm::{lsm_remove, rename_verdict},
+    kernel::{EPERM, atomic::fetch_add},
+    probe::{PROBE_LSM_HITS, SELFTEST_TARGET},
+    shutdown,
 };
 
 /// `int security_inode_unlink(struct inode *dir, struct dentry *dentry)`

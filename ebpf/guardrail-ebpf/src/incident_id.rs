@@ -11,8 +11,8 @@ use aya_ebpf::{macros::socket_filter, programs::SkBuffContext};
 /// Returns the next incident id (ids stay far below 2^32; 0 means the counter was unreadable).
 #[socket_filter]
 pub fn incident_id(_ctx: SkBuffContext) -> i64 {
-    match super::INCIDENTS.get_ptr_mut(0) {
-        Some(p) => (super::fetch_add(p, 1) + 1) as u32 as i64,
+    match crate::kernel::events::INCIDENTS.get_ptr_mut(0) {
+        Some(p) => (crate::kernel::atomic::fetch_add(p, 1) + 1) as u32 as i64,
         None => 0,
     }
 }

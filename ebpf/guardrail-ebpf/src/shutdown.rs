@@ -34,7 +34,12 @@ use aya_ebpf::{
 use core::ptr::read_volatile;
 use guardrail_common::*;
 
-use crate::{EPERM, EVENTS, current_task, kptr, kread, offsets};
+use crate::kernel::{
+    EPERM,
+    events::EVENTS,
+    offsets::{kptr, kread, offsets},
+    task::{current_task, is_current_agent},
+};
 
 const SIGKILL: u32 = 9;
 const SIGSTOP: u32 = 19;
@@ -422,7 +427,7 @@ fn judge(op: u32, signal: u32, tid: u32, tracepoint: bool) -> i32 {
     // PID 1 (and systemd-shutdown, which runs as PID 1) and the agent are never judged.
     if tgid <= 1
         || (tgid == cfg.agent_tgid
-            && crate::is_current_agent(&o, cfg.agent_tgid, cfg.agent_start_lo, cfg.agent_start_hi))
+            && is_current_agent(&o, cfg.agent_tgid, cfg.agent_start_lo, cfg.agent_start_hi))
     {
         return 0;
     }
