@@ -63,6 +63,10 @@ pub struct Incident {
     /// The systemd unit (service or scope) of the process that crossed.
     #[serde(default)]
     pub unit: Option<String>,
+    /// The cgroup v2 path of that process (`/system.slice/backup.service`): whether `unit` is a
+    /// system service or a name a user chose in a delegated tree (`policy suggest` needs to know).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
     #[serde(default)]
     pub executable: Option<String>,
     #[serde(default)]
@@ -127,7 +131,8 @@ impl Incident {
                 .cloned()
                 .collect::<Vec<_>>()
                 .join("/");
-            if parts.len() >= EVENT_PATH_DEPTH {
+            // Cut short only when the walk did not reach the root (whose name is "/").
+            if parts.len() >= EVENT_PATH_DEPTH && parts.first().is_none_or(|p| p != "/") {
                 format!(".../{joined}")
             } else {
                 format!("/{joined}")
@@ -143,7 +148,8 @@ impl Incident {
         };
         let rule = policy.rule_name(ev.rule);
         let level = crate::levels::level_of(ev.flags).filter(|_| ev.kind == EV_BUDGET_CROSSED);
-        let unit = unit_of(ev.tgid);
+        let cgroup = cgroup_of(ev.tgid);
+        let unit = cgroup.as_deref().and_then(unit_in);
         let (kind, reason) = match ev.kind {
             EV_BUDGET_CROSSED if level.is_some() => (
                 "budget_crossed",
@@ -210,6 +216,7 @@ impl Incident {
             action: String::new(),
             pids: procinfo::pids_in_group(ev.pgid),
             unit,
+            cgroup,
             executable: std::fs::read_link(format!("/proc/{}/exe", ev.tgid))
                 .ok()
                 .map(|p| p.display().to_string()),
@@ -284,10 +291,16 @@ impl Incident {
     }
 }
 
-/// The systemd unit of a process: the last `.service` or `.scope` in its cgroup path.
-fn unit_of(pid: u32) -> Option<String> {
+/// The cgroup v2 path of a process.
+fn cgroup_of(pid: u32) -> Option<String> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    let path = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(str::to_string)
+}
+
+/// The systemd unit of a cgroup path: its last `.service` or `.scope`.
+fn unit_in(path: &str) -> Option<String> {
     path.rsplit('/')
         .find(|c| c.ends_with(".service") || c.ends_with(".scope"))
         .map(str::to_string)
@@ -443,6 +456,7 @@ pub(crate) mod tests {
             action: String::new(),
             pids: vec![1234, 1240],
             unit: Some("session-3.scope".into()),
+            cgroup: None,
             executable: Some("/usr/bin/rm".into()),
             session: Session {
                 id: Some(3),
