@@ -357,7 +357,8 @@ pub fn suggest(policy: &Policy, evidence: &[Evidence], host: &Host<'_>) -> Propo
         }
         let service = e.cgroup.as_deref().and_then(system_service);
         match (service, e.unit.as_deref()) {
-            (Some(s), Some(u)) if s == u => {
+            // A service has no login session: an unknown one is not evidence of a service.
+            (Some(s), Some(u)) if s == u && e.session_class == "none" => {
                 services.entry(u.to_string()).or_default().push(i);
             }
             _ => out.notes.push(Note {
@@ -877,9 +878,12 @@ protect_mount_points = false
             Some("/user.slice/user-1000.slice/user@1000.service/app.slice/backup.service".into());
         let mut f = service(5, "backup.service", &["/srv/db/y"]);
         f.cgroup = None;
-        let out = run(&p, &[e, f]);
+        // No evidence of a session's class is not evidence of a service.
+        let mut g = service(6, "backup.service", &["/srv/db/z"]);
+        g.session_class = "unknown".into();
+        let out = run(&p, &[e, f, g]);
         assert!(out.rules.is_empty());
-        assert_eq!(out.notes.len(), 2);
+        assert_eq!(out.notes.len(), 3);
         assert_eq!(
             system_service("/system.slice/backup.service"),
             Some("backup.service")
