@@ -194,7 +194,7 @@ fn suggest_learns_a_services_directory_from_audit_mode_and_the_rule_holds_nothin
     // The userspace tier stops the job just after the crossing: its budget gone, and the files
     // its in-flight `rm` reached before the stop (a few at one file per 20 ms).
     assert!(
-        left < FILES - BUDGET && left >= FILES - BUDGET - 10,
+        (FILES - BUDGET - 10..FILES - BUDGET).contains(&left),
         "held just past its budget of {BUDGET}: {left} of {FILES} files left"
     );
     agent.deny_and_wait(hold, &mut job);
