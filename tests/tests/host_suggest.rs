@@ -249,3 +249,99 @@ fn suggest_reports_bad_input_by_line_and_nothing_to_suggest_with_exit_1() {
     ]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// The attack: an unprivileged user names a cgroup in their own delegated tree after a service
+/// (`.../user@65534.service/app.slice/<name>.service`) and deletes past the budget under the
+/// audit-mode agent, hoping `policy suggest` turns their evidence into a rule that frees their
+/// directory for a real system service of that name. Judged by a user rule, so without the
+/// check that a unit is reached through system slices only, a rule for that unit (base: the
+/// user rule) would be suggested. Expected: no rule, a note saying why, exit 1, no file.
+#[test]
+fn a_unit_named_in_a_users_delegated_tree_gets_no_rule() {
+    let _k = kernel_lock();
+    require_root();
+    let s = scratch();
+    // nobody must reach its directory inside the scratch directory.
+    std::fs::set_permissions(
+        s.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod scratch");
+    let victim = s.path().join("victim");
+    fill(&victim, FILES);
+    chown_nobody(&victim);
+    let unit = format!("guardrail-suggest-evil-{}.service", std::process::id());
+    let parents = [
+        "user.slice",
+        "user.slice/user-65534.slice",
+        "user.slice/user-65534.slice/user@65534.service",
+        "user.slice/user-65534.slice/user@65534.service/app.slice",
+    ];
+    let created: Vec<PathBuf> = parents
+        .iter()
+        .map(|p| cgroup2_root().join(p))
+        .filter(|p| !p.exists())
+        .collect();
+    let cg = TestCgroup::at(&format!("{}/{unit}", parents[3]));
+    let text = format!(
+        r#"mode = "audit"
+[deletion]
+budget = 100000000
+window = "10m"
+targets = []
+protected_roots = ["/"]
+protect_mount_points = false
+
+[[deletion.rule]]
+name = "nobody"
+match = {{ user = "65534" }}
+targets = []
+budget = {BUDGET}
+"#
+    );
+    let policy_file = s.path().join("audit.toml");
+    std::fs::write(&policy_file, &text).expect("write policy");
+    let agent = Agent::start_with(&text, &TIER).expect("agent starts");
+    let mut job = Job::spawn_in(
+        &format!(
+            "{{ echo 4294967295 > /proc/self/loginuid; }} 2>/dev/null; {AS_NOBODY} sh -c 'for f in f*; do rm -f \"$f\"; sleep 0.02; done'"
+        ),
+        &victim,
+        Some(&cg),
+    );
+    assert!(job.wait(Duration::from_secs(60)).is_some(), "the job ends");
+    assert_eq!(count_files(&victim), 0, "audit mode stops nothing");
+    let incident = agent
+        .events()
+        .into_iter()
+        .find(|e| e["incident"]["outcome"] == "would_have_held")
+        .unwrap_or_else(|| panic!("a would_have_held incident: {:?}", agent.events()));
+    assert_eq!(incident["incident"]["unit"], unit.as_str(), "{incident}");
+    let events = s.path().join("events.jsonl");
+    std::fs::copy(&agent.event_log, &events).expect("copy the event log");
+    assert!(agent.stop().expect("agent stops").success());
+
+    let out_file = s.path().join("50-suggested.toml");
+    let out = guardrail(&[
+        "policy",
+        "suggest",
+        "--events",
+        &events.display().to_string(),
+        "--policy",
+        &policy_file.display().to_string(),
+        "--out",
+        &out_file.display().to_string(),
+    ]);
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "nothing to suggest: {report}");
+    assert!(
+        report.contains("not attributable to a system service")
+            && report.contains("user@65534.service"),
+        "{report}"
+    );
+    assert!(!out_file.exists(), "no drop-in written");
+    drop(cg);
+    for p in created.iter().rev() {
+        let _ = std::fs::remove_dir(p);
+    }
+}
