@@ -130,8 +130,9 @@ fn evidence(inc: &Incident, job: Option<&JobSummary>) -> sg::Evidence {
         pgid: inc.pgid,
         count: inc.count,
         budget: inc.budget,
-        total: job.map(|j| j.total),
-        peak: job.map(|j| j.peak),
+        total: job.map(|j| j.total.max(inc.count)),
+        // The crossing's count is a floor for the peak (the userspace tier records no peak).
+        peak: job.map(|j| j.peak.max(inc.count)),
         paths,
     }
 }
@@ -292,6 +293,7 @@ fn suggest(
             learned += 1;
             let job = log.jobs.get(&e.incident).cloned();
             let mut s = job.unwrap_or_else(|| synthetic(e, e.count));
+            s.peak = s.peak.max(e.count);
             peak_seen = peak_seen.max(s.peak);
             let mut free = !e.paths.is_empty();
             let mut where_ = Vec::new();
