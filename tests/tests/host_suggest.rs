@@ -43,11 +43,16 @@ fn guardrail(args: &[&str]) -> Output {
         .expect("running guardrail")
 }
 
-/// The service's job: deletes every file in `dir`, one `rm` at a time, then ends. Like a service
-/// it has no login session (the runner's audit session is cleared, where the test runs in one).
+/// One process deleting every file of its working directory, one per 20 ms (a service's worker:
+/// alive when the agent reads its crossing, so the incident names its cgroup and unit).
+const SLOW_DELETE: &str =
+    "perl -e 'for (sort glob(\"f*\")) { unlink $_; select(undef, undef, undef, 0.02) }'";
+
+/// The service's job: deletes every file in `dir`, then ends. Like a service it has no login
+/// session (the runner's audit session is cleared, where the test runs in one).
 fn service_job(dir: &Path, cg: &TestCgroup) -> Job {
     Job::spawn_in(
-        "{ echo 4294967295 > /proc/self/loginuid; } 2>/dev/null; for f in f*; do rm -f \"$f\"; sleep 0.02; done",
+        &format!("{{ echo 4294967295 > /proc/self/loginuid; }} 2>/dev/null; {SLOW_DELETE}"),
         dir,
         Some(cg),
     )
@@ -137,7 +142,9 @@ fn suggest_learns_a_services_directory_from_audit_mode_and_the_rule_holds_nothin
         "the evidence is in the comment:\n{dropin}"
     );
     assert!(
-        report.contains("none of the 1 job(s) it learned from would have been held"),
+        report.contains(&format!(
+            "with the drop-in: within budget (peak 0 <= {BUDGET}): not held"
+        )) && report.contains("none of the 1 job(s) it learned from would have been held"),
         "{report}"
     );
     assert!(
@@ -192,7 +199,7 @@ fn suggest_learns_a_services_directory_from_audit_mode_and_the_rule_holds_nothin
         .expect("the service deleting elsewhere is held");
     let left = settle(&elsewhere, Duration::from_millis(500));
     // The userspace tier stops the job just after the crossing: its budget gone, and the files
-    // its in-flight `rm` reached before the stop (a few at one file per 20 ms).
+    // it reached before the stop (a few at one file per 20 ms).
     assert!(
         (FILES - BUDGET - 10..FILES - BUDGET).contains(&left),
         "held just past its budget of {BUDGET}: {left} of {FILES} files left"
@@ -304,7 +311,7 @@ budget = {BUDGET}
     let agent = Agent::start_with(&text, &TIER).expect("agent starts");
     let mut job = Job::spawn_in(
         &format!(
-            "{{ echo 4294967295 > /proc/self/loginuid; }} 2>/dev/null; {AS_NOBODY} sh -c 'for f in f*; do rm -f \"$f\"; sleep 0.02; done'"
+            "{{ echo 4294967295 > /proc/self/loginuid; }} 2>/dev/null; {AS_NOBODY} {SLOW_DELETE}"
         ),
         &victim,
         Some(&cg),
