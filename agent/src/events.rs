@@ -8,8 +8,8 @@ use std::{
 
 use anyhow::Result;
 use guardrail_common::{
-    EV_BUDGET_CROSSED, EV_DATA_DIR, EV_PROTECTED_ROOT, EVENT_PATH_DEPTH, EVF_IO_URING, Event,
-    OP_IO_URING_RENAME, OP_IO_URING_UNLINK, OP_RENAME, OP_RMDIR, OP_UNLINK,
+    EV_BUDGET_CROSSED, EV_DATA_DIR, EV_PROTECTED_ROOT, EVENT_PATH_DEPTH, EVF_IO_URING,
+    EVF_TRACEPOINT, Event, OP_IO_URING_RENAME, OP_IO_URING_UNLINK, OP_RENAME, OP_RMDIR, OP_UNLINK,
 };
 use serde::{Deserialize, Serialize};
 
@@ -63,6 +63,10 @@ pub struct Incident {
     /// The systemd unit (service or scope) of the process that crossed.
     #[serde(default)]
     pub unit: Option<String>,
+    /// The cgroup v2 path of that process (`/system.slice/backup.service`): whether `unit` is a
+    /// system service or a name a user chose in a delegated tree (`policy suggest` needs to know).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
     #[serde(default)]
     pub executable: Option<String>,
     #[serde(default)]
@@ -127,8 +131,14 @@ impl Incident {
                 .cloned()
                 .collect::<Vec<_>>()
                 .join("/");
-            if parts.len() >= EVENT_PATH_DEPTH {
+            // Cut short only when the walk did not reach the root (whose name is "/").
+            let reached_root = parts.first().is_some_and(|p| p == "/");
+            if parts.len() >= EVENT_PATH_DEPTH && !reached_root {
                 format!(".../{joined}")
+            } else if !reached_root && ev.flags & EVF_TRACEPOINT != 0 {
+                // A relative path whose starting directory the kernel could not name: shown
+                // as passed, never as if it were absolute (`policy suggest` reads these).
+                joined
             } else {
                 format!("/{joined}")
             }
@@ -143,7 +153,9 @@ impl Incident {
         };
         let rule = policy.rule_name(ev.rule);
         let level = crate::levels::level_of(ev.flags).filter(|_| ev.kind == EV_BUDGET_CROSSED);
-        let unit = unit_of(ev.tgid);
+        // A process that exited before its event was read is found by its cgroup's id.
+        let cgroup = cgroup_of(ev.tgid).or_else(|| cgroup_by_id(ev.cgroup_id));
+        let unit = cgroup.as_deref().and_then(unit_in);
         let (kind, reason) = match ev.kind {
             EV_BUDGET_CROSSED if level.is_some() => (
                 "budget_crossed",
@@ -210,6 +222,7 @@ impl Incident {
             action: String::new(),
             pids: procinfo::pids_in_group(ev.pgid),
             unit,
+            cgroup,
             executable: std::fs::read_link(format!("/proc/{}/exe", ev.tgid))
                 .ok()
                 .map(|p| p.display().to_string()),
@@ -284,10 +297,52 @@ impl Incident {
     }
 }
 
-/// The systemd unit of a process: the last `.service` or `.scope` in its cgroup path.
-fn unit_of(pid: u32) -> Option<String> {
+/// The cgroup v2 path of a process.
+fn cgroup_of(pid: u32) -> Option<String> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    let path = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(str::to_string)
+}
+
+/// The cgroup v2 path whose directory has inode `id` (a cgroup's id): breadth-first below the
+/// cgroup2 mount, bounded. Only read when an incident's process has already exited.
+fn cgroup_by_id(id: u64) -> Option<String> {
+    use std::os::unix::fs::DirEntryExt;
+    let root = guardrail_policy::cgroup2_root();
+    if id <= 1 {
+        return None;
+    }
+    let mut level = vec![root.clone()];
+    let mut seen = 0usize;
+    for _ in 0..8 {
+        let mut next = Vec::new();
+        for dir in &level {
+            let Ok(rd) = std::fs::read_dir(dir) else {
+                continue;
+            };
+            for e in rd.flatten() {
+                if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                    continue;
+                }
+                seen += 1;
+                if seen > 50_000 {
+                    return None;
+                }
+                if e.ino() == id {
+                    let rel = e.path().strip_prefix(&root).ok()?.display().to_string();
+                    return Some(format!("/{rel}"));
+                }
+                next.push(e.path());
+            }
+        }
+        level = next;
+    }
+    None
+}
+
+/// The systemd unit of a cgroup path: its last `.service` or `.scope`.
+fn unit_in(path: &str) -> Option<String> {
     path.rsplit('/')
         .find(|c| c.ends_with(".service") || c.ends_with(".scope"))
         .map(str::to_string)
@@ -443,6 +498,7 @@ pub(crate) mod tests {
             action: String::new(),
             pids: vec![1234, 1240],
             unit: Some("session-3.scope".into()),
+            cgroup: None,
             executable: Some("/usr/bin/rm".into()),
             session: Session {
                 id: Some(3),

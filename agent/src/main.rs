@@ -28,6 +28,7 @@ mod selftest;
 mod sensor;
 mod session;
 mod shutdown;
+mod suggest_cmd;
 mod tell;
 mod text;
 
@@ -149,6 +150,19 @@ enum PolicyCommand {
         policy: Option<PathBuf>,
         #[arg(long)]
         json: bool,
+    },
+    /// Learn rules from the event log (`audit2allow` style): a drop-in scoping each service that
+    /// was held, or would have been in audit mode, to the directories it deleted in; checked and
+    /// replayed. Exit 0: suggested, 1: nothing to suggest, 2: bad input.
+    Suggest {
+        #[arg(long, default_value = "/var/log/guardrail/events.jsonl")]
+        events: PathBuf,
+        /// The policy to extend (default: the policy in force on this host).
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        /// Write the drop-in to this new file (default: stdout, the report on stderr).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Which rule applies to a deletion of PATH by a job.
     /// With --shutdown: what a shutdown request from a session of that class gets.
@@ -501,6 +515,11 @@ fn cli_policy(cmd: PolicyCommand) -> Result<ExitCode> {
                 .map_err(|r| anyhow::anyhow!("the candidate policy has errors:\n{r}"))?;
             replay::run(&events, &loaded, json)
         }
+        PolicyCommand::Suggest {
+            events,
+            policy,
+            out,
+        } => suggest_cmd::run(&events, policy.as_deref(), out.as_deref()),
         PolicyCommand::Explain {
             path,
             policy,

@@ -95,6 +95,12 @@ fn judge(policy: &LoadedPolicy, s: &JobSummary) -> (String, String) {
                 .map(|(_, r)| *r)
         })
         .unwrap_or(0);
+    judge_rule(policy, rule, s)
+}
+
+/// What the candidate policy would have done with a job of this peak under `rule` (`policy
+/// suggest` knows the rule by the job's unit when its cgroup is gone).
+pub(crate) fn judge_rule(policy: &LoadedPolicy, rule: u32, s: &JobSummary) -> (String, String) {
     let name = policy.rule_name(rule);
     let Some(p) = policy.kernel.rules.get(rule as usize) else {
         return (name, "no such rule".into());

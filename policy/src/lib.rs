@@ -116,6 +116,7 @@ mod explain;
 mod model;
 mod raw;
 mod resolver;
+pub mod suggest;
 mod validate;
 
 use std::path::{Path, PathBuf};
