@@ -1423,6 +1423,7 @@ impl Agent {
         grant.apply(&mut job, rule_budget, crate::clock::monotonic_ns());
         // A later hold counts its self-resumes (SELF_RESUME_LIMIT) afresh.
         job.refused = 0;
+        job.free_stops = 0;
         self.backend
             .set_job(&key, &job)
             .context("the job stays held")?;

@@ -80,7 +80,7 @@ impl Tier {
             Tier::Tracepoint => &[
                 "cannot refuse a single syscall: a job is stopped right after the deletion that crossed its budget (at most one file past the budget per task deleting at that moment)",
                 "a deletion in a data directory by a job not named for it goes through: the job is held right after that one file (killed under a `block` rule; a never_hold unit's job is only reported); `approve --more N` lets it go on until its next one, a plain `approve` for the rest of the job",
-                "a held job resumed without approval (a `kill -CONT` loop, a ptracer swallowing SIGSTOP) deletes one file per resume: at its 8th deletion since the hold (SELF_RESUME_LIMIT) the kernel kills it",
+                "a held job resumed without approval (a `kill -CONT` loop, a ptracer swallowing SIGSTOP) deletes one file per resume: at its 8th deletion since the hold (SELF_RESUME_LIMIT; each task's first stop at the hold, parallel workers included, is not counted) the kernel kills it",
                 "a protected root itself is not recognised (a path string names no directory the kernel can look up here): removing or renaming one counts as one deletion against the budget",
                 "misses 32-bit compat syscalls (int 0x80) on x86_64",
                 "io_uring deletions are counted without their path (always against the budget)",

@@ -142,6 +142,15 @@ pub const JOB_BLOCKED: u32 = 3;
 /// refuses every deletion of a held job and never needs it.
 pub const SELF_RESUME_LIMIT: u64 = 8;
 
+/// The tracepoint tier cannot refuse, so every task of a job that was deleting when the job was
+/// held gets one deletion through and is stopped right after: `xargs -P 16 rm` stops 16 tasks
+/// at its hold without anyone resuming anything. A task's first stop within this long after the
+/// hold (`CLOCK_BOOTTIME`) is therefore not a resume; at most [`FREE_STOPS_MAX`] per hold are
+/// (a job forking a new task per file while something resumes it gets no more than that).
+pub const HOLD_GRACE_NS: u64 = 2_000_000_000;
+/// See [`HOLD_GRACE_NS`].
+pub const FREE_STOPS_MAX: u32 = 64;
+
 /// `JobState::allowance` value meaning "approved for the rest of the job".
 pub const ALLOWANCE_UNLIMITED: u64 = u64::MAX / 4;
 
@@ -173,7 +182,9 @@ pub struct JobState {
     pub cgroup_id: u64,
     pub first_ns: u64,
     pub uid: u32,
-    pub _pad: u32,
+    /// Tracepoint tier: this hold's first stops of tasks that were deleting when the job was held
+    /// (see [`HOLD_GRACE_NS`]): not resumes, so not counted towards [`SELF_RESUME_LIMIT`].
+    pub free_stops: u32,
     pub comm: [u8; 16],
     /// `CLOCK_BOOTTIME` (ns) when the job crossed its budget and was held or blocked (0: never):
     /// the hold's start, kept across agent restarts, and the age a job's processes must exceed

@@ -16,13 +16,16 @@ use guardrail_common::*;
 use super::{
     Deletion, Verdict,
     levels::charge_levels,
-    maps::{CGROUPS, DIRS, FOREIGN, HELD, JOB_INIT, JOBS, NEVER_HOLD, RULES, UIDS, config},
+    maps::{
+        CGROUPS, DIRS, FOREIGN, HELD, JOB_INIT, JOBS, NEVER_HOLD, RULES, STOPPED_TASKS, UIDS,
+        config,
+    },
     report::{Report, emit, emit_refusal},
     scope::{host_machinery, pseudo_fs_deletion},
     tagging::TASK_RULE,
 };
 use crate::kernel::{
-    atomic::{cas, fetch_add, swap},
+    atomic::{add_u32, cas, fetch_add, swap},
     events::next_incident,
     fs::dentry_identity,
     offsets::{kptr, offsets},
@@ -327,7 +330,8 @@ pub(crate) fn judge(d: &Deletion) -> Verdict {
             // crossing counted `refused` once). Not io_uring submissions: one io_uring_enter
             // submits a whole batch (up to 32) before the stop lands, with no resume in between.
             let kill = d.tier_flags & (EVF_TRACEPOINT | EVF_IO_URING) == EVF_TRACEPOINT
-                && n >= SELF_RESUME_LIMIT;
+                && !first_stop_at_hold(job)
+                && resumes(n, job) >= SELF_RESUME_LIMIT;
             let (stopped, first_kill) = if kill {
                 (false, block_resumed(&key, job))
             } else {
@@ -503,6 +507,10 @@ pub(crate) fn judge(d: &Deletion) -> Verdict {
             },
         );
     } else if new_state == JOB_HELD {
+        // Crossed at the same moment on another CPU: this task's own first stop at the hold.
+        if d.tier_flags & EVF_TRACEPOINT != 0 {
+            first_stop_at_hold(job);
+        }
         stopped = stop_self();
     } else if d.tier_flags & EVF_TRACEPOINT != 0 {
         signal(SIGKILL);
@@ -577,4 +585,50 @@ pub(crate) fn remember_held(key: &JobKey, state: u32, rule: u32, incident: u64, 
     };
     // Full map (the agent alerts at 80 %): the JOBS entry still holds the job.
     let _ = HELD.insert(key, &h, 0);
+    // The crossing task's own stop is the hold itself: any later stop of it is a resume.
+    let tid = bpf_get_current_pid_tgid() as u32;
+    let _ = STOPPED_TASKS.insert(&tid, &incident, 0);
+}
+
+/// Whether this refusal of a held job (tracepoint tier) is the task's first stop at the hold,
+/// not a resume: the task was deleting when the job was held, and the tier cannot refuse that
+/// deletion (see `HOLD_GRACE_NS`). Records the task and counts the free stop in the job. A leaf,
+/// like `remember_held`.
+#[inline(never)]
+pub(crate) fn first_stop_at_hold(job: *mut JobState) -> bool {
+    // SAFETY: plain fields of the map value (see `judge`).
+    let (incident, held_ns, free_p) = unsafe {
+        (
+            read_volatile(addr_of_mut!((*job).incident)),
+            read_volatile(addr_of_mut!((*job).held_ns)),
+            addr_of_mut!((*job).free_stops),
+        )
+    };
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    if now.saturating_sub(held_ns) > HOLD_GRACE_NS {
+        return false;
+    }
+    let tid = bpf_get_current_pid_tgid() as u32;
+    // SAFETY: map value read for this run.
+    if incident != 0 && unsafe { STOPPED_TASKS.get(&tid) }.is_some_and(|seen| *seen == incident) {
+        return false;
+    }
+    // SAFETY: as above.
+    if unsafe { read_volatile(free_p) } >= FREE_STOPS_MAX {
+        return false;
+    }
+    add_u32(free_p, 1);
+    let _ = STOPPED_TASKS.insert(&tid, &incident, 0);
+    true
+}
+
+/// Deletions a held job made by resuming itself: its refusals (`n`, read before this one's;
+/// the crossing's own counts as the first) less its tasks' free first stops at the hold.
+#[inline(always)]
+pub(crate) fn resumes(n: u64, job: *mut JobState) -> u64 {
+    // SAFETY: plain field of the map value.
+    n.saturating_sub(u64::from(unsafe {
+        read_volatile(addr_of_mut!((*job).free_stops))
+    }))
 }

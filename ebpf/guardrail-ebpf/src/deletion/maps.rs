@@ -36,6 +36,11 @@ pub(crate) static NEVER_HOLD: HashMap<CgroupKey, u32> = HashMap::with_max_entrie
 pub(crate) static JOBS: LruHashMap<JobKey, JobState> =
     LruHashMap::with_max_entries(JOBS_CAPACITY, 0);
 
+/// Tracepoint tier: the tasks already stopped once at a hold (thread id → incident id), so that
+/// only a task's first stop there is free of the self-resume count (see `first_stop_at_hold`).
+#[map]
+pub(crate) static STOPPED_TASKS: LruHashMap<u32, u64> = LruHashMap::with_max_entries(4096, 0);
+
 /// Held, denied and blocked jobs, in a map nothing evicts (see [`HeldJob`]).
 #[map]
 pub(crate) static HELD: HashMap<JobKey, HeldJob> = HashMap::with_max_entries(HELD_CAPACITY, 0);

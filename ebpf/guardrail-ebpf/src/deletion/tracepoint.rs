@@ -15,7 +15,9 @@ use guardrail_common::*;
 
 use super::{
     Deletion, Verdict,
-    judge::{block_resumed, judge, remember_held, restore_held, unit_lookup},
+    judge::{
+        block_resumed, first_stop_at_hold, judge, remember_held, restore_held, resumes, unit_lookup,
+    },
     maps::{FOREIGN, JOB_INIT, JOBS, NEVER_HOLD, RULES, config},
     report::{Report, emit, emit_refusal},
 };
@@ -222,7 +224,7 @@ pub(crate) fn tp_stop_foreign(d: &Deletion) {
         // it re-stops the whole job; killed at SELF_RESUME_LIMIT, as in `judge`.
         // SAFETY: field address of a valid map value.
         let n = fetch_add(unsafe { addr_of_mut!((*job).refused) }, 1);
-        let kill = n >= SELF_RESUME_LIMIT;
+        let kill = !first_stop_at_hold(job) && resumes(n, job) >= SELF_RESUME_LIMIT;
         let first_kill = if kill {
             block_resumed(&key, job)
         } else {

@@ -8,6 +8,13 @@ pub(crate) fn fetch_add(p: *mut u64, v: u64) -> u64 {
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(p, v) }
 }
 
+/// Atomic add on a 32-bit field (its previous value is not needed).
+#[inline(always)]
+pub(crate) fn add_u32(p: *mut u32, v: u32) {
+    // SAFETY: as for fetch_add.
+    unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::SeqCst }>(p, v) };
+}
+
 #[inline(always)]
 pub(crate) fn swap(p: *mut u64, v: u64) -> u64 {
     // SAFETY: as for fetch_add.
