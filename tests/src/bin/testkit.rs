@@ -117,6 +117,55 @@ fn rename_over(src: &Path, dst: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `exec-loop N`: forks and execs `/bin/true` N times, one after the other, and prints
+/// `exec-loop: N in T ns`. What every exec costs with the tier's exec programs attached (the
+/// shutdown guard's exec hooks, the fmod_ret tier's `security_bprm_check` and `security_file_open`
+/// trampolines).
+fn exec_loop(n: usize) -> Result<()> {
+    let prog = std::ffi::CString::new("/bin/true")?;
+    let argv = [prog.as_ptr(), std::ptr::null()];
+    let start = std::time::Instant::now();
+    for _ in 0..n {
+        // SAFETY: fork in a single-threaded process; the child only execs or exits.
+        match unsafe { libc::fork() } {
+            -1 => bail!("fork failed"),
+            // SAFETY: async-signal-safe calls on data built before the fork.
+            0 => unsafe {
+                libc::execv(prog.as_ptr(), argv.as_ptr());
+                libc::_exit(127);
+            },
+            child => {
+                let mut status = 0;
+                // SAFETY: waiting for our own child.
+                unsafe { libc::waitpid(child, &mut status, 0) };
+            }
+        }
+    }
+    println!("exec-loop: {n} in {} ns", start.elapsed().as_nanos());
+    Ok(())
+}
+
+/// `chown-loop N FILE`: N `fchownat` calls giving FILE (owned by uid 65534) to uid 65534 again,
+/// as root: each is a capability check (CAP_CHOWN), so each runs the fmod_ret tier's
+/// `security_capable` trampoline. Prints `chown-loop: N in T ns`.
+fn chown_loop(n: usize, file: &Path) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let path = std::ffi::CString::new(file.as_os_str().as_bytes())?;
+    let start = std::time::Instant::now();
+    for _ in 0..n {
+        // SAFETY: a NUL-terminated path we own.
+        if unsafe { libc::fchownat(libc::AT_FDCWD, path.as_ptr(), 65534, 65534, 0) } != 0 {
+            bail!(
+                "chown {}: {}",
+                file.display(),
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    println!("chown-loop: {n} in {} ns", start.elapsed().as_nanos());
+    Ok(())
+}
+
 fn fill(n: usize, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("mkdir {}", dir.display()))?;
     for i in 0..n {
@@ -575,6 +624,14 @@ fn main() -> Result<()> {
         ["uring-unlink", dir] => uring_unlink(Path::new(dir)),
         ["fork-unlink", n, dir] => fork_unlink(n.parse().context("worker count")?, Path::new(dir)),
         ["rename-over", src, dst] => rename_over(Path::new(src), Path::new(dst)),
+        ["timed-rm-rf", path] => {
+            let start = std::time::Instant::now();
+            std::fs::remove_dir_all(path).with_context(|| format!("removing {path}"))?;
+            println!("timed-rm-rf: {path} in {} ns", start.elapsed().as_nanos());
+            Ok(())
+        }
+        ["exec-loop", n] => exec_loop(n.parse().context("exec count")?),
+        ["chown-loop", n, file] => chown_loop(n.parse().context("chown count")?, Path::new(file)),
         ["fill", n, dir] => fill(n.parse().context("file count")?, Path::new(dir)),
         ["mirror-stop", cmd @ ..] => mirror_stop(cmd),
         ["with-pid", pid, cmd @ ..] => with_pid(pid.parse().context("pid")?, cmd),
@@ -604,7 +661,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         _ => bail!(
-            "usage: guardrail-testkit uring-unlink DIR | fork-unlink N DIR | rename-over SRC DST | fill N DIR | count DIR | rm-rf PATH | mirror-stop CMD... | with-pid PID CMD... | ptrace-nostop CMD... | plant-links TARGET FROM COUNT TEMPLATE... | dribble ADDR SECS | setsid-unlink N DIR | sock dribble|stream|noread|send SOCKET ARG"
+            "usage: guardrail-testkit uring-unlink DIR | exec-loop N | chown-loop N FILE | timed-rm-rf PATH | fork-unlink N DIR | rename-over SRC DST | fill N DIR | count DIR | rm-rf PATH | mirror-stop CMD... | with-pid PID CMD... | ptrace-nostop CMD... | plant-links TARGET FROM COUNT TEMPLATE... | dribble ADDR SECS | setsid-unlink N DIR | sock dribble|stream|noread|send SOCKET ARG"
         ),
     }
 }

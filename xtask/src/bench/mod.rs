@@ -9,7 +9,9 @@
 //! 3. blast radius: files deleted past a budget by 1 and 16 parallel deleters, idle and under CPU
 //!    load, guardrail against a userspace-reactive baseline;
 //! 4. exec overhead: fork+exec of a static binary, unguarded vs guarded;
-//! 5. alert latency: from the crossing to the line at a local rsyslog, p50/p99.
+//! 5. alert latency: from the crossing to the line at a local rsyslog, p50/p99;
+//! 6. the kernel tiers side by side in the test VM (exec, capability checks, rm -rf): what the
+//!    fmod_ret tier's trampolines cost every process on the host.
 //!
 //! `--quick` takes each measurement once at a small size and writes nothing: the test command
 //! runs it so the bench cannot rot. It fails only when a measurement could not be taken.
@@ -21,6 +23,7 @@ mod deletion;
 mod latency;
 mod report;
 mod sys;
+mod tiers;
 
 use std::{path::Path, process::Command, time::Instant};
 
@@ -60,6 +63,7 @@ pub struct Sizes {
     pub blast_budget: u64,
     pub idle_secs: u64,
     pub latency_runs: usize,
+    pub vm: tiers::VmSizes,
 }
 
 impl Sizes {
@@ -75,6 +79,12 @@ impl Sizes {
             blast_budget: 1_000,
             idle_secs: cli.idle_secs.unwrap_or(if q { 5 } else { 60 }),
             latency_runs: if q { 3 } else { 50 },
+            vm: tiers::VmSizes {
+                rounds: if q { 1 } else { 5 },
+                execs: if q { 20 } else { 300 },
+                chowns: if q { 1000 } else { 100_000 },
+                files: if q { 200 } else { 5000 },
+            },
         }
     }
 }
@@ -151,12 +161,15 @@ pub fn run(bin: &Path, out: &Path, cli: &BenchCli) -> Result<()> {
         "bench: alert latency done ({:.0}s)",
         t.elapsed().as_secs_f64()
     );
+    let tier_costs = tiers::run(bin, &scratch.0, s.vm)?;
+    println!("bench: VM tiers done ({:.0}s)", t.elapsed().as_secs_f64());
     let results = report::Results {
         deletions,
         exec,
         footprint: fp,
         blast,
         latency: lat,
+        tiers: tier_costs,
     };
     let text = report::render(&env, &s, &results, t.elapsed());
     print!("{text}");

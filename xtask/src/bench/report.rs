@@ -113,10 +113,12 @@ pub struct Results {
     pub footprint: Footprint,
     pub blast: BlastResult,
     pub latency: LatencyResult,
+    pub tiers: super::tiers::TierCosts,
 }
 
 pub fn render(env: &Env, s: &Sizes, r: &Results, took: Duration) -> String {
     let (dels, exec, fp, blast, lat) = (&r.deletions, &r.exec, &r.footprint, &r.blast, &r.latency);
+    let tier_costs = &r.tiers;
     let tier = dels.first().map_or("unknown", |d| d.tier.as_str());
     let mut o = String::new();
     let _ = write!(
@@ -126,8 +128,8 @@ pub fn render(env: &Env, s: &Sizes, r: &Results, took: Duration) -> String {
          by side in one run, interleaved round by round (A B C D A B C D …); the figures to read are\n\
          the **ratios**: this run was on a loaded 2-core machine shared with other builds and test\n\
          runs, so absolute times move from run to run and both sides of a ratio saw the same load.\n\
-         All figures here are from the host's kernel ({tier} tier: this machine refuses BPF LSM);\n\
-         the lsm tier runs only in the test VM under emulation and is not measured here yet.\n\
+         Sections 1-5 are from the host's kernel ({tier} tier: this machine refuses BPF LSM);\n\
+         section 6 compares every tier in the test VM, under emulation.\n\
          `cargo xtask bench --quick` takes each measurement once at a small size (the test command\n\
          runs it); `--rounds`, `--files-per-dir`, `--blast-runs`, `--execs`, `--idle-secs` change sizes.\n\n",
         took.as_secs_f64() / 60.0
@@ -375,11 +377,11 @@ pub fn render(env: &Env, s: &Sizes, r: &Results, took: Duration) -> String {
         pct(99).as_secs_f64() * 1e3,
         v.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
     );
+    o.push_str(&super::tiers::render(tier_costs));
     o.push_str(
         "## Not measured yet\n\n\
-         Alert latency to Alertmanager, the capability-check\n\
-         loop (fmod_ret tier, not built yet), the storm of 1,000,000 deletions across 64 jobs, and\n\
-         the lsm tier's ratios in the VM.\n",
+         Alert latency to Alertmanager, the storm of 1,000,000 deletions across 64 jobs, and the\n\
+         tiers on real hardware (section 6 is emulated).\n",
     );
     o
 }
