@@ -3,6 +3,7 @@
 //! kernel tiers' programs (`lsm`, `fmod_ret`, `tracepoint`) with struct offsets from [`btf`];
 //! [`pins`] keeps them enforcing across agent restarts; [`userspace`] is the last resort where
 //! no BPF can run (fanotify or inotify: it reports and stops, it cannot refuse).
+pub mod backend;
 pub mod btf;
 pub mod pins;
 pub mod probe;
