@@ -26,7 +26,7 @@ use crate::{
     control::server as control,
     guards::deletion::holds::Hold,
     host::procinfo,
-    incident,
+    incident::{self, Outcome},
     policy::{LoadedPolicy, PolicySource},
     tiers::{
         backend::{Backend, start_userspace},
@@ -681,7 +681,7 @@ impl Agent {
             .map(|(id, _)| *id)
             .collect();
         for id in expired {
-            let _ = self.deny(id, "timed_out", "hold timeout", None);
+            let _ = self.deny(id, Outcome::TimedOut, "hold timeout", None);
         }
         // Jobs whose process group is gone: forget them, so a recycled pgid starts afresh.
         if let Ok(jobs) = self.backend.jobs() {
@@ -720,7 +720,7 @@ impl Agent {
         for id in ended {
             if let Some(h) = self.holds.remove(&id) {
                 let mut inc = h.incident;
-                inc.outcome = "ended".into();
+                inc.outcome = Outcome::Ended;
                 self.sink.incident(&inc);
             }
         }

@@ -8,6 +8,7 @@ use crate::{
         server as control,
     },
     daemon::Agent,
+    incident::Outcome,
     tiers::backend::Backend,
 };
 
@@ -81,9 +82,12 @@ impl Agent {
                 budget,
                 for_job,
             } => self.approve(id, budget, for_job, peer),
-            Request::Deny { id } => {
-                self.deny(id, "denied", &format!("uid {}", peer.uid), Some(peer))
-            }
+            Request::Deny { id } => self.deny(
+                id,
+                Outcome::Denied,
+                &format!("uid {}", peer.uid),
+                Some(peer),
+            ),
             Request::Confirm { host, session } => {
                 if let Err(e) = gate.take_confirm(peer.uid, Instant::now()) {
                     if gate.log_refusal(peer.uid, Instant::now()) {

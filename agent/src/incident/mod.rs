@@ -2,6 +2,7 @@
 //! change (a hold, a refusal, an approval), never one per deleted file.
 pub mod decode;
 pub mod origin;
+pub mod schema;
 
 use std::{
     fs::{File, OpenOptions},
@@ -15,6 +16,8 @@ use guardrail_common::{
     OP_IO_URING_RENAME, OP_IO_URING_UNLINK, OP_RENAME, OP_RMDIR, OP_UNLINK,
 };
 use serde::{Deserialize, Serialize};
+
+pub use schema::{Action, Kind, Outcome};
 
 use crate::{
     host::procinfo,
@@ -35,9 +38,9 @@ pub struct Incident {
     pub host: String,
     pub tier: String,
     /// budget_crossed | protected_root | data_dir
-    pub kind: String,
+    pub kind: Kind,
     pub rule: String,
-    pub outcome: String,
+    pub outcome: Outcome,
     pub reason: String,
     pub op: String,
     pub pid: u32,
@@ -61,7 +64,7 @@ pub struct Incident {
     /// What guardrail did: hold | block | refuse | audit (compute, stop nothing) | approve |
     /// deny | timeout | close.
     #[serde(default)]
-    pub action: String,
+    pub action: Action,
     /// The job's processes when the event was made.
     #[serde(default)]
     pub pids: Vec<u32>,
@@ -152,7 +155,7 @@ impl Incident {
         let unit = unit_of(ev.tgid);
         let (kind, reason) = match ev.kind {
             EV_BUDGET_CROSSED if level.is_some() => (
-                "budget_crossed",
+                Kind::BudgetCrossed,
                 crate::guards::deletion::levels::reason(
                     ev,
                     policy,
@@ -161,7 +164,7 @@ impl Incident {
                 ),
             ),
             EV_BUDGET_CROSSED => (
-                "budget_crossed",
+                Kind::BudgetCrossed,
                 format!(
                     "{} deletions outside the deletion targets within {} (budget {}, rule {rule})",
                     ev.count,
@@ -170,14 +173,14 @@ impl Incident {
                 ),
             ),
             EV_PROTECTED_ROOT => (
-                "protected_root",
+                Kind::ProtectedRoot,
                 format!("{op} of a protected root ({path})"),
             ),
             EV_DATA_DIR => (
-                "data_dir",
+                Kind::DataDir,
                 format!("{op} inside a data directory this job is not named for ({path})"),
             ),
-            _ => ("other", String::new()),
+            _ => (Kind::Other("other".into()), String::new()),
         };
         let command = procinfo::cmdline(ev.tgid).unwrap_or_else(|| cstr(&ev.comm));
         let none_if_unset = |v: u32| if v == u32::MAX { None } else { Some(v) };
@@ -188,9 +191,9 @@ impl Incident {
             time: now_rfc3339(),
             host: host.to_string(),
             tier: tier.to_string(),
-            kind: kind.to_string(),
+            kind,
             rule,
-            outcome: String::new(),
+            outcome: Outcome::default(),
             reason,
             op: if ev.flags & EVF_IO_URING != 0 {
                 format!("{op} (io_uring)")
@@ -217,7 +220,7 @@ impl Incident {
             decided_by_text: None,
             decided_by_session: None,
             tier_gaps: tier.gaps().iter().map(|s| s.to_string()).collect(),
-            action: String::new(),
+            action: Action::default(),
             pids: procinfo::pids_in_group(ev.pgid),
             unit,
             executable: std::fs::read_link(format!("/proc/{}/exe", ev.tgid))
@@ -237,35 +240,59 @@ impl Incident {
     }
 
     /// What guardrail did, from the outcome (filled in when the daemon leaves it empty).
-    pub fn action_for(&self) -> &'static str {
+    pub fn action_for(&self) -> Action {
+        use Outcome as O;
         if self.is_shutdown() {
-            return match self.outcome.as_str() {
-                "refused" | "shutdown_refused" => "refuse",
-                "killed" => "block",
-                "confirmed" | "shutdown_confirmed" | "granted" => "approve",
-                "would_have_refused" => "audit",
-                _ => "allow",
+            return match &self.outcome {
+                O::Refused | O::ShutdownRefused => Action::Refuse,
+                O::Killed => Action::Block,
+                O::Confirmed | O::ShutdownConfirmed | O::Granted => Action::Approve,
+                O::WouldHaveRefused => Action::Audit,
+                O::Allowed
+                | O::AllowedByException
+                | O::Held
+                | O::WouldHaveHeld
+                | O::Alerted
+                | O::Reported
+                | O::Approved
+                | O::Denied
+                | O::TimedOut
+                | O::Ended
+                | O::EndedOnAgentStop
+                | O::ContinuedOnAgentStop
+                | O::Other(_) => Action::Allow,
             };
         }
-        match self.outcome.as_str() {
-            "held" => "hold",
-            "killed" => "block",
-            "refused" if self.kind == "budget_crossed" => "block",
-            "refused" | "shutdown_refused" => "refuse",
-            "would_have_held" | "would_have_refused" => "audit",
-            "approved" | "shutdown_confirmed" => "approve",
-            "denied" => "deny",
-            "timed_out" => "timeout",
-            "ended" => "close",
-            "continued_on_agent_stop" => "approve",
-            "ended_on_agent_stop" => "deny",
-            _ => "none",
+        match &self.outcome {
+            O::Held => Action::Hold,
+            O::Killed => Action::Block,
+            O::Refused if self.kind == Kind::BudgetCrossed => Action::Block,
+            O::Refused | O::ShutdownRefused => Action::Refuse,
+            O::WouldHaveHeld | O::WouldHaveRefused => Action::Audit,
+            O::Approved | O::ShutdownConfirmed => Action::Approve,
+            O::Denied => Action::Deny,
+            O::TimedOut => Action::Timeout,
+            O::Ended => Action::Close,
+            O::ContinuedOnAgentStop => Action::Approve,
+            O::EndedOnAgentStop => Action::Deny,
+            O::Alerted
+            | O::Reported
+            | O::Confirmed
+            | O::Allowed
+            | O::AllowedByException
+            | O::Granted
+            | O::Other(_) => Action::None,
         }
     }
 
     /// A shutdown request (kinds `shutdown`, `shutdown_confirmation`), not a deletion.
     pub fn is_shutdown(&self) -> bool {
-        self.kind.starts_with("shutdown")
+        match &self.kind {
+            Kind::Shutdown | Kind::ShutdownConfirmation => true,
+            Kind::BudgetCrossed | Kind::ProtectedRoot | Kind::DataDir => false,
+            // An older or newer agent's shutdown kind.
+            Kind::Other(k) => k.starts_with("shutdown"),
+        }
     }
 
     pub fn session_text(&self) -> String {
@@ -382,7 +409,7 @@ impl Sink {
         println!("guardrail: {}", inc.one_line());
         let mut inc = inc.clone();
         if inc.action.is_empty() {
-            inc.action = inc.action_for().to_string();
+            inc.action = inc.action_for();
         }
         let rec = Record::Incident(Box::new(inc));
         if let Ok(json) = serde_json::to_string(&rec) {
@@ -426,7 +453,7 @@ pub(crate) mod tests {
             tier: "tracepoint".into(),
             kind: "budget_crossed".into(),
             rule: "default".into(),
-            outcome: String::new(),
+            outcome: Outcome::default(),
             reason:
                 "101 deletions outside the deletion targets within 1m (budget 100, rule default)"
                     .into(),
@@ -451,7 +478,7 @@ pub(crate) mod tests {
             level: None,
             level_jobs: None,
             tier_gaps: vec![],
-            action: String::new(),
+            action: Action::default(),
             pids: vec![1234, 1240],
             unit: Some("session-3.scope".into()),
             executable: Some("/usr/bin/rm".into()),

@@ -15,7 +15,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
 use super::{Destination, Record, timefmt};
-use crate::incident::Incident;
+use crate::incident::{Incident, Kind, Outcome};
 
 /// Firing alerts are re-sent this often, like Prometheus does, so Alertmanager's
 /// resolve_timeout never closes a hold that is still open.
@@ -25,15 +25,6 @@ const FIRING_TTL_MS: i64 = 4 * 60_000;
 /// One-shot incidents (a refusal, a killed job) stay active this long.
 const ONE_SHOT_TTL_MS: i64 = 60 * 60_000;
 const TIMEOUT: Duration = Duration::from_secs(3);
-
-const HOLD_CLOSED: &[&str] = &[
-    "approved",
-    "denied",
-    "timed_out",
-    "ended",
-    "ended_on_agent_stop",
-    "continued_on_agent_stop",
-];
 
 pub struct AlertmanagerDestination {
     host_port: String,
@@ -106,18 +97,32 @@ pub fn alertname(i: &Incident) -> &'static str {
     if i.is_shutdown() {
         return "GuardrailShutdownRequest";
     }
-    match (i.kind.as_str(), i.outcome.as_str()) {
-        (_, "would_have_held" | "would_have_refused") => "GuardrailAuditWouldHaveStopped",
-        (_, "killed") => "GuardrailJobKilled",
-        ("budget_crossed", "refused") => "GuardrailJobBlocked",
-        (_, "refused") => "GuardrailDeletionRefused",
+    match &i.outcome {
+        Outcome::WouldHaveHeld | Outcome::WouldHaveRefused => "GuardrailAuditWouldHaveStopped",
+        Outcome::Killed => "GuardrailJobKilled",
+        Outcome::Refused if i.kind == Kind::BudgetCrossed => "GuardrailJobBlocked",
+        Outcome::Refused => "GuardrailDeletionRefused",
         // An `alert` rule's crossing stops nothing: it must not page as a hold.
-        (_, "alerted") => "GuardrailDeletionBudgetAlert",
+        Outcome::Alerted => "GuardrailDeletionBudgetAlert",
         // A crossing the tier could only report (never_hold, or no job to stop).
-        (_, "reported") => "GuardrailDeletionReported",
+        Outcome::Reported => "GuardrailDeletionReported",
         // A hold and the outcomes that close it keep the hold's name, so Alertmanager matches
         // the resolved alert to the firing one.
-        _ => "GuardrailJobHeld",
+        Outcome::Held
+        | Outcome::Approved
+        | Outcome::Denied
+        | Outcome::TimedOut
+        | Outcome::Ended
+        | Outcome::EndedOnAgentStop
+        | Outcome::ContinuedOnAgentStop => "GuardrailJobHeld",
+        // Shutdown outcomes (answered above), and unknown ones from another agent version.
+        Outcome::Confirmed
+        | Outcome::Allowed
+        | Outcome::AllowedByException
+        | Outcome::ShutdownRefused
+        | Outcome::ShutdownConfirmed
+        | Outcome::Granted
+        | Outcome::Other(_) => "GuardrailJobHeld",
     }
 }
 
@@ -162,17 +167,17 @@ impl Destination for AlertmanagerDestination {
         };
         let now = timefmt::now_ms();
         let outcome = i.outcome.as_str();
-        let a = if outcome == "held" {
+        let a = if i.outcome == Outcome::Held {
             let a = alert(i, rec.severity().label(), now + FIRING_TTL_MS);
             self.firing.insert(i.id, a.clone());
             a
-        } else if HOLD_CLOSED.contains(&outcome) {
+        } else if i.outcome.closes_hold() {
             // The same labels as the firing alert (so Alertmanager matches it), ended now.
             let mut a = match self.firing.remove(&i.id) {
                 Some(a) => a,
                 None => {
                     let mut held = (**i).clone();
-                    held.outcome = "held".into();
+                    held.outcome = Outcome::Held;
                     alert(&held, "critical", now)
                 }
             };

@@ -19,14 +19,6 @@ use anyhow::{Context, Result};
 use super::{Destination, Record};
 
 const TIERS: &[&str] = &["lsm", "fmodret", "tracepoint", "userspace"];
-const HOLD_CLOSED: &[&str] = &[
-    "approved",
-    "denied",
-    "timed_out",
-    "ended",
-    "ended_on_agent_stop",
-    "continued_on_agent_stop",
-];
 
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -79,6 +71,7 @@ impl Metrics {
     /// Counts one event. Deletions are counted from incidents (the kernel reports state changes,
     /// not each deletion): the count at each crossing, and each refusal.
     pub fn observe(&mut self, rec: &Record) {
+        use crate::incident::{Kind, Outcome as O};
         *self.events.entry(rec.name().to_string()).or_default() += 1;
         match rec {
             Record::Agent(a) => match a.kind.as_str() {
@@ -90,37 +83,64 @@ impl Metrics {
             Record::Incident(i) => {
                 *self
                     .incidents
-                    .entry((i.outcome.clone(), i.rule.clone()))
+                    .entry((i.outcome.to_string(), i.rule.clone()))
                     .or_default() += 1;
                 if self.tier.is_empty() {
                     self.tier = i.tier.clone();
                 }
                 let rule = i.rule.clone();
                 if i.is_shutdown() {
-                    match i.outcome.as_str() {
-                        "refused" | "killed" | "shutdown_refused" => self.shutdowns_refused += 1,
-                        "confirmed" | "shutdown_confirmed" => self.shutdowns_confirmed += 1,
-                        _ => {}
+                    match &i.outcome {
+                        O::Refused | O::Killed | O::ShutdownRefused => self.shutdowns_refused += 1,
+                        O::Confirmed | O::ShutdownConfirmed => self.shutdowns_confirmed += 1,
+                        O::Allowed
+                        | O::AllowedByException
+                        | O::WouldHaveRefused
+                        | O::Granted
+                        | O::Held
+                        | O::WouldHaveHeld
+                        | O::Alerted
+                        | O::Reported
+                        | O::Approved
+                        | O::Denied
+                        | O::TimedOut
+                        | O::Ended
+                        | O::EndedOnAgentStop
+                        | O::ContinuedOnAgentStop
+                        | O::Other(_) => {}
                     }
                     return;
                 }
-                match i.outcome.as_str() {
-                    "held" | "killed" | "would_have_held" => {
+                match &i.outcome {
+                    O::Held | O::Killed | O::WouldHaveHeld => {
                         *self.deletions_counted.entry(rule).or_default() += i.count;
                     }
-                    "refused" => {
-                        if i.kind == "budget_crossed" {
+                    O::Refused => {
+                        if i.kind == Kind::BudgetCrossed {
                             *self.deletions_counted.entry(rule.clone()).or_default() += i.count;
                         }
                         *self.deletions_refused.entry(rule).or_default() += 1;
                     }
-                    "shutdown_refused" => self.shutdowns_refused += 1,
-                    "shutdown_confirmed" => self.shutdowns_confirmed += 1,
-                    _ => {}
+                    O::ShutdownRefused => self.shutdowns_refused += 1,
+                    O::ShutdownConfirmed => self.shutdowns_confirmed += 1,
+                    O::WouldHaveRefused
+                    | O::Alerted
+                    | O::Reported
+                    | O::Approved
+                    | O::Denied
+                    | O::TimedOut
+                    | O::Ended
+                    | O::EndedOnAgentStop
+                    | O::ContinuedOnAgentStop
+                    | O::Confirmed
+                    | O::Allowed
+                    | O::AllowedByException
+                    | O::Granted
+                    | O::Other(_) => {}
                 }
-                if i.outcome == "held" {
+                if i.outcome == O::Held {
                     self.holds_open.insert(i.id);
-                } else if HOLD_CLOSED.contains(&i.outcome.as_str()) {
+                } else if i.outcome.closes_hold() {
                     self.holds_open.remove(&i.id);
                 }
             }

@@ -26,7 +26,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::incident::Incident;
+use crate::incident::{Incident, Outcome};
 pub use metrics::Metrics;
 
 /// Events waiting per destination before new ones are dropped (and counted). Events are state
@@ -77,22 +77,36 @@ impl Record {
     /// The outcome of an incident or the kind of an agent event: RFC 5424 MSGID, metric label.
     pub fn name(&self) -> &str {
         match self {
-            Record::Incident(i) => &i.outcome,
+            Record::Incident(i) => i.outcome.as_str(),
             Record::Agent(a) => &a.kind,
         }
     }
 
     pub fn severity(&self) -> Severity {
         match self {
-            Record::Incident(i) => match i.outcome.as_str() {
+            Record::Incident(i) => match &i.outcome {
                 // Someone must act now (approve or deny), or a job was ended.
-                "held" | "killed" => Severity::Crit,
+                Outcome::Held | Outcome::Killed => Severity::Crit,
                 // A shutdown request that was let through is worth a line, not a page.
-                _ if i.is_shutdown() && i.outcome != "refused" => Severity::Notice,
-                "refused" | "shutdown_refused" | "timed_out" | "denied" | "ended_on_agent_stop" => {
-                    Severity::Warning
-                }
-                _ => Severity::Notice,
+                _ if i.is_shutdown() && i.outcome != Outcome::Refused => Severity::Notice,
+                Outcome::Refused
+                | Outcome::ShutdownRefused
+                | Outcome::TimedOut
+                | Outcome::Denied
+                | Outcome::EndedOnAgentStop => Severity::Warning,
+                Outcome::WouldHaveHeld
+                | Outcome::Alerted
+                | Outcome::Reported
+                | Outcome::WouldHaveRefused
+                | Outcome::Approved
+                | Outcome::Ended
+                | Outcome::ContinuedOnAgentStop
+                | Outcome::Confirmed
+                | Outcome::Allowed
+                | Outcome::AllowedByException
+                | Outcome::ShutdownConfirmed
+                | Outcome::Granted
+                | Outcome::Other(_) => Severity::Notice,
             },
             Record::Agent(a) => match a.kind.as_str() {
                 "policy_rejected" | "policy_fallback" | "tier_degraded" => Severity::Err,
@@ -127,7 +141,7 @@ fn incident_summary(i: &Incident) -> String {
     if i.is_shutdown() {
         return format!(
             "{} on {}: {} (user {}, {}). Incident {}",
-            i.outcome.replace('_', " "),
+            i.outcome.as_str().replace('_', " "),
             i.host,
             i.reason,
             i.user,
@@ -136,28 +150,28 @@ fn incident_summary(i: &Incident) -> String {
         );
     }
     let who = format!("user {}, pgid {}, {}", i.user, i.pgid, session_words(i));
-    match i.outcome.as_str() {
-        "held" => format!(
+    match &i.outcome {
+        Outcome::Held => format!(
             "held job \"{}\" on {}: {} ({who}). Incident {}: guardrail approve {} | guardrail deny {}",
             i.command, i.host, i.reason, i.id, i.id, i.id
         ),
-        "killed" => format!(
+        Outcome::Killed => format!(
             "killed job \"{}\" on {}: {} ({who}). Incident {}",
             i.command, i.host, i.reason, i.id
         ),
-        "refused" => format!(
+        Outcome::Refused => format!(
             "refused {} by job \"{}\" on {}: {} ({who}). Incident {}",
             i.op, i.command, i.host, i.reason, i.id
         ),
-        "would_have_held" | "would_have_refused" => format!(
+        Outcome::WouldHaveHeld | Outcome::WouldHaveRefused => format!(
             "audit mode: {} job \"{}\" on {}: {} ({who}). Incident {}",
-            i.outcome.replace('_', " "),
+            i.outcome.as_str().replace('_', " "),
             i.command,
             i.host,
             i.reason,
             i.id
         ),
-        "approved" => format!(
+        Outcome::Approved => format!(
             "incident {} approved{}: job \"{}\" (pgid {}) on {} resumed",
             i.id,
             i.decided_by
@@ -167,10 +181,10 @@ fn incident_summary(i: &Incident) -> String {
             i.pgid,
             i.host
         ),
-        "denied" | "timed_out" => format!(
+        Outcome::Denied | Outcome::TimedOut => format!(
             "incident {} {}{}: job \"{}\" (pgid {}) on {} ended",
             i.id,
-            if i.outcome == "denied" {
+            if i.outcome == Outcome::Denied {
                 "denied"
             } else {
                 "timed out"
@@ -183,23 +197,31 @@ fn incident_summary(i: &Incident) -> String {
             i.pgid,
             i.host
         ),
-        "ended" => format!(
+        Outcome::Ended => format!(
             "incident {} closed: held job \"{}\" (pgid {}) on {} ended by itself",
             i.id, i.command, i.pgid, i.host
         ),
-        "ended_on_agent_stop" | "continued_on_agent_stop" => format!(
+        Outcome::EndedOnAgentStop | Outcome::ContinuedOnAgentStop => format!(
             "incident {} closed as the agent stopped: held job \"{}\" (pgid {}) on {} {} (deletion.on_agent_stop)",
             i.id,
             i.command,
             i.pgid,
             i.host,
-            if i.outcome == "ended_on_agent_stop" {
+            if i.outcome == Outcome::EndedOnAgentStop {
                 "ended"
             } else {
                 "continued"
             }
         ),
-        other => format!("incident {} {other} on {}: {}", i.id, i.host, i.reason),
+        other @ (Outcome::Alerted
+        | Outcome::Reported
+        | Outcome::Confirmed
+        | Outcome::Allowed
+        | Outcome::AllowedByException
+        | Outcome::ShutdownRefused
+        | Outcome::ShutdownConfirmed
+        | Outcome::Granted
+        | Outcome::Other(_)) => format!("incident {} {other} on {}: {}", i.id, i.host, i.reason),
     }
 }
 

@@ -45,7 +45,7 @@ fn incident() -> impl Strategy<Value = Incident> {
             i.tty = Some(remote);
             i.unit = Some(unit.clone());
             i.executable = Some(unit);
-            i.outcome = outcome.to_string();
+            i.outcome = outcome.into();
             if shutdown {
                 i.kind = "shutdown".into();
             }
@@ -168,7 +168,7 @@ proptest! {
     #[test]
     fn rfc5424_frames_hold_and_stay_bounded(i in incident()) {
         let id = i.id;
-        let held = i.outcome == "held" && !i.is_shutdown();
+        let held = i.outcome == crate::incident::Outcome::Held && !i.is_shutdown();
         let command = i.command.clone();
         let m = fmt(Wire::Rfc5424).message(&Record::Incident(Box::new(i)));
         prop_assert!(m.len() <= super::syslog::MESSAGE_BOUND, "{} bytes", m.len());

@@ -187,9 +187,9 @@ fn incident_params(i: &Incident, p: &mut Vec<(&'static str, String)>) {
     };
     put("event", "incident".to_string());
     put("id", i.id.to_string());
-    put("outcome", i.outcome.clone());
-    put("action", i.action.clone());
-    put("kind", i.kind.clone());
+    put("outcome", i.outcome.to_string());
+    put("action", i.action.to_string());
+    put("kind", i.kind.to_string());
     put("rule", i.rule.clone());
     put("tier", i.tier.clone());
     put("op", i.op.clone());

@@ -11,7 +11,7 @@ use crate::{
     control::{ipc::HoldInfo, server as control},
     daemon::Agent,
     host::procinfo,
-    incident,
+    incident::{self, Outcome},
 };
 
 impl Agent {
@@ -49,7 +49,7 @@ impl Agent {
         procinfo::signal_job(h.key.pgid, Signal::SIGCONT);
         procinfo::continue_pids(&wrappers);
         let mut inc = h.incident;
-        inc.outcome = "approved".into();
+        inc.outcome = Outcome::Approved;
         inc.decided_by = Some(by.uid);
         inc.decided_by_session = by.session_id();
         self.sink.incident(&inc);
@@ -93,7 +93,7 @@ impl Agent {
                 "agent stopped (deletion.on_agent_stop = \"{setting}\")"
             ));
             if !procinfo::pgid_alive(h.key.pgid) {
-                inc.outcome = "ended".into();
+                inc.outcome = Outcome::Ended;
                 self.sink.incident(&inc);
                 continue;
             }
@@ -122,11 +122,11 @@ impl Agent {
             crate::guards::tell::tell_job(inc.pid, &[format!("guardrail: incident {id}: {what}")]);
             if end {
                 procinfo::signal_job(h.key.pgid, Signal::SIGKILL);
-                inc.outcome = "ended_on_agent_stop".into();
+                inc.outcome = Outcome::EndedOnAgentStop;
             } else {
                 procinfo::signal_job(h.key.pgid, Signal::SIGCONT);
                 continued.push(h.key.pgid);
-                inc.outcome = "continued_on_agent_stop".into();
+                inc.outcome = Outcome::ContinuedOnAgentStop;
             }
             procinfo::continue_pids(&wrappers);
             self.sink.incident(&inc);
@@ -157,7 +157,7 @@ impl Agent {
     pub(crate) fn deny(
         &mut self,
         id: u64,
-        outcome: &str,
+        outcome: Outcome,
         by: &str,
         caller: Option<&control::Peer>,
     ) -> Result<String> {
@@ -185,7 +185,7 @@ impl Agent {
         }
         procinfo::continue_pids(&wrappers);
         let mut inc = h.incident;
-        inc.outcome = outcome.into();
+        inc.outcome = outcome;
         inc.decided_by_text = Some(by.to_string());
         if let Some(c) = caller {
             inc.decided_by = Some(c.uid);

@@ -15,7 +15,7 @@ use nix::sys::signal::Signal;
 use crate::{
     daemon::Agent,
     host::procinfo,
-    incident::{self, Incident},
+    incident::{self, Incident, Kind, Outcome},
     text,
     tiers::backend::Backend,
 };
@@ -104,9 +104,9 @@ impl Agent {
             time: incident::now_rfc3339(),
             host: self.host.clone(),
             tier: self.tier.to_string(),
-            kind: "budget_crossed".into(),
+            kind: Kind::BudgetCrossed,
             rule: self.policy.rule_name(job.rule),
-            outcome: "held".into(),
+            outcome: Outcome::Held,
             reason: format!(
                 "{} deletions outside the deletion targets (budget {}, rule {}); {how}",
                 job.count,
@@ -185,7 +185,7 @@ impl Agent {
                     time: incident::now_rfc3339(),
                     host: self.host.clone(),
                     tier: self.tier.to_string(),
-                    kind: "budget_crossed".into(),
+                    kind: Kind::BudgetCrossed,
                     rule: self.policy.rule_name(job.rule),
                     pgid: key.pgid,
                     sid: key.sid,
@@ -195,11 +195,10 @@ impl Agent {
                     ..Default::default()
                 };
                 inc.outcome = if self.tier.refuses() {
-                    "refused"
+                    Outcome::Refused
                 } else {
-                    "killed"
-                }
-                .into();
+                    Outcome::Killed
+                };
                 inc.reason = format!(
                     "{} deletions outside the deletion targets (rule {}); found blocked by the kernel, its crossing event was lost",
                     job.count, inc.rule
@@ -228,7 +227,7 @@ impl Agent {
         let mut inc = Incident::from_event(ev, &self.host, self.tier, &self.policy);
         match ev.kind {
             EV_BUDGET_CROSSED if ev.flags & EVF_AUDIT != 0 => {
-                inc.outcome = "would_have_held".into();
+                inc.outcome = Outcome::WouldHaveHeld;
                 self.sink.incident(&inc);
             }
             // An `alert` rule: reported once per job, nothing stopped (the rule's action is
@@ -244,7 +243,7 @@ impl Agent {
                             .get(ev.rule as usize)
                             .is_some_and(|r| r.action == guardrail_common::ACTION_ALERT) =>
             {
-                inc.outcome = "alerted".into();
+                inc.outcome = Outcome::Alerted;
                 self.sink.incident(&inc);
             }
             EV_BUDGET_CROSSED if ev.flags & guardrail_common::EVF_NEVER_HOLD != 0 => {
@@ -269,9 +268,9 @@ impl Agent {
                 if state == JOB_BLOCKED {
                     self.kernel_jobs.blocked_reported.insert(inc.id);
                     inc.outcome = if self.tier.refuses() {
-                        "refused".into()
+                        Outcome::Refused
                     } else {
-                        "killed".into()
+                        Outcome::Killed
                     };
                     self.sink.incident(&inc);
                     return;
@@ -280,12 +279,12 @@ impl Agent {
                     // Already adopted by a tick that found the job held before this event.
                     return;
                 }
-                inc.outcome = "held".into();
+                inc.outcome = Outcome::Held;
                 self.hold(inc, key);
             }
             EV_PROTECTED_ROOT | EV_DATA_DIR => {
                 if ev.flags & EVF_AUDIT != 0 {
-                    inc.outcome = "would_have_refused".into();
+                    inc.outcome = Outcome::WouldHaveRefused;
                     self.sink.incident(&inc);
                 } else if ev.flags & EVF_USERSPACE != 0 {
                     // Seen after the fact: the watcher stopped the job (its state is held, with
@@ -295,10 +294,10 @@ impl Agent {
                         pgid: ev.pgid,
                     };
                     if ev.flags & EVF_SIGNALLED != 0 {
-                        inc.outcome = "held".into();
+                        inc.outcome = Outcome::Held;
                         self.hold(inc, key);
                     } else {
-                        inc.outcome = "reported".into();
+                        inc.outcome = Outcome::Reported;
                         self.sink.incident(&inc);
                     }
                 } else if ev.flags & EVF_TRACEPOINT != 0 && ev.flags & EVF_SIGNALLED != 0 {
@@ -308,14 +307,14 @@ impl Agent {
                 } else if ev.flags & EVF_TRACEPOINT != 0 {
                     // Seen after the fact and nothing stopped (a never_hold unit's job): the
                     // deletion happened, so it is not "refused".
-                    inc.outcome = "reported".into();
+                    inc.outcome = Outcome::Reported;
                     inc.reason = format!(
                         "{} (tracepoint tier: the file is gone, the job was not stopped)",
                         inc.reason
                     );
                     self.sink.incident(&inc);
                 } else {
-                    inc.outcome = "refused".into();
+                    inc.outcome = Outcome::Refused;
                     self.sink.incident(&inc);
                 }
             }
@@ -400,7 +399,7 @@ impl Agent {
         procinfo::signal_job(key.pgid, Signal::SIGKILL);
         procinfo::continue_pids(&wrappers);
         self.kernel_jobs.blocked_reported.insert(out.id);
-        out.outcome = "killed".into();
+        out.outcome = Outcome::Killed;
         if out.retries == 0 {
             out.retries = guardrail_common::SELF_RESUME_LIMIT;
         }
@@ -450,7 +449,7 @@ impl Agent {
         if state == JOB_BLOCKED {
             self.kernel_jobs.blocked_reported.insert(inc.id);
             inc.reason = inc.reason.replacen("stopped after", "killed after", 1);
-            inc.outcome = "killed".into();
+            inc.outcome = Outcome::Killed;
             self.sink.incident(&inc);
             return;
         }
@@ -460,7 +459,7 @@ impl Agent {
             h.incident.reason = inc.reason;
             return;
         }
-        inc.outcome = "held".into();
+        inc.outcome = Outcome::Held;
         self.hold(inc, key);
     }
     pub(crate) fn next_local_incident(&mut self) -> u64 {
@@ -532,7 +531,11 @@ impl Agent {
         } else {
             "not stopped, only reported: this tier cannot refuse"
         };
-        inc.outcome = if refused { "refused" } else { "reported" }.into();
+        inc.outcome = if refused {
+            Outcome::Refused
+        } else {
+            Outcome::Reported
+        };
         inc.reason = format!(
             "{}; {unit} is never held (deletion.never_hold): {what}",
             inc.reason

@@ -34,7 +34,7 @@ use crate::{
         procinfo,
         session::{self, Class, Origin},
     },
-    incident::{Incident, Sink, now_rfc3339},
+    incident::{Incident, Kind, Outcome, Sink, now_rfc3339},
     policy::LoadedPolicy,
     text,
     tiers::{probe::Tier, sensor::Sensor},
@@ -448,12 +448,12 @@ impl Guard {
             _ => "unknown",
         };
         let outcome = match ev.outcome {
-            SD_OUT_REFUSED => "refused",
-            SD_OUT_STOPPED => "killed",
-            SD_OUT_CONFIRMED => "confirmed",
-            SD_OUT_WOULD_REFUSE => "would_have_refused",
-            _ if ev.exception != 0 => "allowed_by_exception",
-            _ => "allowed",
+            SD_OUT_REFUSED => Outcome::Refused,
+            SD_OUT_STOPPED => Outcome::Killed,
+            SD_OUT_CONFIRMED => Outcome::Confirmed,
+            SD_OUT_WOULD_REFUSE => Outcome::WouldHaveRefused,
+            _ if ev.exception != 0 => Outcome::AllowedByException,
+            _ => Outcome::Allowed,
         };
         let reason = format!(
             "shutdown request \"{cmd}\" judged as class {class_name} ({}, session {}): {outcome}",
@@ -462,7 +462,7 @@ impl Guard {
         );
         // Recorded while the task still exists (its terminal is read from /proc) and before the
         // caller can see the outcome.
-        let mut inc = self.incident(ev, "shutdown", outcome, &reason, &cmd, sensor);
+        let mut inc = self.incident(ev, Kind::Shutdown, outcome, &reason, &cmd, sensor);
         inc.op = op_name(ev.op).to_string();
         sink.incident(&inc);
         if !matches!(ev.outcome, SD_OUT_REFUSED | SD_OUT_STOPPED) {
@@ -597,8 +597,8 @@ impl Guard {
     fn incident(
         &self,
         ev: &ShutdownEvent,
-        kind: &str,
-        outcome: &str,
+        kind: Kind,
+        outcome: Outcome,
         reason: &str,
         cmd: &str,
         sensor: &mut Sensor,
@@ -608,9 +608,9 @@ impl Guard {
             time: now_rfc3339(),
             host: self.host.clone(),
             tier: self.tier.to_string(),
-            kind: kind.to_string(),
+            kind,
             rule: "shutdown".to_string(),
-            outcome: outcome.to_string(),
+            outcome,
             reason: reason.to_string(),
             op: String::new(),
             pid: ev.tgid,
@@ -708,8 +708,8 @@ impl Guard {
         let cmd = procinfo::cmdline(peer_pid as u32).unwrap_or_else(|| "guardrail confirm".into());
         let mut inc = self.incident(
             &ev,
-            "shutdown_confirmation",
-            "granted",
+            Kind::ShutdownConfirmation,
+            Outcome::Granted,
             &reason,
             &cmd,
             sensor,
