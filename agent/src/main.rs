@@ -1,48 +1,19 @@
 //! `guardrail`: the agent (`guardrail agent`) and the admin CLI that talks to it.
-mod alert;
-mod approval;
-mod btf;
-mod cgroup;
-mod clock;
-mod control;
-mod daemon;
-mod decode;
-mod events;
-mod fallback;
-mod forklog;
-mod generate;
-mod identity;
-mod inhibit;
-mod ipc;
-mod lastgood;
-mod levels;
-mod lifecycle;
-mod offline;
-mod pins;
-mod policy_glue;
-mod probe;
-mod procinfo;
-mod replay;
-mod scratch;
-mod selftest;
-mod sensor;
-mod session;
-mod shutdown;
-mod suggest_cmd;
-mod tell;
-mod text;
+use guardrail_agent::{
+    VERSION,
+    commands::{generate, selftest, suggest_cmd},
+    control::{ipc, offline},
+    daemon::{self, lifecycle},
+    guards::deletion::{approval, replay},
+    host::procinfo,
+    policy, sinks, text,
+    tiers::{pins, probe},
+};
 
 use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-
-pub const VERSION: &str = concat!(
-    env!("CARGO_PKG_VERSION"),
-    " (",
-    env!("GUARDRAIL_COMMIT"),
-    ")"
-);
 
 #[derive(Parser)]
 #[command(name = "guardrail", version = VERSION, about = "Stops mass deletions and remote shutdowns before they happen")]
@@ -94,7 +65,7 @@ enum Command {
         command: PolicyCommand,
     },
     /// Read the event log (incidents and agent events).
-    Events(alert::cli::EventsArgs),
+    Events(sinks::cli::EventsArgs),
     /// Probe the kernel, prove the offsets, report the tier and its gaps, and stop a runaway
     /// deletion in a scratch directory with the tier in force.
     Selftest {
@@ -256,7 +227,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Policy { command } => cli_policy(command),
         Command::Selftest { json, tier } => selftest::run(json, probe::Tier::from_name(&tier)),
-        Command::Events(args) => alert::cli::run(args),
+        Command::Events(args) => sinks::cli::run(args),
         Command::Off { pin_dir, force } => pins::run(&pin_dir, &socket, force),
         Command::Generate { what } => {
             generate::run(<Cli as clap::CommandFactory>::command(), what)?;
@@ -475,13 +446,13 @@ fn cli_policy(cmd: PolicyCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         PolicyCommand::Check { file, dir, json } => {
-            let source = policy_glue::PolicySource::from_args(file.as_deref(), dir.as_deref());
+            let source = policy::PolicySource::from_args(file.as_deref(), dir.as_deref());
             let resolver = gp::SystemResolver;
             let checked = match &source {
-                policy_glue::PolicySource::Embedded => {
+                policy::PolicySource::Embedded => {
                     gp::check_str("(embedded default)", gp::DEFAULT_POLICY, &resolver)
                 }
-                policy_glue::PolicySource::File { main, dropins } => {
+                policy::PolicySource::File { main, dropins } => {
                     gp::check_files(main, dropins.as_deref(), &resolver)
                 }
             };
@@ -509,7 +480,7 @@ fn cli_policy(cmd: PolicyCommand) -> Result<ExitCode> {
             policy,
             json,
         } => {
-            let source = policy_glue::PolicySource::from_args(policy.as_deref(), None);
+            let source = policy::PolicySource::from_args(policy.as_deref(), None);
             let loaded = source
                 .load()
                 .map_err(|r| anyhow::anyhow!("the candidate policy has errors:\n{r}"))?;
@@ -530,7 +501,7 @@ fn cli_policy(cmd: PolicyCommand) -> Result<ExitCode> {
             session_class,
             json,
         } => {
-            let source = policy_glue::PolicySource::from_args(policy.as_deref(), None);
+            let source = policy::PolicySource::from_args(policy.as_deref(), None);
             let loaded = source
                 .load()
                 .map_err(|r| anyhow::anyhow!("the policy has errors:\n{r}"))?;
@@ -568,66 +539,5 @@ fn cli_policy(cmd: PolicyCommand) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-    }
-}
-
-/// The agent needs tracefs (tracepoint ids), securityfs (LSM list, for messages) and bpffs
-/// (pins); on a systemd host they are mounted already, in a bare VM or container maybe not.
-pub fn mount_kernel_filesystems() {
-    use nix::mount::{MsFlags, mount};
-    let want = [
-        ("tracefs", "/sys/kernel/tracing", "events"),
-        ("securityfs", "/sys/kernel/security", "lsm"),
-        ("bpf", "/sys/fs/bpf", ""),
-    ];
-    for (fstype, dir, probe) in want {
-        let path = std::path::Path::new(dir);
-        let present = if probe.is_empty() {
-            is_mount_point(dir)
-        } else {
-            path.join(probe).exists()
-        };
-        // bpffs mounted inside the unit's private mount namespace would vanish with it, and the
-        // pins with it: only the host's is any use (pins.rs; without one nothing is pinned).
-        if fstype == "bpf" && !pins::in_host_mount_namespace() {
-            continue;
-        }
-        if !present && path.is_dir() {
-            let _ = mount(
-                Some(fstype),
-                path,
-                Some(fstype),
-                MsFlags::empty(),
-                None::<&str>,
-            );
-        }
-    }
-}
-
-fn is_mount_point(dir: &str) -> bool {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .map(|m| m.lines().any(|l| l.split_whitespace().nth(4) == Some(dir)))
-        .unwrap_or(false)
-}
-
-/// Tells systemd (Type=notify) that the programs are attached and the policy is in force.
-pub fn notify_ready() {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let sock = match std::os::unix::net::UnixDatagram::unbound() {
-        Ok(s) => s,
-        Err(_) => return,
-    };
-    let p = path.to_string_lossy();
-    let res = if let Some(abstract_name) = p.strip_prefix('@') {
-        use std::os::linux::net::SocketAddrExt;
-        std::os::unix::net::SocketAddr::from_abstract_name(abstract_name.as_bytes())
-            .and_then(|a| sock.send_to_addr(b"READY=1\n", &a))
-    } else {
-        sock.send_to(b"READY=1\n", &*p)
-    };
-    if let Err(e) = res {
-        eprintln!("guardrail: telling systemd we are ready failed: {e}");
     }
 }

@@ -75,7 +75,7 @@ fn deletion_guard_tables() {
             cgroup_id,
             first_ns,
             uid,
-            _pad,
+            free_stops,
             comm,
             held_ns
         ]
