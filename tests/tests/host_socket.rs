@@ -525,13 +525,7 @@ fn map_entries(agent: &Agent, name: &str) -> usize {
         serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
     };
     let log = agent.log();
-    let progs: Vec<String> = log
-        .lines()
-        .find_map(|l| l.strip_prefix("guardrail: program ids "))
-        .expect("the agent prints its program ids")
-        .split_whitespace()
-        .map(str::to_string)
-        .collect();
+    let progs = program_ids(&log);
     for p in progs {
         let maps = json(&["prog", "show", "id", &p]);
         for m in maps["map_ids"].as_array().into_iter().flatten() {

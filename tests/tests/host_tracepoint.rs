@@ -182,13 +182,7 @@ fn agent_reports_tier_and_detaches_on_sigterm() {
     assert!(exit.success(), "exit 0 on SIGTERM");
     // No program of ours stays loaded: the ids the agent printed are gone from the kernel
     // (other agents may run on this machine; only ours are checked).
-    let ids: Vec<String> = log
-        .lines()
-        .find_map(|l| l.strip_prefix("guardrail: program ids "))
-        .expect("the agent prints its program ids")
-        .split_whitespace()
-        .map(str::to_string)
-        .collect();
+    let ids = program_ids(&log);
     assert!(
         ids.len() >= 8,
         "the tracepoint tier attaches at least 8 programs: {ids:?}"

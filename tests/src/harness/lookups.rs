@@ -90,3 +90,14 @@ impl Agent {
             .expect("chmod the agent's directory");
     }
 }
+
+/// The BPF program ids an agent printed at start-up ("guardrail: program ids ..."), from its
+/// output `log` (kept by the caller: the output goes with the `Agent`).
+pub fn program_ids(log: &str) -> Vec<String> {
+    log.lines()
+        .find_map(|l| l.strip_prefix("guardrail: program ids "))
+        .expect("the agent prints its program ids")
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}

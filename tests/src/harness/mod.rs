@@ -7,5 +7,6 @@ mod scene;
 mod tier;
 
 pub use host::*;
+pub use lookups::program_ids;
 pub use scene::*;
 pub use tier::*;
