@@ -14,6 +14,9 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 pub mod collectors;
+mod harness;
+
+pub use harness::*;
 
 static KERNEL_LOCK: Mutex<()> = Mutex::new(());
 
@@ -459,12 +462,9 @@ impl Job {
     pub fn stopped(&self) -> bool {
         let pids = pids_in_group(self.pgid());
         !pids.is_empty()
-            && pids.iter().all(|p| {
-                std::fs::read_to_string(format!("/proc/{p}/stat"))
-                    .ok()
-                    .and_then(|s| s.rfind(')').and_then(|i| s[i + 2..].chars().next()))
-                    .is_none_or(|state| matches!(state, 'T' | 't' | 'Z' | 'X'))
-            })
+            && pids
+                .iter()
+                .all(|p| proc_state(*p).is_none_or(|state| matches!(state, 'T' | 't' | 'Z' | 'X')))
     }
 
     pub fn stderr(&mut self) -> String {

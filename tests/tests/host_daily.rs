@@ -9,94 +9,27 @@ use std::{
     time::Duration,
 };
 
-use guardrail_integration::*;
+use guardrail_integration::{collectors::hostname, *};
 
 const BUDGET: u64 = 100;
-
-struct Setup {
-    agent: Agent,
-    cg: TestCgroup,
-    s: tempfile::TempDir,
-}
 
 /// An agent whose policy gives the test's cgroup `BUDGET`, with `deletion` TOML lines added to
 /// `[deletion]` and `extra_args` for the agent.
 fn setup_with(deletion: &str, extra_args: &[&str]) -> Setup {
-    require_root();
-    let s = scratch();
-    let target = s.path().join("target");
-    std::fs::create_dir_all(&target).expect("mkdir target");
-    let cg = TestCgroup::new();
-    let text = policy(BUDGET, &[&target], &[], &cg).replace(
+    let scene = Scene::new();
+    let target = scene.dir("target");
+    let text = policy(BUDGET, &[&target], &[], &scene.cg).replace(
         "on_deny = \"kill\"\n",
         &format!("on_deny = \"kill\"\n{deletion}"),
     );
-    let agent = Agent::start_with(&text, extra_args).expect("agent starts");
-    Setup { agent, cg, s }
-}
-
-fn hostname() -> String {
-    nix::unistd::gethostname()
-        .expect("hostname")
-        .into_string()
-        .expect("utf-8")
-}
-
-/// Incidents in the event log with `outcome`.
-fn incidents(agent: &Agent, outcome: &str) -> Vec<serde_json::Value> {
-    agent
-        .events()
-        .into_iter()
-        .filter_map(|e| e.get("incident").cloned())
-        .filter(|i| i["outcome"] == outcome)
-        .collect()
-}
-
-/// Waits for a hold other than `not`, returns its id.
-fn wait_new_hold(agent: &Agent, not: Option<u64>) -> u64 {
-    let mut id = None;
-    assert!(
-        wait_until(Duration::from_secs(60), || {
-            id = agent
-                .holds()
-                .iter()
-                .filter_map(|h| h["id"].as_u64())
-                .find(|i| Some(*i) != not);
-            id.is_some()
-        }),
-        "a hold within 60 s:\n{}",
-        agent.log()
-    );
-    id.expect("hold")
-}
-
-/// SIGTERM to the agent, then waits (20 s at most) until it has exited, without reaping it: its
-/// event log and output (in its temporary directory, removed when the `Agent` goes) can still be
-/// read. `Agent::stop` reaps it and gives the exit status after.
-fn sigterm_and_wait(agent: &Agent) {
-    let pid = agent.pid();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("SIGTERM");
-    let exited = wait_until(Duration::from_secs(20), || {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| s.rfind(')').and_then(|i| s[i + 2..].chars().next()))
-            .is_none_or(|c| c == 'Z')
-    });
-    assert!(exited, "the agent exits within 20 s of SIGTERM");
+    let setup = scene.start_with(&text, extra_args);
+    setup.agent.require_tier(Tier::Tracepoint);
+    setup
 }
 
 /// Whether a process of `pgid` is stopped (state T).
 fn any_stopped(pgid: u32) -> bool {
-    pids_in_group(pgid).iter().any(|p| {
-        std::fs::read_to_string(format!("/proc/{p}/stat"))
-            .ok()
-            .and_then(|s| s.rfind(')').and_then(|i| s[i + 2..].chars().next()))
-            == Some('T')
-    })
+    group_states(pgid).contains(&'T')
 }
 
 /// The hold message tells a held job how to let it finish, and doing just that (a bare
@@ -111,7 +44,7 @@ fn approving_as_the_message_says_lets_the_job_finish() {
     let victim = s.path().join("victim");
     fill(&victim, 1000);
     let mut job = Job::spawn_in("rm -rf victim", s.path(), Some(&cg));
-    let id = wait_new_hold(&agent, None);
+    let id = agent.wait_new_hold(&[]);
     let out = agent.cli_ok(&["approve", &id.to_string()]);
     let said = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
@@ -142,8 +75,12 @@ fn approving_as_the_message_says_lets_the_job_finish() {
     );
     assert!(agent.holds().is_empty(), "no hold open");
     std::thread::sleep(Duration::from_millis(700));
-    assert_eq!(incidents(&agent, "held").len(), 1, "one hold in all");
-    let approved = incidents(&agent, "approved");
+    assert_eq!(
+        agent.incidents_with_outcome("held").len(),
+        1,
+        "one hold in all"
+    );
+    let approved = agent.incidents_with_outcome("approved");
     assert_eq!(approved.len(), 1);
     assert_eq!(approved[0]["id"].as_u64(), Some(id));
     // The approval was that job's only: the same command run again is a new job, held at the
@@ -151,7 +88,7 @@ fn approving_as_the_message_says_lets_the_job_finish() {
     let again = s.path().join("again");
     fill(&again, 1000);
     let mut next = Job::spawn_in("rm -rf again", s.path(), Some(&cg));
-    let second = wait_new_hold(&agent, None);
+    let second = agent.wait_new_hold(&[]);
     assert_ne!(second, id);
     let gone = 1000 - settle(&again, Duration::from_millis(500)) as u64;
     assert!(
@@ -173,7 +110,7 @@ fn a_job_held_again_shows_its_total_and_the_earlier_approval() {
     let victim = s.path().join("victim");
     fill(&victim, 2000);
     let mut job = Job::spawn_in("rm -rf victim", s.path(), Some(&cg));
-    let first = wait_new_hold(&agent, None);
+    let first = agent.wait_new_hold(&[]);
     let gone_first = 2000 - settle(&victim, Duration::from_millis(500)) as u64;
     let out = agent.cli_ok(&["approve", &first.to_string(), "--more", "100"]);
     assert!(
@@ -181,7 +118,7 @@ fn a_job_held_again_shows_its_total_and_the_earlier_approval() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
-    let second = wait_new_hold(&agent, Some(first));
+    let second = agent.wait_new_hold(&[first]);
     let gone = 2000 - settle(&victim, Duration::from_millis(500)) as u64;
     assert!(
         (100..=101).contains(&(gone - gone_first)),
@@ -203,7 +140,7 @@ fn a_job_held_again_shows_its_total_and_the_earlier_approval() {
     );
     let text = String::from_utf8_lossy(&agent.cli_ok(&["holds"]).stdout).into_owned();
     assert!(text.contains(&again), "`guardrail holds`:\n{text}");
-    let held = incidents(&agent, "held");
+    let held = agent.incidents_with_outcome("held");
     let ev = held
         .iter()
         .find(|i| i["id"].as_u64() == Some(second))
@@ -230,10 +167,10 @@ fn stopping_the_agent_ends_its_held_jobs_by_default() {
     let victim = s.path().join("victim");
     fill(&victim, 1000);
     let mut job = Job::spawn_in("rm -rf victim", s.path(), Some(&cg));
-    let id = wait_new_hold(&agent, None);
+    let id = agent.wait_new_hold(&[]);
     assert!(wait_until(Duration::from_secs(10), || job.stopped()));
     let left = settle(&victim, Duration::from_millis(500));
-    sigterm_and_wait(&agent);
+    agent.sigterm_and_wait();
     let text = std::fs::read_to_string(&agent.event_log).expect("event log");
     let out = agent.log();
     assert!(agent.stop().expect("stops").success());
@@ -286,9 +223,9 @@ fn stopping_the_agent_continues_its_held_jobs_when_the_policy_says_so() {
     let victim = s.path().join("victim");
     fill(&victim, 1000);
     let mut job = Job::spawn_in("rm -rf victim", s.path(), Some(&cg));
-    let id = wait_new_hold(&agent, None);
+    let id = agent.wait_new_hold(&[]);
     assert!(wait_until(Duration::from_secs(10), || job.stopped()));
-    sigterm_and_wait(&agent);
+    agent.sigterm_and_wait();
     let text = std::fs::read_to_string(&agent.event_log).expect("event log");
     assert!(agent.stop().expect("stops").success());
     let status = job.wait(Duration::from_secs(60)).expect("the job finished");
@@ -319,7 +256,7 @@ fn with_no_agent_status_lists_the_pinned_holds_and_the_next_agent_adopts_them() 
     let victim = s.path().join("victim");
     fill(&victim, 1000);
     let mut job = Job::spawn_in("rm -rf victim", s.path(), Some(&cg));
-    let id = wait_new_hold(&agent, None);
+    let id = agent.wait_new_hold(&[]);
     assert!(wait_until(Duration::from_secs(10), || job.stopped()));
     let left = settle(&victim, Duration::from_millis(500));
     agent.crash();
@@ -461,7 +398,7 @@ fn approve_without_an_id_picks_among_the_callers_own_session_holds() {
     let mut line = String::new();
     stdout.read_line(&mut line).expect("session id");
     let session: u64 = line.trim().parse().expect("a session id");
-    let id = wait_new_hold(&agent, None);
+    let id = agent.wait_new_hold(&[]);
     let holds = agent.holds();
     assert_eq!(holds[0]["audit_session"].as_u64(), Some(session));
 

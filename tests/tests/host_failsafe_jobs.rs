@@ -9,27 +9,6 @@ use guardrail_integration::*;
 const BUDGET: u64 = 10;
 const FILES: usize = 1000;
 
-/// State letter of a process in /proc (R, S, T, Z, ...).
-fn process_state(pid: u32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat[stat.rfind(')')? + 2..].chars().next()
-}
-
-fn sigcont_job(pgid: u32) {
-    nix::sys::signal::killpg(
-        nix::unistd::Pid::from_raw(pgid as i32),
-        nix::sys::signal::Signal::SIGCONT,
-    )
-    .expect("SIGCONT");
-}
-
-/// The scratch directory itself, open to nobody (tempfile makes it 0700).
-fn open_scratch() -> tempfile::TempDir {
-    let s = scratch();
-    std::fs::set_permissions(s.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    s
-}
-
 fn exempt(name: &str, exe: &Path) -> String {
     format!(
         "[[deletion.exempt]]\nname = \"{name}\"\nexecutables = [\"{}\"]\nunits = []\ncgroups = []\n",
@@ -213,7 +192,7 @@ fn a_process_with_a_dead_agents_pid_is_not_exempt() {
     );
     // The impostor itself (testkit, its parent, only waits for it).
     let stopped = wait_until(Duration::from_secs(30), || {
-        process_state(agent_pid) == Some('T')
+        proc_state(agent_pid) == Some('T')
     });
     let left = settle(&victim, Duration::from_millis(700));
     // Unpin the crashed agent's programs before asserting, so a failure leaves nothing behind.

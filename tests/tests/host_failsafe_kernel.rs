@@ -22,17 +22,6 @@ fn policy_never_hold(target: &Path, cg: &TestCgroup, units: &[&str]) -> String {
     )
 }
 
-/// The process state letters of a job's live processes (T: stopped).
-fn states(pgid: u32) -> Vec<char> {
-    pids_in_group(pgid)
-        .into_iter()
-        .filter_map(|p| {
-            let s = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
-            s[s.rfind(')')? + 2..].chars().next()
-        })
-        .collect()
-}
-
 /// A never_hold unit's job (a cgroup standing in for systemd-logind.service) crosses its budget
 /// while the agent is dead (SIGKILL: the programs and maps stay pinned): nothing stops it, every
 /// file goes, and the next agent on the same pins adopts no hold and stops nothing.
@@ -65,14 +54,14 @@ fn a_never_hold_job_is_not_stopped_while_no_agent_runs_nor_adopted_after() {
     let mut job = Job::spawn_in("rm -rf victim && exec sleep 60", s.path(), Some(&cg));
     let mut seen_stopped = false;
     let done = wait_until(Duration::from_secs(60), || {
-        seen_stopped |= states(job.pgid()).contains(&'T');
+        seen_stopped |= group_states(job.pgid()).contains(&'T');
         count_files(&victim) == 0 && !victim.exists()
     });
     assert!(
         done,
         "the never_hold job deleted everything with no agent running ({} files left, states {:?})",
         count_files(&victim),
-        states(job.pgid())
+        group_states(job.pgid())
     );
     assert!(!seen_stopped, "the never_hold job was stopped");
 
@@ -86,7 +75,7 @@ fn a_never_hold_job_is_not_stopped_while_no_agent_runs_nor_adopted_after() {
     assert!(!next.saw("adopted open hold"), "{}", next.log());
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
-        states(job.pgid()),
+        group_states(job.pgid()),
         vec!['S'],
         "the job (its sleep) runs on, not stopped"
     );
@@ -249,7 +238,7 @@ fn a_never_hold_unit_started_after_the_agent_is_never_held() {
     let mut job = Job::spawn_in("rm -rf victim", s.path(), Some(&late));
     let mut seen_stopped = false;
     let done = wait_until(Duration::from_secs(60), || {
-        seen_stopped |= states(job.pgid()).contains(&'T');
+        seen_stopped |= group_states(job.pgid()).contains(&'T');
         job.child.try_wait().ok().flatten().is_some()
     });
     assert!(
@@ -294,7 +283,7 @@ fn the_userspace_tier_never_stops_a_never_hold_units_sub_cgroup() {
     let mut job = Job::spawn_in("rm -rf victim", s.path(), Some(&sub));
     let mut seen_stopped = false;
     let done = wait_until(Duration::from_secs(60), || {
-        seen_stopped |= states(job.pgid()).contains(&'T');
+        seen_stopped |= group_states(job.pgid()).contains(&'T');
         job.child.try_wait().ok().flatten().is_some()
     });
     assert!(

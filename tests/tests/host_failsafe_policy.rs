@@ -12,7 +12,6 @@ use guardrail_integration::*;
 
 const BUDGET: u64 = 100;
 const FILES: usize = 1000;
-const NOBODY: u32 = 65534;
 
 /// The tracepoint tier stops a job right after the deletion that crossed its budget: with one
 /// deleting task, the budget's files and at most that one more are gone.
@@ -27,13 +26,6 @@ fn assert_held_at_budget(agent: &Agent, dir: &Path, files: usize, what: &str) {
          {} gone",
         BUDGET + 1
     );
-}
-
-/// A scratch directory others can traverse (tempdirs are 0700), like a real /home's parent.
-fn open_scratch() -> tempfile::TempDir {
-    let s = scratch();
-    std::fs::set_permissions(s.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    s
 }
 
 fn mkdir_755(p: &Path) -> PathBuf {

@@ -67,26 +67,13 @@ fn tables(budget: u64, target: &Path, protected: &Path, cg: &TestCgroup) -> Kern
     }
 }
 
-struct Setup {
-    s: tempfile::TempDir,
-    cg: TestCgroup,
-    target: PathBuf,
-    protected: PathBuf,
-}
-
-fn setup() -> Setup {
-    require_root();
-    let s = scratch();
-    let target = s.path().join("target");
-    let protected = s.path().join("protected");
-    std::fs::create_dir_all(&target).expect("mkdir target");
-    std::fs::create_dir_all(&protected).expect("mkdir protected");
-    Setup {
-        s,
-        cg: TestCgroup::new(),
-        target,
-        protected,
-    }
+/// A scratch tree with a target and a protected root inside, and the test's cgroup: the tier is
+/// driven in-process, without an agent.
+fn setup() -> Scene {
+    let scene = Scene::new();
+    scene.dir("target");
+    scene.dir("protected");
+    scene
 }
 
 /// Polls and processes until `until` says stop or `timeout` passes; returns every event.
@@ -118,10 +105,10 @@ fn crossed_by(events: &[Event], pgid: u32) -> Option<Event> {
 
 /// The runaway scenario: `script` over FILES out-of-scope files is stopped; returns the overshoot
 /// and the (stopped) job.
-fn runaway(fb: &mut Fallback, s: &Setup, script: &str, promise: u64) -> (u64, Job) {
-    let victim = s.s.path().join("victim");
+fn runaway(fb: &mut Fallback, s: &Scene, script: &str, promise: u64) -> (u64, Job) {
+    let victim = s.path().join("victim");
     fill(&victim, FILES);
-    let job = Job::spawn_in(script, s.s.path(), Some(&s.cg));
+    let job = Job::spawn_in(script, s.path(), Some(&s.cg));
     let pgid = job.pgid();
     let events = drive(fb, Duration::from_secs(120), |ev| {
         crossed_by(ev, pgid).is_some()
@@ -177,10 +164,10 @@ fn runaway(fb: &mut Fallback, s: &Setup, script: &str, promise: u64) -> (u64, Jo
     (overshoot, job)
 }
 
-fn fanotify(s: &Setup) -> Fallback {
+fn fanotify(s: &Scene) -> Fallback {
     let fb = Fallback::new(
-        &tables(BUDGET, &s.target, &s.protected, &s.cg),
-        &[s.s.path().to_path_buf()],
+        &tables(BUDGET, &s.dir("target"), &s.dir("protected"), &s.cg),
+        &[s.path().to_path_buf()],
         Watch::Fanotify,
     )
     .expect("fanotify watcher");
@@ -224,7 +211,7 @@ fn fanotify_stops_rm_rf_at_the_budget_and_approve_lets_it_finish() {
         !events.iter().any(|e| e.pgid == key.pgid),
         "approved for the job: no more events"
     );
-    assert_eq!(count_files(&s.s.path().join("victim")), 0);
+    assert_eq!(count_files(&s.path().join("victim")), 0);
 }
 
 #[test]
@@ -262,12 +249,12 @@ fn fanotify_names_the_job_of_workers_that_exited_before_they_were_read() {
         fb.names_exited_processes(),
         "root may subscribe to the process events connector"
     );
-    let victim = s.s.path().join("victim");
+    let victim = s.path().join("victim");
     fill(&victim, 2000);
     let kit = env!("CARGO_BIN_EXE_guardrail-testkit");
     let job = Job::spawn_in(
         &format!("{kit} fork-unlink 8 victim; sleep 60"),
-        s.s.path(),
+        s.path(),
         Some(&s.cg),
     );
     let pgid = job.pgid();
@@ -310,11 +297,11 @@ fn fanotify_never_counts_deletions_inside_a_target() {
     let s = setup();
     let mut fb = fanotify(&s);
     // 3000 files in nested directories below the target: 30 times the budget.
-    let build = s.target.join("build");
+    let build = s.dir("target").join("build");
     for d in 0..30 {
         fill(&build.join(format!("d{d:02}")).join("sub"), 100);
     }
-    let mut job = Job::spawn_in("rm -rf build", &s.target, Some(&s.cg));
+    let mut job = Job::spawn_in("rm -rf build", &s.dir("target"), Some(&s.cg));
     let pgid = job.pgid();
     let mut done = false;
     let events = drive(&mut fb, Duration::from_secs(60), |_| {
@@ -351,7 +338,7 @@ fn fanotify_protected_root_deleted_stops_the_job() {
     // this tier, not what this test is about).
     let job = Job::spawn_in(
         "exec python3 -c 'import os, time; os.rmdir(\"protected\"); time.sleep(60)'",
-        s.s.path(),
+        s.path(),
         Some(&s.cg),
     );
     let pgid = job.pgid();
@@ -379,10 +366,10 @@ fn inotify_guesses_the_job_from_the_open_directory() {
     let s = setup();
     // inotify names no process: everything counts for the unknown job under the default rule.
     // Watching only the scratch tree makes a default budget safe here.
-    let mut policy = tables(BUDGET, &s.target, &s.protected, &s.cg);
+    let mut policy = tables(BUDGET, &s.dir("target"), &s.dir("protected"), &s.cg);
     policy.rules[0] = rule(BUDGET);
     let mut fb =
-        Fallback::new(&policy, &[s.s.path().to_path_buf()], Watch::Inotify).expect("inotify");
+        Fallback::new(&policy, &[s.path().to_path_buf()], Watch::Inotify).expect("inotify");
     assert_eq!(fb.mechanism(), "inotify");
     runaway(&mut fb, &s, "rm -rf victim", INOTIFY_PROMISE);
     let unknown = fb.job(&UNKNOWN_JOB).expect("the unknown job counted");
@@ -396,17 +383,17 @@ fn inotify_cannot_attribute_to_the_jobs_own_rule() {
     // The harness's cgroup-scoped rule never applies under inotify: no process, no cgroup. The
     // job runs to the end under the (unlimited) default rule; this is the tier's documented gap.
     let mut fb = Fallback::new(
-        &tables(BUDGET, &s.target, &s.protected, &s.cg),
-        &[s.s.path().to_path_buf()],
+        &tables(BUDGET, &s.dir("target"), &s.dir("protected"), &s.cg),
+        &[s.path().to_path_buf()],
         Watch::Inotify,
     )
     .expect("inotify");
-    let victim = s.s.path().join("victim");
+    let victim = s.path().join("victim");
     fill(&victim, 1000);
     // The watcher learns of `victim` from its creation event and only then watches it: let it
     // read that before `rm` starts (on a busy host rm got 80 files in first).
     let _ = drive(&mut fb, Duration::from_millis(500), |_| false);
-    let mut job = Job::spawn_in("rm -rf victim", s.s.path(), Some(&s.cg));
+    let mut job = Job::spawn_in("rm -rf victim", s.path(), Some(&s.cg));
     // Watched on for 2 s after the job ended: on a busy host the watcher reads the last
     // deletions' events after `rm` has exited (it once counted 920 of 1000 when it stopped at once).
     let mut ended: Option<std::time::Instant> = None;
@@ -443,35 +430,23 @@ fn selftest_measurement_reports_a_bounded_overshoot() {
 
 // --- end to end: `guardrail agent --tier userspace` -----------------------------------------
 
-struct Run {
-    s: tempfile::TempDir,
-    cg: TestCgroup,
-    agent: Agent,
-}
-
-fn agent_userspace() -> Run {
-    require_root();
-    let s = scratch();
-    let target = s.path().join("target");
-    std::fs::create_dir_all(&target).expect("mkdir target");
-    let cg = TestCgroup::new();
-    let agent = Agent::start_with(
-        &policy(BUDGET, &[&target], &[], &cg),
-        &["--tier", "userspace"],
-    )
-    .expect("agent starts with the userspace tier");
-    assert!(agent.saw("tier userspace in force"), "{}", agent.log());
+fn agent_userspace() -> Setup {
+    let scene = Scene::new();
+    let target = scene.dir("target");
+    let text = policy(BUDGET, &[&target], &[], &scene.cg);
+    let run = scene.start_with(&text, &["--tier", "userspace"]);
+    run.agent.require_tier(Tier::Userspace);
     assert!(
-        agent.saw("fanotify on the filesystem of /"),
+        run.agent.saw("fanotify on the filesystem of /"),
         "{}",
-        agent.log()
+        run.agent.log()
     );
-    Run { s, cg, agent }
+    run
 }
 
 /// 3000 files below a target (30 times the budget) deleted by the test job: never held. Returns
 /// the inode numbers of the directories it deleted (the filesystem may give them to new ones).
-fn target_is_free(r: &Run) -> HashSet<u64> {
+fn target_is_free(r: &Setup) -> HashSet<u64> {
     let build = r.s.path().join("target").join("build");
     for d in 0..30 {
         fill(&build.join(format!("d{d:02}")), 100);
@@ -497,14 +472,14 @@ fn target_is_free(r: &Run) -> HashSet<u64> {
 }
 
 /// `rm -rf` over FILES files outside the target: held within the promise. Returns the hold.
-fn held_runaway(r: &Run) -> (Job, u64) {
+fn held_runaway(r: &Setup) -> (Job, u64) {
     let victim = r.s.path().join("victim");
     fill(&victim, FILES);
     held_runaway_in(r, &victim)
 }
 
 /// [`held_runaway`] in `victim` (already filled with FILES files).
-fn held_runaway_in(r: &Run, victim: &Path) -> (Job, u64) {
+fn held_runaway_in(r: &Setup, victim: &Path) -> (Job, u64) {
     let name = victim.file_name().expect("victim name").to_string_lossy();
     let job = Job::spawn_in(&format!("rm -rf {name}"), r.s.path(), Some(&r.cg));
     let id = r
@@ -533,16 +508,6 @@ fn held_runaway_in(r: &Run, victim: &Path) -> (Job, u64) {
     (job, id)
 }
 
-fn outcomes(agent: &Agent, id: u64) -> Vec<String> {
-    agent
-        .events()
-        .iter()
-        .filter_map(|e| e.get("incident"))
-        .filter(|i| i["id"].as_u64() == Some(id))
-        .filter_map(|i| i["outcome"].as_str().map(str::to_string))
-        .collect()
-}
-
 #[test]
 fn agent_userspace_holds_rm_rf_and_approve_finishes_it() {
     let _k = kernel_lock();
@@ -565,7 +530,7 @@ fn agent_userspace_holds_rm_rf_and_approve_finishes_it() {
         r.agent.holds().is_empty(),
         "approved for the job: no new hold"
     );
-    let seen = outcomes(&r.agent, id);
+    let seen = r.agent.outcomes_of(id);
     assert!(
         seen.iter().any(|o| o == "held") && seen.iter().any(|o| o == "approved"),
         "{seen:?}"
@@ -575,7 +540,7 @@ fn agent_userspace_holds_rm_rf_and_approve_finishes_it() {
 /// A directory for the runaway, outside the target, made where the filesystem hands out the inode
 /// number of a directory in `deleted_dirs` if it does within a few tries (ext4 mostly does): the
 /// agent must judge it by where it is, not by what it knew of the deleted directory.
-fn victim_on_a_reused_inode(r: &Run, deleted_dirs: &HashSet<u64>) -> PathBuf {
+fn victim_on_a_reused_inode(r: &Setup, deleted_dirs: &HashSet<u64>) -> PathBuf {
     for n in 0..64 {
         let candidate = r.s.path().join(format!("victim{n:02}"));
         std::fs::create_dir(&candidate).expect("mkdir victim");
@@ -613,6 +578,6 @@ fn agent_userspace_target_is_free_and_deny_ends_the_runaway() {
         .expect("the denied job ends");
     assert!(!status.success(), "killed, not finished: {status:?}");
     assert!(count_files(&victim) > 0, "the denied job deleted no more");
-    let seen = outcomes(&r.agent, id);
+    let seen = r.agent.outcomes_of(id);
     assert!(seen.iter().any(|o| o == "denied"), "{seen:?}");
 }

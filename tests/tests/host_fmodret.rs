@@ -24,6 +24,8 @@ fn the_probe_tries_fmodret_before_falling_back_to_tracepoint() {
     let cg = TestCgroup::new();
     let (_s, text) = quiet_policy(&cg);
     let agent = Agent::start(&text).expect("agent starts");
+    // A kernel that refuses BPF LSM and fmod_ret: the scenario of this file.
+    agent.require_tier(Tier::Tracepoint);
     let status = agent.cli_ok(&["status", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status is JSON");
     assert_eq!(v["tier"], "tracepoint", "status: {v}");

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use guardrail_integration::*;
+use guardrail_integration::{collectors::hostname, *};
 
 const BUDGET: u64 = 100;
 
@@ -345,41 +345,19 @@ fn off_switch_continues_held_jobs_with_no_agent() {
     );
 }
 
-/// The stand-in `reboot` of host_shutdown.rs (a copy of /bin/echo), and an agent whose policy
-/// treats it as a shutdown command: remote → confirm, local → allow, unknown → confirm.
-struct ShutdownSetup {
-    agent: Agent,
-    _cg: TestCgroup,
-    s: tempfile::TempDir,
-    standin: PathBuf,
-}
-
 const RAN: &str = "stand-in ran";
 
-fn shutdown_setup() -> ShutdownSetup {
-    require_root();
-    let s = scratch();
+/// The stand-in `reboot` of host_shutdown.rs (a copy of /bin/echo) in a scratch tree nobody may
+/// traverse, and an agent whose policy treats it as a shutdown command: remote → confirm, local →
+/// allow, unknown → confirm. Returns the scene and the stand-in.
+fn shutdown_setup() -> (Setup, PathBuf) {
     // nobody runs the stand-in and its own programs from here.
-    std::fs::set_permissions(s.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let bin = s.path().join("bin");
-    std::fs::create_dir_all(&bin).expect("mkdir bin");
-    let standin = bin.join("reboot");
-    std::fs::copy("/bin/echo", &standin).expect("the stand-in");
-    let target = s.path().join("target");
-    std::fs::create_dir_all(&target).expect("mkdir target");
-    let cg = TestCgroup::new();
-    let extra = format!(
-        "\n[shutdown]\nremote = \"confirm\"\nlocal = \"allow\"\nnone = \"allow\"\nunknown = \"confirm\"\nconfirm_window = \"2m\"\ncommands = [\"{}\"]\n",
-        standin.display()
-    );
-    let agent =
-        Agent::start(&policy_with(BUDGET, &[&target], &[], &cg, &extra)).expect("agent starts");
-    ShutdownSetup {
-        agent,
-        _cg: cg,
-        s,
-        standin,
-    }
+    let scene = Scene::new().open_to_others();
+    let standin = standin(&scene.path().join("bin"), "reboot");
+    let target = scene.dir("target");
+    let extra = shutdown_toml(["confirm", "allow", "allow", "confirm"], &[&standin]);
+    let text = policy_with(BUDGET, &[&target], &[], &scene.cg, &extra);
+    (scene.start(&text), standin)
 }
 
 /// Runs `script` in a new audit session (it writes /proc/self/loginuid, as pam_loginuid would)
@@ -424,10 +402,7 @@ fn in_new_session(script: &str, agent: &Agent) -> (u32, String) {
 
 /// The refusal for a reboot from an unclassified session, and its incident as class unknown.
 fn assert_refused_as_unknown(agent: &Agent, session: u32, out: &str, what: &str) {
-    let h = nix::unistd::gethostname()
-        .expect("hostname")
-        .into_string()
-        .expect("utf-8");
+    let h = hostname();
     assert!(
         !out.lines().any(|l| l.trim() == RAN),
         "{what}: the stand-in ran:\n{out}"
@@ -467,12 +442,14 @@ fn assert_refused_as_unknown(agent: &Agent, session: u32, out: &str, what: &str)
 #[test]
 fn evidence_less_session_needs_confirmation() {
     let _k = kernel_lock();
-    let ShutdownSetup {
-        agent,
+    let (
+        Setup {
+            agent,
+            cg: _cg,
+            s: _s,
+        },
         standin,
-        s: _s,
-        _cg,
-    } = shutdown_setup();
+    ) = shutdown_setup();
     let (session, out) = in_new_session(&format!("exec {} {RAN}", standin.display()), &agent);
     assert_refused_as_unknown(&agent, session, &out, "evidence-less session");
     assert!(agent.stop().expect("stops").success());
@@ -484,12 +461,7 @@ fn evidence_less_session_needs_confirmation() {
 #[test]
 fn a_process_named_login_is_no_local_login() {
     let _k = kernel_lock();
-    let ShutdownSetup {
-        agent,
-        standin,
-        s,
-        _cg,
-    } = shutdown_setup();
+    let (Setup { agent, cg: _cg, s }, standin) = shutdown_setup();
     // nobody's copy of sh named `login`, which runs the stand-in as nobody.
     let login = s.path().join("login");
     std::fs::copy("/bin/sh", &login).expect("copy sh");

@@ -17,38 +17,17 @@ use guardrail_integration::{collectors::*, *};
 
 const BUDGET: u64 = 20;
 const FILES: usize = 400;
-const NOBODY: u32 = 65534;
 
 /// A scratch tree nobody may delete in (the victim directory is theirs), a cgroup for the
 /// test's jobs and an agent whose policy gives those jobs BUDGET deletions.
-struct Setup {
-    agent: Agent,
-    cg: TestCgroup,
-    s: tempfile::TempDir,
-}
-
 fn setup(alerts_toml: &str) -> Setup {
-    require_root();
-    let s = scratch();
-    std::fs::set_permissions(s.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let target = s.path().join("target");
-    std::fs::create_dir_all(&target).expect("mkdir target");
-    let victim = s.path().join("victim");
+    let scene = Scene::new().open_to_others();
+    let target = scene.dir("target");
+    let victim = scene.path().join("victim");
     fill(&victim, FILES);
     chown_nobody(&victim);
-    let cg = TestCgroup::new();
-    let text = policy_with(BUDGET, &[&target], &[], &cg, alerts_toml);
-    let agent = Agent::start(&text).expect("agent starts");
-    Setup { agent, cg, s }
-}
-
-fn chown_nobody(p: &Path) {
-    std::os::unix::fs::chown(p, Some(NOBODY), Some(NOBODY)).expect("chown");
-    if p.is_dir() {
-        for e in std::fs::read_dir(p).expect("read_dir").flatten() {
-            chown_nobody(&e.path());
-        }
-    }
+    let text = policy_with(BUDGET, &[&target], &[], &scene.cg, alerts_toml);
+    scene.start(&text)
 }
 
 /// `sh -c script` in `cwd`, joining the test cgroup, then as nobody (no groups). `setup` runs
@@ -513,22 +492,12 @@ fn a_100_kb_command_line_still_reaches_rsyslog_over_udp() {
 #[test]
 fn a_refused_shutdown_caller_with_an_o_path_stderr_leaves_the_file_unchanged() {
     let _k = kernel_lock();
-    require_root();
-    let s = scratch();
-    std::fs::set_permissions(s.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let bin = s.path().join("bin");
-    std::fs::create_dir_all(&bin).expect("mkdir bin");
-    let standin = bin.join("reboot");
-    std::fs::copy("/bin/echo", &standin).expect("copying /bin/echo as the stand-in");
-    let target = s.path().join("target");
-    std::fs::create_dir_all(&target).expect("mkdir target");
-    let cg = TestCgroup::new();
-    let extra = format!(
-        "[shutdown]\nremote = \"confirm\"\nlocal = \"confirm\"\nnone = \"confirm\"\nunknown = \"confirm\"\nconfirm_window = \"2m\"\ncommands = [\"{}\"]\n",
-        standin.display()
-    );
-    let agent =
-        Agent::start(&policy_with(100, &[&target], &[], &cg, &extra)).expect("agent starts");
+    let scene = Scene::new().open_to_others();
+    let standin = standin(&scene.path().join("bin"), "reboot");
+    let target = scene.dir("target");
+    let extra = shutdown_toml(["confirm"; 4], &[&standin]);
+    let text = policy_with(100, &[&target], &[], &scene.cg, &extra);
+    let Setup { agent, cg, s } = scene.start(&text);
     let secret = s.path().join("secret");
     let before = b"root:$y$j9T$not-a-real-hash:19000:0:99999:7:::\n".repeat(20);
     std::fs::write(&secret, &before).expect("write secret");

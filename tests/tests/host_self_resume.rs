@@ -5,7 +5,11 @@
 //! its `SELF_RESUME_LIMIT`-th deletion since the hold and the incident says so; the same for a
 //! ptracer that swallows the stop signals. Every scenario runs
 //! in a scratch directory under /var/tmp; every assertion counts files on disk.
-use std::{os::unix::fs::PermissionsExt, path::Path, time::Duration};
+use std::{
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use guardrail_integration::*;
 
@@ -54,18 +58,30 @@ fn rm_status(s: &Path) -> String {
 
 /// The incident that closed a hold because the job resumed itself, once the agent has it.
 fn killed_incident(agent: &Agent) -> Option<serde_json::Value> {
-    agent
-        .events()
-        .into_iter()
-        .map(|e| e["incident"].clone())
-        .find(|i| {
-            i["outcome"] == "killed"
-                && i["reason"].as_str().is_some_and(|r| {
-                    r.ends_with(&format!(
-                        "resumed itself {SELF_RESUME_LIMIT} times without approval; killed"
-                    ))
-                })
-        })
+    agent.incidents().into_iter().find(|i| {
+        i["outcome"] == "killed"
+            && i["reason"].as_str().is_some_and(|r| {
+                r.ends_with(&format!(
+                    "resumed itself {SELF_RESUME_LIMIT} times without approval; killed"
+                ))
+            })
+    })
+}
+
+/// A scratch tree nobody may traverse, with `victim`: FILES files that are nobody's.
+fn victim_scene() -> (Scene, PathBuf) {
+    let scene = Scene::new().open_to_others();
+    let victim = scene.path().join("victim");
+    fill(&victim, FILES);
+    chown_nobody(&victim);
+    (scene, victim)
+}
+
+/// Starts the agent on `text`: this file's bounds are the tracepoint tier's.
+fn start(scene: Scene, text: &str) -> Setup {
+    let setup = scene.start(text);
+    setup.agent.require_tier(Tier::Tracepoint);
+    setup
 }
 
 /// A job held at its budget, resumed by a sibling's `kill -CONT` loop. Old code: each resume let
@@ -77,18 +93,9 @@ fn killed_incident(agent: &Agent) -> Option<serde_json::Value> {
 fn a_held_job_resumed_by_a_kill_cont_loop_is_killed_after_the_limit() {
     require_root();
     let _k = kernel_lock();
-    let s = scratch();
-    std::fs::set_permissions(s.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let victim = s.path().join("victim");
-    fill(&victim, FILES);
-    chown_nobody(&victim);
-    let cg = TestCgroup::new();
-    let agent = Agent::start(&policy(BUDGET as u64, &[], &[], &cg)).expect("agent starts");
-    assert!(
-        agent.saw("guardrail: tier tracepoint in force"),
-        "this host runs the tracepoint tier:\n{}",
-        agent.log()
-    );
+    let (scene, victim) = victim_scene();
+    let text = policy(BUDGET as u64, &[], &[], &scene.cg);
+    let Setup { agent, cg, s } = start(scene, &text);
 
     attack(s.path(), "victim", &cg);
     let left = settle(&victim, Duration::from_millis(700));
@@ -135,18 +142,17 @@ fn a_held_job_resumed_by_a_kill_cont_loop_is_killed_after_the_limit() {
 fn a_foreign_job_in_a_data_directory_resumed_by_a_kill_cont_loop_is_killed_after_the_limit() {
     require_root();
     let _k = kernel_lock();
-    let s = scratch();
-    std::fs::set_permissions(s.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let data = s.path().join("data");
+    let scene = Scene::new().open_to_others();
+    let data = scene.path().join("data");
     let victim = data.join("sub");
     fill(&victim, FILES);
     chown_nobody(&data);
-    let cg = TestCgroup::new();
     let extra = format!(
         "[[deletion.data_dir]]\npath = {:?}\nowners = {{ users = [\"root\"] }}\n",
         data.display().to_string()
     );
-    let agent = Agent::start(&policy_with(100_000, &[], &[], &cg, &extra)).expect("agent starts");
+    let text = policy_with(100_000, &[], &[], &scene.cg, &extra);
+    let Setup { agent, cg, s } = start(scene, &text);
 
     attack(s.path(), "data/sub", &cg);
     let left = settle(&victim, Duration::from_millis(700));
@@ -207,13 +213,9 @@ fn ptraced_rm_is_killed_after_the_limit(pause_agent: bool) {
     use std::os::unix::process::CommandExt;
     require_root();
     let _k = kernel_lock();
-    let s = scratch();
-    std::fs::set_permissions(s.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let victim = s.path().join("victim");
-    fill(&victim, FILES);
-    chown_nobody(&victim);
-    let cg = TestCgroup::new();
-    let agent = Agent::start(&policy(BUDGET as u64, &[], &[], &cg)).expect("agent starts");
+    let (scene, victim) = victim_scene();
+    let text = policy(BUDGET as u64, &[], &[], &scene.cg);
+    let Setup { agent, cg, s } = start(scene, &text);
     let kit = NobodyKit::new();
     let mut cmd = kit.cmd(&["ptrace-nostop", "rm", "-rf", "victim"]);
     cmd.current_dir(s.path())

@@ -15,7 +15,9 @@ const USER_BUDGET: u64 = 400;
 /// An agent whose only counted jobs are the test's (the default rule shares no budget above the
 /// job; the test's rule says it does, since rules inherit `[deletion]`'s), with a job budget no single `rm` of these tests reaches, and the session and user
 /// budgets above.
-fn start(cg: &TestCgroup, target: &Path, user_budget: u64) -> Agent {
+fn start(user_budget: u64) -> Setup {
+    let scene = Scene::new();
+    let target = scene.dir("target");
     let policy = format!(
         r#"mode = "enforce"
 [deletion]
@@ -47,9 +49,9 @@ budget = 100
 shared_budgets = true
 "#,
         target = target.display(),
-        cg = cg.name,
+        cg = scene.cg.name,
     );
-    Agent::start(&policy).expect("agent starts")
+    scene.start(&policy)
 }
 
 /// A directory of `n` files that nobody may delete, outside every target.
@@ -81,16 +83,11 @@ fn audit_session(pid: u32) -> String {
 
 /// The open hold's incident from the event log.
 fn held_incident(agent: &Agent, id: u64) -> serde_json::Value {
-    let mut found = None;
-    wait_until(Duration::from_secs(10), || {
-        found = agent
-            .events()
-            .into_iter()
-            .map(|e| e["incident"].clone())
-            .find(|e| e["id"].as_u64() == Some(id) && e["outcome"] == "held");
-        found.is_some()
-    });
-    found.unwrap_or_else(|| panic!("incident {id} in the event log:\n{}", agent.log()))
+    agent
+        .wait_incident(Duration::from_secs(10), |i| {
+            i["id"].as_u64() == Some(id) && i["outcome"] == "held"
+        })
+        .unwrap_or_else(|| panic!("incident {id} in the event log:\n{}", agent.log()))
 }
 
 /// The incident's reason for `who` crossing `budget` per `level` (tracepoint: the crossing
@@ -121,12 +118,7 @@ fn past_budget(inc: &serde_json::Value) -> usize {
 #[test]
 fn a_loop_of_setsid_rm_is_held_at_the_session_budget() {
     let _k = kernel_lock();
-    require_root();
-    let s = scratch();
-    let target = s.path().join("target");
-    std::fs::create_dir_all(&target).expect("mkdir target");
-    let cg = TestCgroup::new();
-    let agent = start(&cg, &target, 100_000);
+    let Setup { agent, cg, s } = start(100_000);
     let dir = victim(&s, "victim", FILES);
     let job = session_as_nobody(SETSID_LOOP, &dir, &cg);
     let id = agent
@@ -173,12 +165,7 @@ fn a_loop_of_setsid_rm_is_held_at_the_session_budget() {
 #[test]
 fn a_user_is_held_across_two_sessions_at_the_user_budget() {
     let _k = kernel_lock();
-    require_root();
-    let s = scratch();
-    let target = s.path().join("target");
-    std::fs::create_dir_all(&target).expect("mkdir target");
-    let cg = TestCgroup::new();
-    let agent = start(&cg, &target, USER_BUDGET);
+    let Setup { agent, cg, s } = start(USER_BUDGET);
     let first_dir = victim(&s, "first", 250);
     let second_dir = victim(&s, "second", FILES);
 
@@ -227,12 +214,7 @@ fn a_user_is_held_across_two_sessions_at_the_user_budget() {
 #[test]
 fn an_admin_cleaning_up_by_hand_is_not_held() {
     let _k = kernel_lock();
-    require_root();
-    let s = scratch();
-    let target = s.path().join("target");
-    std::fs::create_dir_all(&target).expect("mkdir target");
-    let cg = TestCgroup::new();
-    let agent = start(&cg, &target, USER_BUDGET);
+    let Setup { agent, cg, s } = start(USER_BUDGET);
     let dir = victim(&s, "logs", 60);
     let mut job = session_as_nobody(
         r#"rm f0000* f0001* f0002* f0003* f0004* && for f in f*; do setsid rm -f "$f"; done"#,

@@ -10,20 +10,13 @@ use std::{
     time::Duration,
 };
 
-use guardrail_integration::*;
+use guardrail_integration::{collectors::hostname, *};
 
 const RAN: &str = "stand-in ran";
 
-fn host() -> String {
-    nix::unistd::gethostname()
-        .expect("gethostname")
-        .into_string()
-        .expect("utf-8 host name")
-}
-
 /// The refusal message, up to the session id (which the test cannot know in advance) and after.
 fn message_parts(from: &str) -> (String, String) {
-    let h = host();
+    let h = hostname();
     (
         format!("guardrail: refused \"reboot\" on {h}, requested from {from} (session "),
         format!(
@@ -54,13 +47,6 @@ fn assert_refusal(text: &str, from: &str, what: &str) {
 /// contains the words, so whole lines are counted).
 fn ran(text: &str) -> usize {
     text.lines().filter(|l| l.trim() == RAN).count()
-}
-
-fn text(out: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 /// sshd on 127.0.0.1:port with its own config, host key and authorized key in a temp dir.
@@ -166,56 +152,31 @@ impl Drop for Sshd {
     }
 }
 
-struct Setup {
-    agent: Agent,
-    _cg: TestCgroup,
-    s: tempfile::TempDir,
-    standin: PathBuf,
-    /// The agent's policy, to start another agent on the same pins.
-    policy: String,
+/// The stand-in `reboot` of the scene (a copy of /bin/echo), beside a stand-in `shutdown` whose
+/// `-c` cancels rather than asks.
+fn standin_in(s: &tempfile::TempDir) -> PathBuf {
+    s.path().join("bin/reboot")
 }
 
-/// An agent whose policy guards shutdowns (remote → confirm) and treats the stand-in as a
-/// shutdown command; its deletion rules are the usual cgroup-scoped test rules, so it never holds
+/// An agent whose policy guards shutdowns (remote → confirm) and treats the stand-ins as
+/// shutdown commands; its deletion rules are the usual cgroup-scoped test rules, so it never holds
 /// anything else on the machine.
 fn setup() -> Setup {
     setup_with(&[])
 }
 
 fn setup_with(agent_args: &[&str]) -> Setup {
-    require_root();
-    let s = scratch();
-    let bin = s.path().join("bin");
-    std::fs::create_dir_all(&bin).expect("mkdir bin");
-    let standin = bin.join("reboot");
-    std::fs::copy("/bin/echo", &standin).expect("copying /bin/echo as the stand-in");
-    // A second stand-in named `shutdown`, whose `-c` cancels rather than asks.
-    std::fs::copy("/bin/echo", bin.join("shutdown")).expect("copying /bin/echo as shutdown");
-    let target = s.path().join("target");
-    std::fs::create_dir_all(&target).expect("mkdir target");
-    let cg = TestCgroup::new();
-    let extra = format!(
-        r#"
-[shutdown]
-remote = "confirm"
-local = "allow"
-none = "allow"
-unknown = "confirm"
-confirm_window = "2m"
-commands = ["{}", "{}"]
-"#,
-        standin.display(),
-        bin.join("shutdown").display()
+    let scene = Scene::new();
+    let bin = scene.path().join("bin");
+    let reboot = standin(&bin, "reboot");
+    let shutdown = standin(&bin, "shutdown");
+    let target = scene.dir("target");
+    let extra = shutdown_toml(
+        ["confirm", "allow", "allow", "confirm"],
+        &[&reboot, &shutdown],
     );
-    let policy = policy_with(100, &[&target], &[], &cg, &extra);
-    let agent = Agent::start_with(&policy, agent_args).expect("agent starts");
-    Setup {
-        agent,
-        _cg: cg,
-        s,
-        standin,
-        policy,
-    }
+    let text = policy_with(100, &[&target], &[], &scene.cg, &extra);
+    scene.start_with(&text, agent_args)
 }
 
 fn gr(agent: &Agent) -> String {
@@ -229,20 +190,15 @@ fn gr(agent: &Agent) -> String {
 #[test]
 fn remote_shutdown_is_refused_until_confirmed_by_host_name() {
     let _k = kernel_lock();
-    let Setup {
-        agent,
-        standin,
-        s,
-        _cg,
-        ..
-    } = setup();
+    let Setup { agent, cg: _cg, s } = setup();
+    let standin = standin_in(&s);
     let sshd = Sshd::start();
     let reboot = format!("{} {RAN}", standin.display());
     let from = "ssh 127.0.0.1";
 
     // Interactive ssh as root, with a terminal: the message lands on the terminal.
     let out = sshd.run(true, &format!("{reboot}; echo rc=$?"));
-    let (o, e) = text(&out);
+    let (o, e) = output_text(&out);
     assert_refusal(&o, from, "ssh -tt");
     assert!(ran(&o) == 0, "the stand-in ran over ssh:\n{o}");
     assert!(
@@ -252,7 +208,7 @@ fn remote_shutdown_is_refused_until_confirmed_by_host_name() {
 
     // Under sudo: SSH_CONNECTION is stripped, the audit session is not.
     let out = sshd.run(true, &format!("sudo {reboot}; echo rc=$?"));
-    let (o, e) = text(&out);
+    let (o, e) = output_text(&out);
     assert_ne!(out.status.code(), Some(124), "sudo over ssh hung:\n{o}");
     assert_refusal(&o, from, "sudo over ssh");
     assert!(ran(&o) == 0, "the stand-in ran under sudo:\n{o}\n{e}");
@@ -260,7 +216,7 @@ fn remote_shutdown_is_refused_until_confirmed_by_host_name() {
 
     // sudo without a terminal (Ansible's become): sudo waits for its command itself.
     let out = sshd.run(false, &format!("sudo {reboot}"));
-    let (o, e) = text(&out);
+    let (o, e) = output_text(&out);
     assert_ne!(out.status.code(), Some(124), "sudo without a tty hung");
     assert_refusal(&e, from, "sudo over ssh without a tty");
     assert!(
@@ -271,7 +227,7 @@ fn remote_shutdown_is_refused_until_confirmed_by_host_name() {
 
     // `ssh host cmd` without a terminal (Ansible, scripts): the message goes to stderr.
     let out = sshd.run(false, &reboot);
-    let (o, e) = text(&out);
+    let (o, e) = output_text(&out);
     assert_refusal(&e, from, "ssh host cmd");
     assert!(ran(&o) == 0, "the stand-in ran without a tty:\n{o}");
     assert!(!out.status.success(), "ssh host cmd exited 0");
@@ -294,7 +250,11 @@ fn remote_shutdown_is_refused_until_confirmed_by_host_name() {
             sock.display()
         ),
     );
-    assert!(out.status.success(), "tmux over ssh: {:?}", text(&out));
+    assert!(
+        out.status.success(),
+        "tmux over ssh: {:?}",
+        output_text(&out)
+    );
     let pane = s.path().join("pane.done");
     let out = tmux(&[
         "new-window",
@@ -302,7 +262,11 @@ fn remote_shutdown_is_refused_until_confirmed_by_host_name() {
         "g",
         &format!("{reboot}; echo rc=$? > {}; sleep 600", pane.display()),
     ]);
-    assert!(out.status.success(), "tmux new-window: {:?}", text(&out));
+    assert!(
+        out.status.success(),
+        "tmux new-window: {:?}",
+        output_text(&out)
+    );
     assert!(
         wait_until(Duration::from_secs(30), || pane.exists()),
         "the command in the tmux window never finished"
@@ -328,12 +292,12 @@ fn remote_shutdown_is_refused_until_confirmed_by_host_name() {
 
     // Confirmation: a wrong name is refused with a clear message and exit 1.
     let out = sshd.run(false, &format!("{} confirm wrong-name", gr(&agent)));
-    let (_, e) = text(&out);
+    let (_, e) = output_text(&out);
     assert_eq!(out.status.code(), Some(1), "confirm wrong-name: {e}");
     assert!(
         e.contains(&format!(
             "guardrail: \"wrong-name\" is not this host's name (this is {}); nothing confirmed",
-            host()
+            hostname()
         )),
         "confirm wrong-name said:\n{e}"
     );
@@ -345,14 +309,14 @@ fn remote_shutdown_is_refused_until_confirmed_by_host_name() {
         &format!(
             "{gr} confirm {h} && {reboot} && {reboot}; echo rc=$?",
             gr = gr(&agent),
-            h = host()
+            h = hostname()
         ),
     );
-    let (o, e) = text(&out);
+    let (o, e) = output_text(&out);
     assert!(
         o.contains("confirmed: the next shutdown request from this session"),
         "confirm {}: {o}\n{e}",
-        host()
+        hostname()
     );
     assert_eq!(
         ran(&o),
@@ -406,13 +370,8 @@ fn remote_shutdown_is_refused_until_confirmed_by_host_name() {
 #[test]
 fn no_session_runs_the_stand_in_freely() {
     let _k = kernel_lock();
-    let Setup {
-        agent,
-        standin,
-        s: _s,
-        _cg,
-        ..
-    } = setup();
+    let Setup { agent, cg: _cg, s } = setup();
+    let standin = standin_in(&s);
 
     // No login session at all (a service): allowed, with an alert.
     let out = Command::new("/bin/sh")
@@ -426,7 +385,7 @@ fn no_session_runs_the_stand_in_freely() {
     assert!(
         out.status.success() && ran(&String::from_utf8_lossy(&out.stdout)) == 1,
         "the stand-in did not run without a session: {:?}",
-        text(&out)
+        output_text(&out)
     );
     assert!(
         wait_until(Duration::from_secs(10), || {
@@ -471,13 +430,10 @@ fn pinned_guard_refuses_while_no_agent_runs() {
     let _k = kernel_lock();
     let pins = unique_pin_dir();
     let pins_arg = pins.display().to_string();
-    let Setup {
-        agent,
-        standin,
-        s: _s,
-        _cg,
-        policy,
-    } = setup_with(&["--pin-dir", &pins_arg]);
+    let Setup { agent, cg: _cg, s } = setup_with(&["--pin-dir", &pins_arg]);
+    let standin = standin_in(&s);
+    // The agent's policy, to start the next agents on the same pins.
+    let policy = std::fs::read_to_string(&agent.policy).expect("the agent's policy");
     let sshd = Sshd::start();
     let reboot = format!("{} {RAN}", standin.display());
     let from = "ssh 127.0.0.1";
@@ -499,7 +455,7 @@ fn pinned_guard_refuses_while_no_agent_runs() {
     );
     let second = Agent::start_with(&policy, &["--pin-dir", &pins_arg]).expect("second agent");
     let out = waiting.wait_with_output().expect("ssh output");
-    let (o, e) = text(&out);
+    let (o, e) = output_text(&out);
     assert_refusal(&e, from, "a caller stopped while no agent ran");
     assert_eq!(ran(&o), 0, "the stand-in ran:\n{o}");
     assert!(
@@ -518,7 +474,7 @@ fn pinned_guard_refuses_while_no_agent_runs() {
     // no message (no agent writes one) and without hanging the caller.
     std::thread::sleep(Duration::from_secs(6));
     let out = sshd.run(false, &format!("{reboot}; echo rc=$?"));
-    let (o, e) = text(&out);
+    let (o, e) = output_text(&out);
     assert_ne!(out.status.code(), Some(124), "the caller hung:\n{o}\n{e}");
     assert_eq!(ran(&o), 0, "the stand-in ran with no agent:\n{o}");
     assert!(
@@ -537,13 +493,8 @@ fn pinned_guard_refuses_while_no_agent_runs() {
 #[test]
 fn shutdown_cancel_is_never_refused() {
     let _k = kernel_lock();
-    let Setup {
-        agent,
-        standin,
-        s: _s,
-        _cg,
-        ..
-    } = setup();
+    let Setup { agent, cg: _cg, s } = setup();
+    let standin = standin_in(&s);
     let shutdown = standin.with_file_name("shutdown");
     let sshd = Sshd::start();
 
@@ -551,7 +502,7 @@ fn shutdown_cancel_is_never_refused() {
         false,
         &format!("{} -c {RAN}; echo rc=$?", shutdown.display()),
     );
-    let (o, e) = text(&out);
+    let (o, e) = output_text(&out);
     assert!(
         o.lines().any(|l| l.trim() == format!("-c {RAN}")) && o.contains("rc=0"),
         "shutdown -c did not run from a remote session:\n{o}\n{e}"
@@ -565,8 +516,8 @@ fn shutdown_cancel_is_never_refused() {
         false,
         &format!("{} -r now {RAN}; echo rc=$?", shutdown.display()),
     );
-    let (o, e) = text(&out);
-    let h = host();
+    let (o, e) = output_text(&out);
+    let h = hostname();
     assert!(
         e.contains(&format!(
             "guardrail: refused \"shutdown\" on {h}, requested from ssh 127.0.0.1 (session "

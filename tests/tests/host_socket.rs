@@ -4,14 +4,11 @@
 //! their own jobs. Deletion jobs run in scratch directories under /var/tmp, in a test cgroup.
 use std::{
     os::unix::fs::PermissionsExt,
-    path::Path,
     process::{Command, Output},
     time::{Duration, Instant},
 };
 
-use guardrail_integration::*;
-
-const NOBODY: u32 = 65534;
+use guardrail_integration::{collectors::hostname, *};
 
 /// The `guardrail` group's gid, created if missing (the packages create it; the agent looks it
 /// up by name when it starts).
@@ -32,19 +29,6 @@ fn admin_group() -> u32 {
         .expect("the guardrail group has a gid")
 }
 
-/// `program args` as user nobody: no supplementary groups, or exactly `group`.
-fn as_nobody(group: Option<u32>, program: &Path, args: &[&str]) -> Command {
-    let mut c = Command::new("setpriv");
-    c.arg(format!("--reuid={NOBODY}"))
-        .arg(format!("--regid={NOBODY}"));
-    match group {
-        Some(g) => c.arg(format!("--groups={g}")),
-        None => c.arg("--clear-groups"),
-    };
-    c.arg("--").arg(program).args(args);
-    c
-}
-
 /// The guardrail CLI against `agent`, as nobody (with `group` as its only supplementary group).
 fn nobody_cli(agent: &Agent, group: Option<u32>, args: &[&str]) -> Output {
     let mut all = vec![
@@ -52,7 +36,7 @@ fn nobody_cli(agent: &Agent, group: Option<u32>, args: &[&str]) -> Output {
         agent.socket.to_str().expect("utf-8 socket path"),
     ];
     all.extend_from_slice(args);
-    as_nobody(group, &guardrail_bin(), &all)
+    nobody_command(group, &guardrail_bin(), &all)
         .output()
         .expect("running the CLI as nobody")
 }
@@ -68,26 +52,6 @@ fn in_new_session(loginuid: u32, cmd: &Command) -> Output {
     Command::new("sh").arg("-c").arg(line).output().expect("sh")
 }
 
-/// Lets nobody reach the agent's socket (the harness makes its directory 0700).
-fn open_to_others(agent: &Agent) {
-    std::fs::set_permissions(agent.dir.path(), std::fs::Permissions::from_mode(0o711))
-        .expect("chmod the agent's directory");
-}
-
-fn text(out: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn host() -> String {
-    nix::unistd::gethostname()
-        .expect("hostname")
-        .into_string()
-        .expect("utf-8 hostname")
-}
-
 /// VmHWM (peak resident memory) of `pid`, in KiB.
 fn peak_rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -98,54 +62,26 @@ fn peak_rss_kib(pid: u32) -> u64 {
         .expect("VmHWM in /proc/PID/status")
 }
 
-struct Setup {
-    agent: Agent,
-    cg: TestCgroup,
-    s: tempfile::TempDir,
-}
-
+/// The plain scene, with the agent's socket open to nobody.
 fn setup() -> Setup {
-    require_root();
-    let s = scratch();
-    let target = s.path().join("target");
-    std::fs::create_dir_all(&target).expect("mkdir target");
-    let cg = TestCgroup::new();
-    let agent = Agent::start(&policy(100, &[&target], &[], &cg)).expect("agent starts");
-    open_to_others(&agent);
-    Setup { agent, cg, s }
+    let setup = Setup::with_budget(100);
+    setup.agent.open_to_others();
+    setup
 }
 
 /// Starts `script` over the 1000 files it deletes in `dir` (filled by the caller) and waits for
 /// its hold; returns the job, the hold id and the files left at the hold.
 fn held(setup: &Setup, dir: &str, script: &str) -> (Job, u64, usize) {
     let victim = setup.s.path().join(dir);
-    let before: Vec<u64> = setup
-        .agent
-        .holds()
-        .iter()
-        .filter_map(|h| h["id"].as_u64())
-        .collect();
+    let before = setup.agent.hold_ids();
     let job = Job::spawn_in(script, setup.s.path(), Some(&setup.cg));
-    let mut id = None;
-    assert!(
-        wait_until(Duration::from_secs(60), || {
-            id = setup
-                .agent
-                .holds()
-                .iter()
-                .filter_map(|h| h["id"].as_u64())
-                .find(|i| !before.contains(i));
-            id.is_some()
-        }),
-        "no hold for {script}; agent log:\n{}",
-        setup.agent.log()
-    );
+    let id = setup.agent.wait_new_hold(&before);
     assert!(
         wait_until(Duration::from_secs(10), || job.stopped()),
         "the held job is stopped"
     );
     let left = settle(&victim, Duration::from_millis(500));
-    (job, id.expect("hold id"), left)
+    (job, id, left)
 }
 
 /// The old agent served clients inline in its only thread: a client that dribbled a byte every
@@ -168,7 +104,7 @@ fn status_answers_at_once_while_hostile_clients_hold_connections() {
     let sock = setup.agent.socket.to_str().expect("utf-8").to_string();
     let kit = testkit_bin();
     let spawn = |mode: &str, arg: &str| {
-        as_nobody(None, &kit, &["sock", mode, &sock, arg])
+        nobody_command(None, &kit, &["sock", mode, &sock, arg])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -186,7 +122,7 @@ fn status_answers_at_once_while_hostile_clients_hold_connections() {
         let t = Instant::now();
         let out = setup.agent.cli(&["status"]);
         let took = t.elapsed();
-        let (o, e) = text(&out);
+        let (o, e) = output_text(&out);
         assert!(out.status.success(), "status failed after {took:?}: {e}");
         assert!(
             took < Duration::from_secs(1),
@@ -198,7 +134,7 @@ fn status_answers_at_once_while_hostile_clients_hold_connections() {
     }
     assert!(answered >= 5);
 
-    let (o, _) = text(&stream.wait_with_output().expect("stream client"));
+    let (o, _) = output_text(&stream.wait_with_output().expect("stream client"));
     let wrote: usize = o
         .split_whitespace()
         .nth(3)
@@ -208,7 +144,7 @@ fn status_answers_at_once_while_hostile_clients_hold_connections() {
         wrote < 50 * 1024 * 1024,
         "the agent took all 50 MB without a newline: {o}"
     );
-    let (o, _) = text(&dribble.wait_with_output().expect("dribble client"));
+    let (o, _) = output_text(&dribble.wait_with_output().expect("dribble client"));
     let connections: u32 = o
         .lines()
         .last()
@@ -221,7 +157,7 @@ fn status_answers_at_once_while_hostile_clients_hold_connections() {
         connections >= 3,
         "the dribbler is cut off 2 s into each connection: {o}"
     );
-    let (o, _) = text(&noread.wait_with_output().expect("noread client"));
+    let (o, _) = output_text(&noread.wait_with_output().expect("noread client"));
     assert_eq!(o.trim(), "sock noread: done");
     let peak_after = peak_rss_kib(pid);
     assert!(
@@ -243,14 +179,14 @@ fn status_answers_at_once_while_hostile_clients_hold_connections() {
     // Connected is queued: give the accept thread a moment to take all four.
     std::thread::sleep(Duration::from_millis(200));
     let t = Instant::now();
-    let fifth = as_nobody(
+    let fifth = nobody_command(
         None,
         &kit,
         &["sock", "send", &sock, r#"{"request":"holds"}"#],
     )
     .output()
     .expect("fifth client");
-    let (o, _) = text(&fifth);
+    let (o, _) = output_text(&fifth);
     assert!(
         t.elapsed() < Duration::from_secs(1) && o.contains("uid 65534 has 4 requests open already"),
         "fifth connection of nobody (after {:?}):\n{o}",
@@ -297,15 +233,15 @@ fn approve_deny_and_confirm_from_nobody_are_refused_and_the_hold_stays() {
     let (job, id, left) = held(&setup, "victim", "rm -rf victim");
     let ids = id.to_string();
     // Confirm from a real login session of nobody's (the old agent granted this one).
-    let mut confirm = as_nobody(None, &guardrail_bin(), &[]);
+    let mut confirm = nobody_command(None, &guardrail_bin(), &[]);
     confirm.args([
         "--socket",
         setup.agent.socket.to_str().expect("utf-8"),
         "confirm",
-        &host(),
+        &hostname(),
     ]);
     let out = in_new_session(NOBODY, &confirm);
-    let (o, e) = text(&out);
+    let (o, e) = output_text(&out);
     assert_eq!(out.status.code(), Some(1), "confirm as nobody: {o}{e}");
     assert_eq!(
         e.trim(),
@@ -318,7 +254,7 @@ fn approve_deny_and_confirm_from_nobody_are_refused_and_the_hold_stays() {
         vec!["deny", ids.as_str()],
     ] {
         let out = nobody_cli(&setup.agent, None, &args);
-        let (_, e) = text(&out);
+        let (_, e) = output_text(&out);
         assert_eq!(out.status.code(), Some(1), "{args:?} as nobody: {e}");
         assert_eq!(
             e.trim(),
@@ -385,7 +321,7 @@ fn a_member_of_the_guardrail_group_may_approve() {
         Some(gid),
         &["approve", &id.to_string(), "--for-job"],
     );
-    let (o, e) = text(&out);
+    let (o, e) = output_text(&out);
     assert!(out.status.success(), "approve by a group member: {e}");
     assert!(o.starts_with(&format!("approved incident {id} on ")), "{o}");
     assert!(
@@ -432,7 +368,7 @@ fn status_and_holds_show_other_users_only_their_own_jobs() {
     assert_eq!(setup.agent.holds().len(), 2, "root sees both holds");
 
     let out = nobody_cli(&setup.agent, None, &["holds", "--json"]);
-    let (o, e) = text(&out);
+    let (o, e) = output_text(&out);
     assert!(out.status.success(), "holds as nobody: {e}");
     let holds: Vec<serde_json::Value> = serde_json::from_str(&o).expect("holds JSON");
     let ids: Vec<u64> = holds.iter().filter_map(|h| h["id"].as_u64()).collect();
@@ -490,7 +426,7 @@ fn confirm_checks_the_callers_session_and_is_rate_limited() {
         status.contains("caller check: confirm checks the caller's audit session through its pidfd (SO_PEERPIDFD)"),
         "{status}"
     );
-    let h = host();
+    let h = hostname();
     // A raw request that claims another session than the caller's.
     let line = format!(r#"{{"request":"confirm","host":"{h}","session":123456789}}"#);
     let mut raw = Command::new(testkit_bin());
@@ -500,7 +436,7 @@ fn confirm_checks_the_callers_session_and_is_rate_limited() {
         setup.agent.socket.to_str().expect("utf-8"),
         &line,
     ]);
-    let (o, _) = text(&in_new_session(0, &raw));
+    let (o, _) = output_text(&in_new_session(0, &raw));
     assert!(
         o.contains("not 123456789; nothing confirmed"),
         "a claimed session that is not the caller's: {o}"
@@ -514,7 +450,7 @@ fn confirm_checks_the_callers_session_and_is_rate_limited() {
     ]);
     for n in 2..=5 {
         let out = in_new_session(0, &confirm);
-        let (o, e) = text(&out);
+        let (o, e) = output_text(&out);
         assert!(out.status.success(), "confirm {n}: {e}");
         assert!(
             o.starts_with("confirmed: the next shutdown request from this session"),
@@ -522,7 +458,7 @@ fn confirm_checks_the_callers_session_and_is_rate_limited() {
         );
     }
     let out = in_new_session(0, &confirm);
-    let (_, e) = text(&out);
+    let (_, e) = output_text(&out);
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(
         e.trim(),
@@ -558,10 +494,10 @@ fn confirm_from_a_reused_pid_is_refused() {
         "sock",
         "reuse",
         setup.agent.socket.to_str().expect("utf-8"),
-        &host(),
+        &hostname(),
     ]);
     let out = in_new_session(0, &reuse);
-    let (o, e) = text(&out);
+    let (o, e) = output_text(&out);
     assert!(o.contains("sock reuse: claimed session"), "{o}{e}");
     assert!(
         o.contains("\"response\":\"error\"") && o.contains("nothing confirmed"),
@@ -589,13 +525,7 @@ fn map_entries(agent: &Agent, name: &str) -> usize {
         serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
     };
     let log = agent.log();
-    let progs: Vec<String> = log
-        .lines()
-        .find_map(|l| l.strip_prefix("guardrail: program ids "))
-        .expect("the agent prints its program ids")
-        .split_whitespace()
-        .map(str::to_string)
-        .collect();
+    let progs = program_ids(&log);
     for p in progs {
         let maps = json(&["prog", "show", "id", &p]);
         for m in maps["map_ids"].as_array().into_iter().flatten() {
@@ -633,10 +563,10 @@ fn unused_confirmation_passes_are_deleted_when_their_window_ends() {
         "--socket",
         agent.socket.to_str().expect("utf-8"),
         "confirm",
-        &host(),
+        &hostname(),
     ]);
     let out = in_new_session(0, &confirm);
-    assert!(out.status.success(), "confirm: {:?}", text(&out));
+    assert!(out.status.success(), "confirm: {:?}", output_text(&out));
     assert_eq!(
         map_entries(&agent, "SD_PASSES"),
         1,
@@ -663,7 +593,7 @@ fn other_users_cannot_read_the_event_log() {
     assert_eq!(mode & 0o777, 0o600);
     let log = setup.agent.event_log.to_str().expect("utf-8");
     let out = nobody_cli(&setup.agent, None, &["events", "--log", log]);
-    let (o, e) = text(&out);
+    let (o, e) = output_text(&out);
     assert_eq!(out.status.code(), Some(1), "events as nobody: {o}{e}");
     assert!(o.is_empty(), "nothing of the log is shown: {o}");
     assert_eq!(

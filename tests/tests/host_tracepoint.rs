@@ -9,24 +9,15 @@ const BUDGET: u64 = 100;
 const FILES: usize = 10_000;
 
 /// A scratch tree with a target and a protected root inside, a cgroup for the test's jobs, and
-/// an agent whose policy gives those jobs `budget`.
-struct Setup {
-    agent: Agent,
-    cg: TestCgroup,
-    s: tempfile::TempDir,
-}
-
+/// an agent whose policy gives those jobs `budget`: the tracepoint tier's scenarios.
 fn setup(budget: u64) -> Setup {
-    require_root();
-    let s = scratch();
-    let target = s.path().join("target");
-    std::fs::create_dir_all(&target).expect("mkdir target");
-    let protected = s.path().join("protected");
-    std::fs::create_dir_all(&protected).expect("mkdir protected");
-    let cg = TestCgroup::new();
-    let agent =
-        Agent::start(&policy(budget, &[&target], &[&protected], &cg)).expect("agent starts");
-    Setup { agent, cg, s }
+    let scene = Scene::new();
+    let target = scene.dir("target");
+    let protected = scene.dir("protected");
+    let text = policy(budget, &[&target], &[&protected], &scene.cg);
+    let setup = scene.start(&text);
+    setup.agent.require_tier(Tier::Tracepoint);
+    setup
 }
 
 /// Runs `script` over FILES out-of-scope files and checks the tracepoint tier's bound: the job is
@@ -191,13 +182,7 @@ fn agent_reports_tier_and_detaches_on_sigterm() {
     assert!(exit.success(), "exit 0 on SIGTERM");
     // No program of ours stays loaded: the ids the agent printed are gone from the kernel
     // (other agents may run on this machine; only ours are checked).
-    let ids: Vec<String> = log
-        .lines()
-        .find_map(|l| l.strip_prefix("guardrail: program ids "))
-        .expect("the agent prints its program ids")
-        .split_whitespace()
-        .map(str::to_string)
-        .collect();
+    let ids = program_ids(&log);
     assert!(
         ids.len() >= 8,
         "the tracepoint tier attaches at least 8 programs: {ids:?}"
@@ -409,15 +394,14 @@ fn approve_also_continues_a_wrapper_stopped_in_sympathy() {
 
 /// A policy whose test rule uses `action`.
 fn setup_action(budget: u64, action: &str) -> Setup {
-    require_root();
-    let s = scratch();
-    let cg = TestCgroup::new();
-    let text = policy(budget, &[], &[], &cg).replace(
+    let scene = Scene::new();
+    let text = policy(budget, &[], &[], &scene.cg).replace(
         &format!("budget = {budget}\n"),
         &format!("budget = {budget}\naction = \"{action}\"\n"),
     );
-    let agent = Agent::start(&text).expect("agent starts");
-    Setup { agent, cg, s }
+    let setup = scene.start(&text);
+    setup.agent.require_tier(Tier::Tracepoint);
+    setup
 }
 
 #[test]

@@ -3,54 +3,39 @@
 //! deletion and it becomes an ordinary hold (or, under a `block` rule, the job is killed). The
 //! foreign job runs as user nobody in the test cgroup; the data directory is owned by root only.
 //! Every scenario runs in a scratch directory under /var/tmp; every assertion counts files on disk.
-use std::{os::unix::fs::PermissionsExt, path::PathBuf, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
 use guardrail_integration::*;
 
 const FILES: usize = 1000;
 
-struct Setup {
-    agent: Agent,
-    cg: TestCgroup,
-    s: tempfile::TempDir,
-    /// The data directory (owned by root jobs only).
-    data: PathBuf,
-    /// `data/sub`, FILES files nobody may delete as far as file permissions go.
-    victim: PathBuf,
+/// The data directory of the scene (owned by root jobs only).
+fn data(st: &Setup) -> PathBuf {
+    st.s.path().join("data")
+}
+
+/// `data/sub`, FILES files nobody may delete as far as file permissions go.
+fn victim(st: &Setup) -> PathBuf {
+    data(st).join("sub")
 }
 
 /// `rule_extra`: more keys for the test cgroup's rule (e.g. `action = "block"`).
 fn setup(rule_extra: &str) -> Setup {
-    require_root();
-    let s = scratch();
     // nobody must reach the data directory through the scratch directory.
-    std::fs::set_permissions(s.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let target = s.path().join("target");
-    std::fs::create_dir_all(&target).expect("mkdir target");
-    let data = s.path().join("data");
-    let victim = data.join("sub");
-    fill(&victim, FILES);
+    let scene = Scene::new().open_to_others();
+    let target = scene.dir("target");
+    let data = scene.path().join("data");
+    fill(&data.join("sub"), FILES);
     chown_nobody(&data);
-    let cg = TestCgroup::new();
     let extra = format!(
         "{rule_extra}\n[[deletion.data_dir]]\npath = {:?}\nowners = {{ users = [\"root\"] }}\n",
         data.display().to_string()
     );
     // The budget is far above what the job deletes: only the data directory can stop it.
-    let agent =
-        Agent::start(&policy_with(100_000, &[&target], &[], &cg, &extra)).expect("agent starts");
-    assert!(
-        agent.saw("guardrail: tier tracepoint in force"),
-        "this host runs the tracepoint tier:\n{}",
-        agent.log()
-    );
-    Setup {
-        agent,
-        cg,
-        s,
-        data,
-        victim,
-    }
+    let text = policy_with(100_000, &[&target], &[], &scene.cg, &extra);
+    let setup = scene.start(&text);
+    setup.agent.require_tier(Tier::Tracepoint);
+    setup
 }
 
 /// The foreign job: `rm -rf data/sub` as user nobody, in the test cgroup.
@@ -63,12 +48,9 @@ fn foreign_rm(st: &Setup) -> Job {
 }
 
 fn data_dir_incidents(agent: &Agent) -> Vec<serde_json::Value> {
-    agent
-        .events()
-        .into_iter()
-        .map(|e| e["incident"].clone())
-        .filter(|i| i["kind"] == "data_dir")
-        .collect()
+    let mut incs = agent.incidents();
+    incs.retain(|i| i["kind"] == "data_dir");
+    incs
 }
 
 /// Old code: the tracepoint hook ignored the refusal, so all 1000 files went and the event log
@@ -89,7 +71,7 @@ fn foreign_rm_rf_in_data_dir_is_held_after_one_file_then_denied() {
         "every process of the job is stopped"
     );
     assert_eq!(
-        settle(&st.victim, Duration::from_millis(700)),
+        settle(&victim(&st), Duration::from_millis(700)),
         FILES - 1,
         "stopped after exactly one file"
     );
@@ -103,7 +85,7 @@ fn foreign_rm_rf_in_data_dir_is_held_after_one_file_then_denied() {
     let reason = incs[0]["reason"].as_str().unwrap_or_default();
     let want = format!(
         "stopped after 1 file: a foreign deletion in data directory {}",
-        st.data.display()
+        data(&st).display()
     );
     assert!(reason.starts_with(&want), "reason {reason:?}");
     assert!(reason.contains("the file is gone"), "reason {reason:?}");
@@ -121,7 +103,7 @@ fn foreign_rm_rf_in_data_dir_is_held_after_one_file_then_denied() {
         job.wait(Duration::from_secs(10)).is_some(),
         "the denied job ends"
     );
-    assert_eq!(count_files(&st.victim), FILES - 1, "nothing more deleted");
+    assert_eq!(count_files(&victim(&st)), FILES - 1, "nothing more deleted");
     assert!(st.agent.holds().is_empty(), "no hold left");
 }
 
@@ -137,7 +119,7 @@ fn approve_continues_once_and_for_job_lets_it_finish() {
         .agent
         .wait_hold(Duration::from_secs(60))
         .expect("the foreign job is held");
-    assert_eq!(settle(&st.victim, Duration::from_millis(700)), FILES - 1);
+    assert_eq!(settle(&victim(&st), Duration::from_millis(700)), FILES - 1);
     st.agent
         .cli_ok(&["approve", &first.to_string(), "--more", "1"]);
     let second = wait_until(Duration::from_secs(30), || {
@@ -150,7 +132,7 @@ fn approve_continues_once_and_for_job_lets_it_finish() {
     assert!(second, "held again at its next foreign deletion");
     let second = st.agent.wait_hold(Duration::from_secs(1)).expect("held");
     assert_eq!(
-        settle(&st.victim, Duration::from_millis(700)),
+        settle(&victim(&st), Duration::from_millis(700)),
         FILES - 2,
         "exactly one more file after approve --more"
     );
@@ -172,7 +154,7 @@ fn approve_continues_once_and_for_job_lets_it_finish() {
         job.wait(Duration::from_secs(60)).is_some(),
         "the job approved for the rest of it finishes"
     );
-    assert_eq!(count_files(&st.victim), 0, "it deleted the rest");
+    assert_eq!(count_files(&victim(&st)), 0, "it deleted the rest");
     assert!(st.agent.holds().is_empty(), "no hold left");
 }
 
@@ -188,7 +170,7 @@ fn block_rule_kills_the_foreign_job_after_one_file() {
         "the foreign job ends"
     );
     assert_eq!(
-        settle(&st.victim, Duration::from_millis(500)),
+        settle(&victim(&st), Duration::from_millis(500)),
         FILES - 1,
         "killed after exactly one file"
     );
@@ -223,7 +205,7 @@ fn resumed_without_approval_is_stopped_again_after_one_more_file() {
         wait_until(Duration::from_secs(10), || job.stopped()),
         "every process of the job is stopped"
     );
-    assert_eq!(settle(&st.victim, Duration::from_millis(700)), FILES - 1);
+    assert_eq!(settle(&victim(&st), Duration::from_millis(700)), FILES - 1);
     // Only our own job, by its process group id.
     nix::sys::signal::killpg(
         nix::unistd::Pid::from_raw(job.pgid() as i32),
@@ -232,12 +214,12 @@ fn resumed_without_approval_is_stopped_again_after_one_more_file() {
     .expect("SIGCONT to the job");
     assert!(
         wait_until(Duration::from_secs(10), || {
-            count_files(&st.victim) < FILES - 1 && job.stopped()
+            count_files(&victim(&st)) < FILES - 1 && job.stopped()
         }),
         "the resumed job is stopped again"
     );
     assert_eq!(
-        settle(&st.victim, Duration::from_millis(700)),
+        settle(&victim(&st), Duration::from_millis(700)),
         FILES - 2,
         "exactly one more file"
     );
@@ -247,5 +229,5 @@ fn resumed_without_approval_is_stopped_again_after_one_more_file() {
     assert_eq!(data_dir_incidents(&st.agent).len(), 1, "no new incident");
     st.agent.cli_ok(&["deny", &id.to_string()]);
     assert!(job.wait(Duration::from_secs(10)).is_some(), "denied, ended");
-    assert_eq!(count_files(&st.victim), FILES - 2, "nothing more deleted");
+    assert_eq!(count_files(&victim(&st)), FILES - 2, "nothing more deleted");
 }
