@@ -254,13 +254,7 @@ impl Agent {
                     sid: ev.sid,
                     pgid: ev.pgid,
                 };
-                let state = self
-                    .backend
-                    .job(&key)
-                    .ok()
-                    .flatten()
-                    .map(|j| j.state)
-                    .unwrap_or(JOB_HELD);
+                let state = self.kernel_state(&key).unwrap_or(JOB_HELD);
                 if state == JOB_BLOCKED && resumed_before_read(ev) {
                     self.end_resumed(inc, key, None);
                     return;
@@ -330,12 +324,7 @@ impl Agent {
                     sid: ev.sid,
                     pgid: ev.pgid,
                 };
-                let still_held = self
-                    .backend
-                    .job(&key)
-                    .ok()
-                    .flatten()
-                    .is_some_and(|j| j.state == JOB_HELD);
+                let still_held = self.kernel_state(&key) == Some(JOB_HELD);
                 if !still_held {
                     return;
                 }
@@ -385,6 +374,11 @@ impl Agent {
         out.last_path = inc.path;
         self.end_resumed(out, key, Some(wrappers));
     }
+    /// The job's state in the kernel's table (`JOB_*`), if it has an entry there.
+    fn kernel_state(&mut self, key: &JobKey) -> Option<u32> {
+        self.backend.job(key).ok().flatten().map(|j| j.state)
+    }
+
     /// Ends a job held and then killed by the kernel for resuming itself: the rest of the job is
     /// killed (a wrapper stopped in sympathy is continued) and the incident says why. Called on
     /// the kill event for an open hold, or on the crossing itself when the agent read it only
@@ -435,13 +429,7 @@ impl Agent {
             "stopped after 1 file: a foreign deletion in data directory {dir} ({} {}; tracepoint tier: the file is gone)",
             inc.op, inc.path
         );
-        let state = self
-            .backend
-            .job(&key)
-            .ok()
-            .flatten()
-            .map(|j| j.state)
-            .unwrap_or(JOB_HELD);
+        let state = self.kernel_state(&key).unwrap_or(JOB_HELD);
         if state == JOB_BLOCKED && resumed_before_read(ev) {
             self.end_resumed(inc, key, None);
             return;
