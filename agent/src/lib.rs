@@ -25,6 +25,7 @@ pub mod policy;
 pub mod sinks;
 pub mod text;
 pub mod tiers;
+pub mod timefmt;
 
 // The paths the integration tests (tests/) name, from before the modules had folders.
 pub use host::cgroup;

@@ -1,13 +1,14 @@
 //! `guardrail`: the agent (`guardrail agent`) and the admin CLI that talks to it.
 use guardrail_agent::{
     VERSION,
-    commands::{generate, selftest, suggest_cmd},
+    commands::{generate, off, selftest, suggest_cmd},
     control::{ipc, offline},
-    daemon::{self, lifecycle},
+    daemon,
     guards::deletion::{approval, replay},
+    host::lifecycle,
     host::procinfo,
     policy, sinks, text,
-    tiers::{pins, probe},
+    tiers::probe,
 };
 
 use std::{path::PathBuf, process::ExitCode};
@@ -228,7 +229,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Policy { command } => cli_policy(command),
         Command::Selftest { json, tier } => selftest::run(json, probe::Tier::from_name(&tier)),
         Command::Events(args) => sinks::cli::run(args),
-        Command::Off { pin_dir, force } => pins::run(&pin_dir, &socket, force),
+        Command::Off { pin_dir, force } => off::run(&pin_dir, &socket, force),
         Command::Generate { what } => {
             generate::run(<Cli as clap::CommandFactory>::command(), what)?;
             Ok(ExitCode::SUCCESS)

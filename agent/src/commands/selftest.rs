@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::{
     host::scratch::ScratchDir,
-    incident::decode::{KernelEvent, decode},
+    tiers::decode::{KernelEvent, decode},
     tiers::{btf, probe, sensor, userspace as fallback},
 };
 

@@ -126,7 +126,7 @@ pub struct HoldInfo {
     pub total_count: u64,
     /// As [`crate::incident::Incident::earlier_approvals`].
     #[serde(default)]
-    pub earlier_approvals: Vec<crate::guards::deletion::approval::EarlierApproval>,
+    pub earlier_approvals: Vec<crate::incident::EarlierApproval>,
     /// The audit session of the job's process that crossed (None: it had none).
     #[serde(default)]
     pub audit_session: Option<u32>,

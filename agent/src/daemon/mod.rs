@@ -2,11 +2,9 @@
 //! no BPF can run, starts the userspace watcher), and then waits on four things: enforcement
 //! events (state changes only), admin requests on the socket, signals, and a tick for hold
 //! timeouts.
-pub mod lifecycle;
 mod requests;
 
 use std::{
-    collections::BTreeMap,
     os::{
         fd::AsFd,
         unix::{fs::PermissionsExt, net::UnixListener},
@@ -24,9 +22,8 @@ use nix::{
 
 use crate::{
     control::server as control,
-    guards::deletion::holds::Hold,
     host::procinfo,
-    incident::{self, Outcome},
+    incident::Outcome,
     policy::{LoadedPolicy, PolicySource},
     tiers::{
         backend::{Backend, start_userspace},
@@ -78,44 +75,28 @@ pub(crate) struct Agent {
     pub(crate) policy: LoadedPolicy,
     pub(crate) source: PolicySource,
     pub(crate) last_reload_error: Option<String>,
-    pub(crate) holds: BTreeMap<u64, Hold>,
-    pub(crate) sink: incident::Sink,
+    /// The deletion guard's open holds, approvals and kernel bookkeeping.
+    pub(crate) deletion: crate::guards::deletion::Guard,
+    pub(crate) sink: crate::sinks::Sink,
     /// Deletions the watcher's queue dropped, as last reported.
     pub(crate) lost_reported: u64,
     pub(crate) forks_lost_reported: u64,
     pub(crate) shutdown: crate::guards::shutdown::Guard,
-    /// Kernel bookkeeping the agent keeps in step with (adoption of unrecorded holds, map fill).
-    pub(crate) kernel_jobs: KernelJobs,
     pub(crate) state_dir: PathBuf,
     /// Why the policy in force is not the one on disk (broken at start: the last good one or the
     /// embedded default runs instead); cleared when the policy on disk loads.
     pub(crate) policy_fallback: Option<String>,
-    /// Approvals per job, shown with the job's next hold (`approve --more N` that ran out).
-    pub(crate) approvals: crate::guards::deletion::approval::History,
-}
-
-/// What the daemon remembers about the kernel's job maps between ticks.
-#[derive(Default)]
-pub(crate) struct KernelJobs {
-    /// Incidents of blocked jobs already reported (their crossing event, or found by a tick).
-    pub(crate) blocked_reported: std::collections::BTreeSet<u64>,
-    /// When the maps' fill was last measured (every 5 s: counting is one syscall per entry; the
-    /// first tick after the agent was stalled measures at once, before ended jobs are removed).
-    pub(crate) fill_checked: Option<Instant>,
-    /// Whether `JOBS` / `HELD` were last reported 80 % full (reported again once below 50 %).
-    pub(crate) jobs_full: bool,
-    pub(crate) held_full: bool,
 }
 
 pub fn run(args: AgentArgs) -> Result<()> {
     // main() blocked the stop signals first thing; a caller that did not gets them blocked now.
-    if crate::daemon::lifecycle::signals().is_none() {
-        crate::daemon::lifecycle::block_signals().context("blocking SIGINT, SIGTERM and SIGHUP")?;
+    if crate::host::lifecycle::signals().is_none() {
+        crate::host::lifecycle::block_signals().context("blocking SIGINT, SIGTERM and SIGHUP")?;
     }
     let mut agent = match start(&args) {
         Ok(agent) => agent,
         Err(e) => {
-            if let Some(sig) = crate::daemon::lifecycle::interrupted(&e) {
+            if let Some(sig) = crate::host::lifecycle::interrupted(&e) {
                 stopped_during_startup(&args, sig);
                 return Ok(());
             }
@@ -136,12 +117,12 @@ pub fn run(args: AgentArgs) -> Result<()> {
             if let Err(e) = sensor.forget_agent() {
                 eprintln!("guardrail: could not clear the agent's identity: {e:#}");
             }
-            let held = if agent.holds.is_empty() {
+            let held = if agent.deletion.holds.is_empty() {
                 String::new()
             } else {
                 format!(
                     "; {} held job(s) stay held for the next agent (`guardrail status` lists them meanwhile)",
-                    agent.holds.len()
+                    agent.deletion.holds.len()
                 )
             };
             agent.sink.agent_event(
@@ -156,7 +137,7 @@ pub fn run(args: AgentArgs) -> Result<()> {
         _ => {
             // A deliberate stop: nothing will answer these holds any more, so each is resolved
             // now, by the policy's choice, while the programs still see the job's new state.
-            let resolved = agent.release_holds_on_stop();
+            let resolved = agent.with_deletion(|g, cx| g.release_holds_on_stop(cx));
             if let Backend::Bpf { sensor, .. } = &mut agent.backend {
                 sensor.unpin_everything();
             }
@@ -211,9 +192,9 @@ fn stopped_during_startup(args: &AgentArgs, sig: Signal) {
 
 /// Everything up to serving: policy, probe, programs attached and pinned (or the watcher
 /// started), event sink, holds adopted. Checks for a stop between steps (and each program load
-/// checks too): Err([`crate::daemon::lifecycle::Interrupted`]) then.
+/// checks too): Err([`crate::host::lifecycle::Interrupted`]) then.
 fn start(args: &AgentArgs) -> Result<Agent> {
-    use crate::daemon::lifecycle::check;
+    use crate::host::lifecycle::check;
     let host = procinfo::hostname();
     let source = PolicySource::from_args(args.policy.as_deref(), args.policy_dir.as_deref());
     let (policy, policy_fallback) =
@@ -290,7 +271,7 @@ fn start(args: &AgentArgs) -> Result<Agent> {
         }
     };
     check()?;
-    let mut sink = incident::Sink::new(&policy, args.event_log.clone(), &host)?;
+    let mut sink = crate::sinks::Sink::new(&policy, args.event_log.clone(), &host)?;
     sink.set_tier(&tier.to_string());
     let mut agent = Agent {
         host,
@@ -300,22 +281,20 @@ fn start(args: &AgentArgs) -> Result<Agent> {
         policy,
         source,
         last_reload_error: None,
-        holds: BTreeMap::new(),
+        deletion: Default::default(),
         sink,
         lost_reported: 0,
         forks_lost_reported: 0,
         shutdown,
-        kernel_jobs: KernelJobs::default(),
         state_dir: args.state_dir.clone(),
         policy_fallback,
-        approvals: Default::default(),
     };
     agent.announce();
     for (kind, msg) in notes {
         agent.sink.agent_event(kind, &msg);
     }
     if adopting {
-        agent.adopt_holds();
+        agent.with_deletion(|g, cx| g.adopt_holds(cx));
     }
     if let Backend::Bpf { sensor, .. } = &mut agent.backend {
         let answered = agent.shutdown.adopt_stopped(sensor, &mut agent.sink);
@@ -359,13 +338,14 @@ impl Agent {
     /// (JOBS) or a new hold may find no room (HELD, then only JOBS holds it).
     pub(crate) fn check_map_fill(&mut self) {
         if self
+            .deletion
             .kernel_jobs
             .fill_checked
             .is_some_and(|t| t.elapsed() < Duration::from_secs(5))
         {
             return;
         }
-        self.kernel_jobs.fill_checked = Some(Instant::now());
+        self.deletion.kernel_jobs.fill_checked = Some(Instant::now());
         let Backend::Bpf { sensor, .. } = &mut self.backend else {
             return;
         };
@@ -377,13 +357,13 @@ impl Agent {
                 "JOBS",
                 jobs,
                 guardrail_common::JOBS_CAPACITY as usize,
-                self.kernel_jobs.jobs_full,
+                self.deletion.kernel_jobs.jobs_full,
             ),
             (
                 "HELD",
                 held,
                 guardrail_common::HELD_CAPACITY as usize,
-                self.kernel_jobs.held_full,
+                self.deletion.kernel_jobs.held_full,
             ),
         ];
         let mut now_full = [false; 2];
@@ -405,8 +385,8 @@ impl Agent {
                 was && n * 2 >= cap
             };
         }
-        self.kernel_jobs.jobs_full = now_full[0];
-        self.kernel_jobs.held_full = now_full[1];
+        self.deletion.kernel_jobs.jobs_full = now_full[0];
+        self.deletion.kernel_jobs.held_full = now_full[1];
     }
 
     pub(crate) fn announce(&mut self) {
@@ -475,10 +455,10 @@ impl Agent {
         // (control.rs), and clients are served off this loop.
         std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o666))?;
 
-        // Blocked since the first instruction of main (crate::daemon::lifecycle): one signalfd for the
+        // Blocked since the first instruction of main (crate::host::lifecycle): one signalfd for the
         // agent's whole life, so no signal falls between start-up and this loop.
         let signals =
-            crate::daemon::lifecycle::signals().context("the stop signals are not blocked")?;
+            crate::host::lifecycle::signals().context("the stop signals are not blocked")?;
         let mut watcher = crate::policy::Watcher::new(&self.source, &self.policy)?;
         // The server's threads inherit the blocked stop signals and never take SIGTERM.
         let server = control::Server::start(listener)?;
@@ -492,7 +472,7 @@ impl Agent {
         let mut last_tick = Instant::now();
         loop {
             // A stop read from the signalfd elsewhere (a wait inside a reload checks for one).
-            if let Some(s) = crate::daemon::lifecycle::stop_noted() {
+            if let Some(s) = crate::host::lifecycle::stop_noted() {
                 println!("guardrail: {s} received, detaching");
                 return Ok(());
             }
@@ -553,7 +533,7 @@ impl Agent {
                             gate.refresh();
                         }
                         Ok(s) => {
-                            crate::daemon::lifecycle::note_stop(s);
+                            crate::host::lifecycle::note_stop(s);
                             println!("guardrail: {s} received, detaching");
                             return Ok(());
                         }
@@ -582,6 +562,21 @@ impl Agent {
         }
     }
 
+    /// Runs one decision of the deletion guard with what it acts through: its own state and,
+    /// lent for the call, the backend, the policy in force and the sinks.
+    pub(crate) fn with_deletion<R>(
+        &mut self,
+        f: impl FnOnce(&mut crate::guards::deletion::Guard, &mut crate::guards::deletion::Ctx<'_>) -> R,
+    ) -> R {
+        let mut cx = crate::guards::deletion::Ctx {
+            host: &self.host,
+            tier: self.tier,
+            policy: &self.policy,
+            backend: &mut self.backend,
+            sink: &mut self.sink,
+        };
+        f(&mut self.deletion, &mut cx)
+    }
     pub(crate) fn drain_events(&mut self) {
         let (events, shutdowns) = self.backend.drain();
         if let Backend::Bpf { sensor, .. } = &mut self.backend {
@@ -590,7 +585,7 @@ impl Agent {
             }
         }
         for ev in events {
-            self.on_event(&ev);
+            self.with_deletion(|g, cx| g.on_event(cx, &ev));
         }
     }
 
@@ -672,16 +667,19 @@ impl Agent {
         if let Backend::Bpf { sensor, .. } = &mut self.backend {
             self.shutdown.tick(sensor, false);
         }
-        self.adopt_unrecorded();
+        self.drain_events();
+        self.with_deletion(|g, cx| g.adopt_unrecorded(cx));
         self.check_map_fill();
         let expired: Vec<u64> = self
+            .deletion
             .holds
             .iter()
             .filter(|(_, h)| h.since.elapsed() >= h.timeout)
             .map(|(id, _)| *id)
             .collect();
         for id in expired {
-            let _ = self.deny(id, Outcome::TimedOut, "hold timeout", None);
+            let _ =
+                self.with_deletion(|g, cx| g.deny(cx, id, Outcome::TimedOut, "hold timeout", None));
         }
         // Jobs whose process group is gone: forget them, so a recycled pgid starts afresh.
         if let Ok(jobs) = self.backend.jobs() {
@@ -692,9 +690,14 @@ impl Agent {
                 if key == userspace::UNKNOWN_JOB && matches!(self.backend, Backend::Userspace(_)) {
                     continue;
                 }
-                if !procinfo::pgid_alive(key.pgid) && !self.holds.values().any(|h| h.key == key) {
+                if !procinfo::pgid_alive(key.pgid)
+                    && !self.deletion.holds.values().any(|h| h.key == key)
+                {
                     let _ = self.backend.remove_job(&key);
-                    self.kernel_jobs.blocked_reported.remove(&job.incident);
+                    self.deletion
+                        .kernel_jobs
+                        .blocked_reported
+                        .remove(&job.incident);
                     // One summary per job that deleted outside scope, for `policy test`.
                     if job.total >= crate::guards::deletion::replay::SUMMARY_MIN_DELETIONS {
                         let summary = crate::guards::deletion::replay::JobSummary::new(
@@ -709,16 +712,19 @@ impl Agent {
                 }
             }
         }
-        self.approvals.retain(|k| procinfo::pgid_alive(k.pgid));
+        self.deletion
+            .approvals
+            .retain(|k| procinfo::pgid_alive(k.pgid));
         // Held jobs whose processes all ended are closed.
         let ended: Vec<u64> = self
+            .deletion
             .holds
             .iter()
             .filter(|(_, h)| !procinfo::pgid_alive(h.key.pgid))
             .map(|(id, _)| *id)
             .collect();
         for id in ended {
-            if let Some(h) = self.holds.remove(&id) {
+            if let Some(h) = self.deletion.holds.remove(&id) {
                 let mut inc = h.incident;
                 inc.outcome = Outcome::Ended;
                 self.sink.incident(&inc);

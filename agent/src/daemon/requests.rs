@@ -58,7 +58,9 @@ impl Agent {
             Request::Status => return Response::Status(Box::new(self.status(view, server))),
             Request::Holds => {
                 return Response::Holds {
-                    holds: self.hold_infos(view.map(|p| p.uid)),
+                    holds: self
+                        .deletion
+                        .hold_infos(&self.host, self.tier, view.map(|p| p.uid)),
                     filtered: view.map(|_| filtered_note()),
                 };
             }
@@ -66,7 +68,9 @@ impl Agent {
                 // Only the caller's own audit session, as the kernel reports it for the caller:
                 // a process without one (a service, cron without pam_loginuid) gets none.
                 let mine = peer.session_id();
-                let mut holds = self.hold_infos(view.map(|p| p.uid));
+                let mut holds =
+                    self.deletion
+                        .hold_infos(&self.host, self.tier, view.map(|p| p.uid));
                 holds.retain(|h| mine.is_some() && h.audit_session == mine);
                 let note = match mine {
                     Some(s) => format!("only the holds of your audit session ({s}) are shown"),
@@ -81,13 +85,11 @@ impl Agent {
                 id,
                 budget,
                 for_job,
-            } => self.approve(id, budget, for_job, peer),
-            Request::Deny { id } => self.deny(
-                id,
-                Outcome::Denied,
-                &format!("uid {}", peer.uid),
-                Some(peer),
-            ),
+            } => self.with_deletion(|g, cx| g.approve(cx, id, budget, for_job, peer)),
+            Request::Deny { id } => {
+                let by = format!("uid {}", peer.uid);
+                self.with_deletion(|g, cx| g.deny(cx, id, Outcome::Denied, &by, Some(peer)))
+            }
             Request::Confirm { host, session } => {
                 if let Err(e) = gate.take_confirm(peer.uid, Instant::now()) {
                     if gate.log_refusal(peer.uid, Instant::now()) {
@@ -150,7 +152,9 @@ impl Agent {
             last_reload_error: self.last_reload_error.clone(),
             policy_fallback: self.policy_fallback.clone(),
             attached: self.backend.attached(),
-            holds: self.hold_infos(view.map(|p| p.uid)),
+            holds: self
+                .deletion
+                .hold_infos(&self.host, self.tier, view.map(|p| p.uid)),
             sessions,
             shutdown_inhibitor: self.shutdown.inhibitor_status(),
             job_messages: crate::guards::tell::status(),

@@ -1,8 +1,10 @@
 //! Facts about the host and its processes, one home each: /proc ([`procinfo`], [`identity`]),
-//! cgroups, clocks, login sessions, kernel filesystems, and private scratch directories.
+//! cgroups, clocks, login sessions, kernel filesystems, private scratch directories, and the
+//! agent's own stop signals ([`lifecycle`]).
 pub mod cgroup;
 pub mod clock;
 pub mod identity;
+pub mod lifecycle;
 pub mod mounts;
 pub mod procinfo;
 pub mod scratch;

@@ -1,32 +1,16 @@
 //! Incidents: what the agent records and forwards for every decision. One record per state
 //! change (a hold, a refusal, an approval), never one per deleted file.
-pub mod decode;
 pub mod origin;
+pub mod record;
 pub mod schema;
 
-use std::{
-    fs::{File, OpenOptions},
-    io::Write,
-    path::PathBuf,
-};
-
-use anyhow::Result;
-use guardrail_common::{
-    EV_BUDGET_CROSSED, EV_DATA_DIR, EV_PROTECTED_ROOT, EVENT_PATH_DEPTH, EVF_IO_URING,
-    EVF_TRACEPOINT, Event, OP_IO_URING_RENAME, OP_IO_URING_UNLINK, OP_RENAME, OP_RMDIR, OP_UNLINK,
-};
 use serde::{Deserialize, Serialize};
 
-pub use schema::{Action, Kind, Outcome};
+pub use crate::timefmt::now_rfc3339;
+pub use record::{AgentEvent, Record, Severity};
+pub use schema::{Action, EarlierApproval, Kind, Outcome};
 
-use crate::{
-    host::procinfo,
-    incident::origin::Session,
-    policy::LoadedPolicy,
-    sinks::{self, AgentEvent, Record},
-    text,
-    tiers::probe::Tier,
-};
+use crate::{incident::origin::Session, text};
 
 /// The stable event schema (documented in README.md, "Events"). Fields are only ever added (with
 /// a default, so older log lines still read), never renamed or removed. `Default` lets code that
@@ -98,7 +82,7 @@ pub struct Incident {
     pub total_count: u64,
     /// Approvals this job got before this hold (`guardrail approve ID --more N` that ran out).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub earlier_approvals: Vec<crate::guards::deletion::approval::EarlierApproval>,
+    pub earlier_approvals: Vec<EarlierApproval>,
     /// For `budget_crossed`: whose budget was crossed: `job` (the job's own), `session` (its login
     /// session's), `unit` (its service unit's) or `user` (the user who logged in).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -112,146 +96,7 @@ fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 
-fn cstr(b: &[u8]) -> String {
-    let end = b.iter().position(|c| *c == 0).unwrap_or(b.len());
-    String::from_utf8_lossy(&b[..end]).into_owned()
-}
-
-pub fn now_rfc3339() -> String {
-    sinks::timefmt::format_rfc3339(sinks::timefmt::now_ms())
-}
-
 impl Incident {
-    pub fn from_event(ev: &Event, host: &str, tier: Tier, policy: &LoadedPolicy) -> Self {
-        // Innermost name first in the event; the path reads outermost first. An absolute user
-        // path (tracepoint tier) stands alone.
-        let mut parts: Vec<String> = (0..EVENT_PATH_DEPTH)
-            .map(|i| cstr(&ev.path[i]))
-            .take_while(|s| !s.is_empty())
-            .collect();
-        let path = if parts.first().is_some_and(|p| p.starts_with('/')) {
-            parts.swap_remove(0)
-        } else {
-            parts.reverse();
-            let joined = parts
-                .iter()
-                .filter(|p| *p != "/")
-                .cloned()
-                .collect::<Vec<_>>()
-                .join("/");
-            // Cut short only when the walk did not reach the root (whose name is "/").
-            let reached_root = parts.first().is_some_and(|p| p == "/");
-            if parts.len() >= EVENT_PATH_DEPTH && !reached_root {
-                format!(".../{joined}")
-            } else if !reached_root && ev.flags & EVF_TRACEPOINT != 0 {
-                // A relative path whose starting directory the kernel could not name: shown
-                // as passed, never as if it were absolute (`policy suggest` reads these).
-                joined
-            } else {
-                format!("/{joined}")
-            }
-        };
-        let op = match ev.op {
-            OP_UNLINK => "unlink",
-            OP_RMDIR => "rmdir",
-            OP_RENAME => "rename",
-            OP_IO_URING_UNLINK => "io_uring unlinkat",
-            OP_IO_URING_RENAME => "io_uring renameat",
-            _ => "delete",
-        };
-        let rule = policy.rule_name(ev.rule);
-        let level = crate::guards::deletion::levels::level_of(ev.flags)
-            .filter(|_| ev.kind == EV_BUDGET_CROSSED);
-        // A process that exited before its event was read is found by its cgroup's id.
-        let cgroup = cgroup_of(ev.tgid).or_else(|| cgroup_by_id(ev.cgroup_id));
-        let unit = cgroup.as_deref().and_then(unit_in);
-        let (kind, reason) = match ev.kind {
-            EV_BUDGET_CROSSED if level.is_some() => (
-                Kind::BudgetCrossed,
-                crate::guards::deletion::levels::reason(
-                    ev,
-                    policy,
-                    level.unwrap_or_default(),
-                    unit.as_deref(),
-                ),
-            ),
-            EV_BUDGET_CROSSED => (
-                Kind::BudgetCrossed,
-                format!(
-                    "{} deletions outside the deletion targets within {} (budget {}, rule {rule})",
-                    ev.count,
-                    guardrail_policy::format_duration(policy.rule_window(ev.rule)),
-                    policy.rule_budget(ev.rule)
-                ),
-            ),
-            EV_PROTECTED_ROOT => (
-                Kind::ProtectedRoot,
-                format!("{op} of a protected root ({path})"),
-            ),
-            EV_DATA_DIR => (
-                Kind::DataDir,
-                format!("{op} inside a data directory this job is not named for ({path})"),
-            ),
-            _ => (Kind::Other("other".into()), String::new()),
-        };
-        let command = procinfo::cmdline(ev.tgid).unwrap_or_else(|| cstr(&ev.comm));
-        let none_if_unset = |v: u32| if v == u32::MAX { None } else { Some(v) };
-        let tty = procinfo::tty_name(ev.tgid);
-        let session = origin::classify(ev.tgid, none_if_unset(ev.audit_session), tty.clone());
-        Incident {
-            id: ev.incident,
-            time: now_rfc3339(),
-            host: host.to_string(),
-            tier: tier.to_string(),
-            kind,
-            rule,
-            outcome: Outcome::default(),
-            reason,
-            op: if ev.flags & EVF_IO_URING != 0 {
-                format!("{op} (io_uring)")
-            } else {
-                op.to_string()
-            },
-            pid: ev.tgid,
-            pgid: ev.pgid,
-            sid: ev.sid,
-            uid: ev.uid,
-            user: procinfo::user_name(ev.uid),
-            command,
-            comm: cstr(&ev.comm),
-            cgroup_id: ev.cgroup_id,
-            audit_session: none_if_unset(ev.audit_session),
-            loginuid: none_if_unset(ev.loginuid),
-            tty,
-            count: ev.count,
-            first_path: path.clone(),
-            last_path: path.clone(),
-            path,
-            retries: 0,
-            decided_by: None,
-            decided_by_text: None,
-            decided_by_session: None,
-            tier_gaps: tier.gaps().iter().map(|s| s.to_string()).collect(),
-            action: Action::default(),
-            pids: procinfo::pids_in_group(ev.pgid),
-            unit,
-            cgroup,
-            executable: std::fs::read_link(format!("/proc/{}/exe", ev.tgid))
-                .ok()
-                .map(|p| p.display().to_string()),
-            session,
-            total_count: 0,
-            earlier_approvals: Vec::new(),
-            budget: match level {
-                Some(l) => crate::guards::deletion::levels::budget(policy, l),
-                None => policy.rule_budget(ev.rule),
-            },
-            level: (ev.kind == EV_BUDGET_CROSSED)
-                .then(|| crate::guards::deletion::levels::name(level).to_string()),
-            level_jobs: level.and_then(|_| crate::guards::deletion::levels::jobs(ev)),
-        }
-    }
-
     /// What guardrail did, from the outcome (filled in when the daemon leaves it empty).
     pub fn action_for(&self) -> Action {
         use Outcome as O;
@@ -335,166 +180,6 @@ impl Incident {
     }
 }
 
-/// The cgroup v2 path of a process.
-fn cgroup_of(pid: u32) -> Option<String> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .map(str::to_string)
-}
-
-/// The cgroup v2 path whose directory has inode `id` (a cgroup's id): breadth-first below the
-/// cgroup2 mount, bounded. Only read when an incident's process has already exited.
-fn cgroup_by_id(id: u64) -> Option<String> {
-    use std::os::unix::fs::DirEntryExt;
-    let root = guardrail_policy::cgroup2_root();
-    if id <= 1 {
-        return None;
-    }
-    let mut level = vec![root.clone()];
-    let mut seen = 0usize;
-    for _ in 0..8 {
-        let mut next = Vec::new();
-        for dir in &level {
-            let Ok(rd) = std::fs::read_dir(dir) else {
-                continue;
-            };
-            for e in rd.flatten() {
-                if !e.file_type().is_ok_and(|t| t.is_dir()) {
-                    continue;
-                }
-                seen += 1;
-                if seen > 50_000 {
-                    return None;
-                }
-                if e.ino() == id {
-                    let rel = e.path().strip_prefix(&root).ok()?.display().to_string();
-                    return Some(format!("/{rel}"));
-                }
-                next.push(e.path());
-            }
-        }
-        level = next;
-    }
-    None
-}
-
-/// The systemd unit of a cgroup path: its last `.service` or `.scope`.
-fn unit_in(path: &str) -> Option<String> {
-    path.rsplit('/')
-        .find(|c| c.ends_with(".service") || c.ends_with(".scope"))
-        .map(str::to_string)
-}
-
-/// Where incidents go: stdout, the JSON lines event log, and the forwarding destinations
-/// (`alert`). Delivery never blocks the kernel: the kernel has already decided.
-pub struct Sink {
-    log_path: PathBuf,
-    log: Option<File>,
-    host: String,
-    tier: String,
-    alerts: sinks::Alerts,
-}
-
-impl Sink {
-    pub fn new(policy: &LoadedPolicy, override_path: Option<PathBuf>, host: &str) -> Result<Self> {
-        let log_path = override_path.unwrap_or_else(|| policy.policy.alerts.event_log.clone());
-        let mut s = Sink {
-            log_path,
-            log: None,
-            host: host.to_string(),
-            tier: String::new(),
-            alerts: sinks::Alerts::start(&policy.policy.alerts),
-        };
-        s.reopen();
-        Ok(s)
-    }
-
-    /// Reopens the event log (after logrotate moved it). The log names users, commands, paths
-    /// and remote hosts: what the agent creates is root-only (directories 0700, the file 0600),
-    /// and a log other users could read (left by an older agent) loses its "other" bits. Group
-    /// bits are the admin's choice (the packages give group adm read access).
-    pub fn reopen(&mut self) {
-        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
-        if let Some(dir) = self.log_path.parent()
-            && !dir.as_os_str().is_empty()
-        {
-            let _ = std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir);
-        }
-        self.log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(&self.log_path)
-            .ok();
-        if let Some(f) = &self.log
-            && let Ok(meta) = f.metadata()
-            && meta.permissions().mode() & 0o007 != 0
-        {
-            let _ = f.set_permissions(std::fs::Permissions::from_mode(
-                meta.permissions().mode() & 0o7770,
-            ));
-        }
-        if self.log.is_none() {
-            eprintln!(
-                "guardrail: cannot open the event log {}; events go to stdout only",
-                self.log_path.display()
-            );
-        }
-    }
-
-    fn write_line(&mut self, line: &str) {
-        if let Some(f) = self.log.as_mut() {
-            let _ = f
-                .write_all(line.as_bytes())
-                .and_then(|_| f.write_all(b"\n"));
-        }
-    }
-
-    /// The tier in force, for agent events and the `guardrail_tier` gauge.
-    pub fn set_tier(&mut self, tier: &str) {
-        self.tier = tier.to_string();
-        self.alerts.set_tier(tier);
-    }
-
-    pub fn incident(&mut self, inc: &Incident) {
-        println!("guardrail: {}", inc.one_line());
-        let mut inc = inc.clone();
-        if inc.action.is_empty() {
-            inc.action = inc.action_for();
-        }
-        let rec = Record::Incident(Box::new(inc));
-        if let Ok(json) = serde_json::to_string(&rec) {
-            self.write_line(&json);
-        }
-        self.alerts.send(rec);
-    }
-
-    /// Any other record of the event log, as `{"<key>": value}` (job summaries).
-    pub fn record<T: Serialize>(&mut self, key: &str, value: &T) {
-        if let Ok(json) = serde_json::to_string(&serde_json::json!({ key: value })) {
-            self.write_line(&json);
-        }
-    }
-
-    pub fn agent_event(&mut self, kind: &str, message: &str) {
-        let rec = Record::Agent(AgentEvent {
-            time: now_rfc3339(),
-            host: self.host.clone(),
-            kind: kind.to_string(),
-            message: message.to_string(),
-            tier: self.tier.clone(),
-        });
-        if let Ok(json) = serde_json::to_string(&rec) {
-            self.write_line(&json);
-        }
-        self.alerts.send(rec);
-    }
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -551,52 +236,6 @@ pub(crate) mod tests {
             total_count: 0,
             earlier_approvals: Vec::new(),
         }
-    }
-
-    /// A sink writing to `log_path` only (no syslog, no forwarding).
-    fn test_sink(log_path: PathBuf) -> Sink {
-        let gp = guardrail_policy::check_str(
-            "(embedded default)",
-            guardrail_policy::DEFAULT_POLICY,
-            &guardrail_policy::SystemResolver,
-        )
-        .policy
-        .expect("the embedded policy is valid");
-        let mut cfg = gp.alerts.clone();
-        cfg.syslog.enabled = false;
-        cfg.alertmanager_url = None;
-        cfg.prometheus_listen = None;
-        cfg.prometheus_textfile = None;
-        let mut s = Sink {
-            log_path,
-            log: None,
-            host: "h".into(),
-            tier: String::new(),
-            alerts: sinks::Alerts::start(&cfg),
-        };
-        s.reopen();
-        s
-    }
-
-    #[test]
-    fn the_event_log_is_created_root_only() {
-        use std::os::unix::fs::PermissionsExt;
-        let d = std::env::temp_dir().join(format!("guardrail-sink-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).expect("mkdir");
-        let path = d.join("new/sub/events.jsonl");
-        let mut s = test_sink(path.clone());
-        s.agent_event("agent_started", "x");
-        let mode =
-            |p: &std::path::Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o7777;
-        assert_eq!(mode(&path), 0o600);
-        assert_eq!(mode(&d.join("new")), 0o700);
-        assert_eq!(mode(&d.join("new/sub")), 0o700);
-        // A world-readable log from an older agent loses its "other" bits, keeps the group's.
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
-        s.reopen();
-        assert_eq!(mode(&path), 0o640);
-        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]

@@ -167,6 +167,21 @@ impl Action {
     }
 }
 
+/// An approval a job got before its current hold, shown with that hold (the message, `holds`,
+/// the event) so the admin sees the job is back, and how far it has gone in all.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EarlierApproval {
+    pub incident: u64,
+    /// The N of `--more N`; None: for the rest of the job.
+    pub more: Option<u64>,
+    pub by_uid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by_session: Option<u32>,
+    /// The job's deletions outside its targets counted when it was approved.
+    pub total_at_approval: u64,
+    pub time: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

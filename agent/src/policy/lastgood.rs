@@ -78,7 +78,7 @@ pub fn save(dir: &Path, source: &PolicySource) -> Result<()> {
     }
     check_dir(dir)?;
     let saved = Saved {
-        saved_at: crate::incident::now_rfc3339(),
+        saved_at: crate::timefmt::now_rfc3339(),
         source: source.describe(),
         files,
     };

@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use guardrail_policy as gp;
 use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
 
-use crate::tiers::sensor::KernelPolicy;
+use guardrail_common::{DirRule, RuleParams};
 
 pub const ETC_POLICY: &str = "/etc/guardrail/policy.toml";
 pub const ETC_POLICY_DIR: &str = "/etc/guardrail/policy.d";
@@ -27,6 +27,24 @@ pub enum PolicySource {
         main: PathBuf,
         dropins: Option<PathBuf>,
     },
+}
+
+/// What one policy looks like in the kernel's tables.
+#[derive(Debug, Default, Clone)]
+pub struct KernelPolicy {
+    pub mode: u32,
+    /// (kernel dev, ino) → rule.
+    pub dirs: Vec<((u64, u64), DirRule)>,
+    pub rules: Vec<RuleParams>,
+    /// Budgets above the job, by `LEVEL_*` (`LEVEL_PARAMS`); missing entries are off.
+    pub levels: Vec<RuleParams>,
+    /// (kernel dev, ino) of an executable → rule id.
+    pub exes: Vec<((u64, u64), u32)>,
+    pub cgroups: Vec<(u64, u32)>,
+    pub uids: Vec<(u32, u32)>,
+    /// (cgroup id, index of the unit in `deletion.never_hold`) of the never_hold units running
+    /// now (`NEVER_HOLD`).
+    pub never_hold: Vec<(u64, u32)>,
 }
 
 /// A validated policy and its kernel tables.

@@ -14,8 +14,9 @@ use std::{
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
-use super::{Destination, Record, timefmt};
+use super::{Destination, Record};
 use crate::incident::{Incident, Kind, Outcome};
+use crate::timefmt;
 
 /// Firing alerts are re-sent this often, like Prometheus does, so Alertmanager's
 /// resolve_timeout never closes a hold that is still open.

@@ -10,7 +10,8 @@ use std::{
 
 use anyhow::{Result, bail};
 
-use super::{Record, timefmt};
+use super::Record;
+use crate::timefmt;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct EventsArgs {

@@ -98,13 +98,13 @@ impl Backend {
     /// Events ready now (state changes only).
     /// Deletion events, and the shutdown guard's records (same ring buffer, told apart by kind).
     pub(crate) fn drain(&mut self) -> (Vec<Event>, Vec<guardrail_common::ShutdownEvent>) {
-        use crate::incident::decode::KernelEvent;
+        use crate::tiers::decode::KernelEvent;
         match self {
             Backend::Bpf { ring, .. } => {
                 let mut out = Vec::new();
                 let mut shutdowns = Vec::new();
                 while let Some(item) = ring.next() {
-                    match crate::incident::decode::decode(&item) {
+                    match crate::tiers::decode::decode(&item) {
                         Some(KernelEvent::Shutdown(ev)) => shutdowns.push(ev),
                         Some(KernelEvent::Deletion(ev)) => out.push(ev),
                         // Not a whole record of a known layout: nothing to act on.

@@ -9,10 +9,7 @@
 //! - [`switch_off`] (`guardrail off`, the packages' removal scripts): detaches every pinned
 //!   program, continues the jobs the pinned `JOBS` map shows as held, answers the shutdown
 //!   callers `SD_STOPPED` shows as waiting, and removes the pin directory.
-use std::{
-    os::unix::fs::MetadataExt,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use guardrail_common::{
@@ -29,15 +26,6 @@ const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 #[allow(clippy::unnecessary_cast)]
 fn on_bpffs(path: &Path) -> bool {
     nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
-}
-
-/// Whether this process shares PID 1's mount namespace (a mount made here is the host's).
-pub fn in_host_mount_namespace() -> bool {
-    let ns = |p: &str| std::fs::metadata(p).map(|m| (m.dev(), m.ino())).ok();
-    match (ns("/proc/self/ns/mnt"), ns("/proc/1/ns/mnt")) {
-        (Some(a), Some(b)) => a == b,
-        _ => false,
-    }
 }
 
 /// `pin_dir` if its parent is a bpffs mount this agent may pin to; None (and why) otherwise.
@@ -219,29 +207,4 @@ pub fn switch_off(dir: &Path) -> OffReport {
         Err(e) => r.problems.push(format!("removing {}: {e}", dir.display())),
     }
     r
-}
-
-/// `guardrail off`.
-pub fn run(pin_dir: &Path, socket: &Path, force: bool) -> anyhow::Result<std::process::ExitCode> {
-    if !nix::unistd::geteuid().is_root() {
-        anyhow::bail!("guardrail off needs root (try sudo)");
-    }
-    if !force && crate::control::ipc::call(socket, &crate::control::ipc::Request::Holds).is_ok() {
-        anyhow::bail!(
-            "an agent is running (it answers on {}): stop it first (`systemctl stop guardrail`, which detaches everything), or say --force",
-            socket.display()
-        );
-    }
-    let r = switch_off(pin_dir);
-    for l in &r.lines {
-        println!("guardrail off: {l}");
-    }
-    for p in &r.problems {
-        eprintln!("guardrail off: {p}");
-    }
-    Ok(if r.problems.is_empty() {
-        std::process::ExitCode::SUCCESS
-    } else {
-        std::process::ExitCode::FAILURE
-    })
 }

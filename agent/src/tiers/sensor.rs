@@ -65,23 +65,9 @@ pub const RAW_TRACEPOINT_PROGRAMS: &[(&str, &str)] = &[
     ("sched_process_fork", "sched_process_fork"),
 ];
 
-/// What one policy looks like in the kernel's tables.
-#[derive(Debug, Default, Clone)]
-pub struct KernelPolicy {
-    pub mode: u32,
-    /// (kernel dev, ino) → rule.
-    pub dirs: Vec<((u64, u64), DirRule)>,
-    pub rules: Vec<RuleParams>,
-    /// Budgets above the job, by `LEVEL_*` (`LEVEL_PARAMS`); missing entries are off.
-    pub levels: Vec<RuleParams>,
-    /// (kernel dev, ino) of an executable → rule id.
-    pub exes: Vec<((u64, u64), u32)>,
-    pub cgroups: Vec<(u64, u32)>,
-    pub uids: Vec<(u32, u32)>,
-    /// (cgroup id, index of the unit in `deletion.never_hold`) of the never_hold units running
-    /// now (`NEVER_HOLD`).
-    pub never_hold: Vec<(u64, u32)>,
-}
+/// The tables a policy compiles to live with the policy (one pipeline: policy → tables →
+/// kernel); re-exported here, where they are installed.
+pub use crate::policy::KernelPolicy;
 
 /// Maps whose contents must outlive one agent process: job counters and holds, the incident
 /// counter, the executable tags of running processes, and shutdown callers stopped to wait for
@@ -223,7 +209,7 @@ impl Sensor {
     pub fn attach_lsm(&mut self, prog: &'static str, hook: &str, btf: &Btf) -> Result<()> {
         // Each load runs the verifier (seconds under emulation): a stop asked for meanwhile
         // ends start-up here.
-        crate::daemon::lifecycle::check()?;
+        crate::host::lifecycle::check()?;
         let p: &mut Lsm = self.program(prog)?.try_into()?;
         p.load(hook, btf)
             .with_context(|| format!("loading LSM program {prog}"))?;
@@ -238,7 +224,7 @@ impl Sensor {
     /// Loads `prog` and attaches it as fmod_ret to kernel function `func`; its link joins the
     /// sensor's like an LSM program's.
     pub fn attach_fmodret(&mut self, prog: &'static str, func: &str, btf: &Btf) -> Result<()> {
-        crate::daemon::lifecycle::check()?;
+        crate::host::lifecycle::check()?;
         let p: &mut FModRet = self.program(prog)?.try_into()?;
         p.load(func, btf)
             .with_context(|| format!("loading fmod_ret program {prog} for {func}"))?;
@@ -257,7 +243,7 @@ impl Sensor {
         category: &str,
         name: &str,
     ) -> Result<()> {
-        crate::daemon::lifecycle::check()?;
+        crate::host::lifecycle::check()?;
         let p: &mut TracePoint = self.program(prog)?.try_into()?;
         p.load().with_context(|| format!("loading {prog}"))?;
         let id = p
@@ -271,7 +257,7 @@ impl Sensor {
 
     /// Loads `prog` and attaches it to raw tracepoint `tp`.
     pub fn attach_raw_tracepoint(&mut self, prog: &'static str, tp: &str) -> Result<()> {
-        crate::daemon::lifecycle::check()?;
+        crate::host::lifecycle::check()?;
         let p: &mut RawTracePoint = self.program(prog)?.try_into()?;
         p.load().with_context(|| format!("loading {prog}"))?;
         let id = p

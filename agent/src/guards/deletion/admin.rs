@@ -1,22 +1,24 @@
 //! What the admin's verbs do to held jobs: `approve` (with `--more N` or for the whole job),
 //! `deny`, what `holds` lists, and how a stopping agent resolves every open hold by
-//! `deletion.on_agent_stop`. Methods of the daemon's `Agent`, which owns the open holds.
+//! `deletion.on_agent_stop`. Methods of the guard's state, which owns the open holds.
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use guardrail_common::{JOB_DENIED, JOB_HELD, JobState};
 use nix::sys::signal::Signal;
 
+use super::{Ctx, Guard};
 use crate::{
     control::{ipc::HoldInfo, server as control},
-    daemon::Agent,
     host::procinfo,
     incident::{self, Outcome},
+    tiers::probe::Tier,
 };
 
-impl Agent {
+impl Guard {
     pub(crate) fn approve(
         &mut self,
+        cx: &mut Ctx<'_>,
         id: u64,
         budget: Option<u64>,
         for_job: bool,
@@ -30,17 +32,17 @@ impl Agent {
             bail!("no open hold with id {id} (see `guardrail status`)")
         };
         let key = h.key;
-        let mut job = self.backend.job(&key)?.unwrap_or(JobState {
+        let mut job = cx.backend.job(&key)?.unwrap_or(JobState {
             state: JOB_HELD,
             ..Default::default()
         });
         let total_at_approval = job.total;
-        let rule_budget = self.policy.rule_budget(job.rule);
+        let rule_budget = cx.policy.rule_budget(job.rule);
         grant.apply(&mut job, rule_budget, crate::host::clock::monotonic_ns());
         // A later hold counts its self-resumes (SELF_RESUME_LIMIT) afresh.
         job.refused = 0;
         job.free_stops = 0;
-        self.backend
+        cx.backend
             .set_job(&key, &job)
             .context("the job stays held")?;
         let Some(h) = self.holds.remove(&id) else {
@@ -53,7 +55,7 @@ impl Agent {
         inc.outcome = Outcome::Approved;
         inc.decided_by = Some(by.uid);
         inc.decided_by_session = by.session_id();
-        self.sink.incident(&inc);
+        cx.sink.incident(&inc);
         self.approvals.record(
             key,
             crate::guards::deletion::approval::EarlierApproval {
@@ -70,7 +72,7 @@ impl Agent {
         );
         Ok(format!(
             "approved incident {id} on {} {}; job {} resumed",
-            self.host,
+            cx.host,
             grant.describe(),
             h.key.pgid
         ))
@@ -79,11 +81,11 @@ impl Agent {
     /// `deletion.on_agent_stop`, one incident each, so no job is left stopped with nobody to
     /// answer. "end" kills the job (as an unanswered hold's timeout does: a stop is no approval);
     /// "continue" lets it finish, as `guardrail off` does. Returns the agent event's tail.
-    pub(crate) fn release_holds_on_stop(&mut self) -> String {
+    pub(crate) fn release_holds_on_stop(&mut self, cx: &mut Ctx<'_>) -> String {
         if self.holds.is_empty() {
             return String::new();
         }
-        let end = self.policy.policy.deletion.on_agent_stop == guardrail_policy::OnAgentStop::End;
+        let end = cx.policy.policy.deletion.on_agent_stop == guardrail_policy::OnAgentStop::End;
         let setting = if end { "end" } else { "continue" };
         let holds = std::mem::take(&mut self.holds);
         let n = holds.len();
@@ -95,23 +97,23 @@ impl Agent {
             ));
             if !procinfo::pgid_alive(h.key.pgid) {
                 inc.outcome = Outcome::Ended;
-                self.sink.incident(&inc);
+                cx.sink.incident(&inc);
                 continue;
             }
             // The kernel's state first: a program still running for a moment must neither stop
             // a continued job again nor let an ended one delete on.
-            let mut job = self.backend.job(&h.key).ok().flatten().unwrap_or_default();
+            let mut job = cx.backend.job(&h.key).ok().flatten().unwrap_or_default();
             if end {
                 job.state = JOB_DENIED;
             } else {
-                let rule_budget = self.policy.rule_budget(job.rule);
+                let rule_budget = cx.policy.rule_budget(job.rule);
                 crate::guards::deletion::approval::Grant::RestOfJob.apply(
                     &mut job,
                     rule_budget,
                     crate::host::clock::monotonic_ns(),
                 );
             }
-            if let Err(e) = self.backend.set_job(&h.key, &job) {
+            if let Err(e) = cx.backend.set_job(&h.key, &job) {
                 eprintln!("guardrail: hold {id}: writing the job's state: {e:#}");
             }
             let wrappers = procinfo::stopped_ancestors(h.key.pgid);
@@ -130,7 +132,7 @@ impl Agent {
                 inc.outcome = Outcome::ContinuedOnAgentStop;
             }
             procinfo::continue_pids(&wrappers);
-            self.sink.incident(&inc);
+            cx.sink.incident(&inc);
         }
         // A stop already on its way when the state changed (sent by a program in that moment):
         // continue again until the jobs stay running.
@@ -157,6 +159,7 @@ impl Agent {
     /// `caller`: who denied (None for a timeout).
     pub(crate) fn deny(
         &mut self,
+        cx: &mut Ctx<'_>,
         id: u64,
         outcome: Outcome,
         by: &str,
@@ -166,16 +169,16 @@ impl Agent {
             bail!("no open hold with id {id} (see `guardrail status`)")
         };
         let key = h.key;
-        let mut job = self.backend.job(&key)?.unwrap_or_default();
+        let mut job = cx.backend.job(&key)?.unwrap_or_default();
         job.state = JOB_DENIED;
         // On failure the record stays: the job is still held in the kernel, and listed.
-        self.backend
+        cx.backend
             .set_job(&key, &job)
             .context("the job stays held")?;
         let Some(h) = self.holds.remove(&id) else {
             bail!("no open hold with id {id}")
         };
-        let kill_it = self.policy.deny_kills || !self.tier.refuses();
+        let kill_it = cx.policy.deny_kills || !cx.tier.refuses();
         // Found before the job goes: a wrapper stopped in sympathy (sudo) is continued after.
         let wrappers = procinfo::stopped_ancestors(h.key.pgid);
         if kill_it {
@@ -192,7 +195,7 @@ impl Agent {
             inc.decided_by = Some(c.uid);
             inc.decided_by_session = c.session_id();
         }
-        self.sink.incident(&inc);
+        cx.sink.incident(&inc);
         let what = if kill_it {
             "ended"
         } else {
@@ -200,17 +203,22 @@ impl Agent {
         };
         Ok(format!(
             "denied incident {id} on {}: job {} {what}",
-            self.host, h.key.pgid
+            cx.host, h.key.pgid
         ))
     }
     /// Open holds, all or only those of `only_uid`'s jobs (filtered before the /proc scan).
-    pub(crate) fn hold_infos(&self, only_uid: Option<u32>) -> Vec<HoldInfo> {
+    pub(crate) fn hold_infos(
+        &self,
+        host: &str,
+        tier: Tier,
+        only_uid: Option<u32>,
+    ) -> Vec<HoldInfo> {
         self.holds
             .values()
             .filter(|h| only_uid.is_none_or(|u| h.incident.uid == u))
             .map(|h| HoldInfo {
                 id: h.incident.id,
-                host: self.host.clone(),
+                host: host.to_string(),
                 rule: h.incident.rule.clone(),
                 pgid: h.key.pgid,
                 sid: h.key.sid,
@@ -221,7 +229,7 @@ impl Agent {
                 count: h.incident.count,
                 first_path: h.incident.path.clone(),
                 session: h.incident.session_text(),
-                tier: self.tier.to_string(),
+                tier: tier.to_string(),
                 reason: h.incident.reason.clone(),
                 age_secs: h.since.elapsed().as_secs(),
                 timeout_secs: h.timeout.as_secs(),

@@ -8,7 +8,6 @@
 use std::collections::HashMap;
 
 use guardrail_common::{ALLOWANCE_UNLIMITED, JOB_ACTIVE, JobKey, JobState};
-use serde::{Deserialize, Serialize};
 
 /// What one approval lets the job do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,20 +69,9 @@ impl Grant {
     }
 }
 
-/// An approval a job got before its current hold, shown with that hold (the message, `holds`,
-/// the event) so the admin sees the job is back, and how far it has gone in all.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EarlierApproval {
-    pub incident: u64,
-    /// The N of `--more N`; None: for the rest of the job.
-    pub more: Option<u64>,
-    pub by_uid: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub by_session: Option<u32>,
-    /// The job's deletions outside its targets counted when it was approved.
-    pub total_at_approval: u64,
-    pub time: String,
-}
+// The record itself is part of the incident schema (crate::incident::EarlierApproval); what it
+// says is the approval's business.
+pub use crate::incident::EarlierApproval;
 
 impl EarlierApproval {
     /// "incident 1 approved for 100 more deletions by uid 0 at 396 deletions".

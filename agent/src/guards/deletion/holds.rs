@@ -1,21 +1,23 @@
 //! The deletion guard's decisions on what the kernel reports: a crossing becomes a hold (the job
 //! stopped, an incident, a message to its terminal), a kill or a refusal becomes an incident, a
 //! job the kernel holds that the agent has no record of (a restart, a crossing the ring dropped)
-//! is adopted, and a job that may never be held is released. Methods of the daemon's `Agent`,
-//! which owns the backend, the sink and the open holds these decisions act on.
+//! is adopted, and a job that may never be held is released. Methods of the guard's state
+//! ([`Guard`]), acting through what the daemon lends them ([`Ctx`]).
 use std::time::{Duration, Instant};
 
 use guardrail_common::{
-    ALLOWANCE_UNLIMITED, EV_BUDGET_CROSSED, EV_DATA_DIR, EV_HELD_RETRY, EV_PROTECTED_ROOT,
-    EVF_AUDIT, EVF_SIGNALLED, EVF_TRACEPOINT, EVF_USERSPACE, Event, JOB_ACTIVE, JOB_BLOCKED,
-    JOB_DENIED, JOB_HELD, JobKey, JobState,
+    ALLOWANCE_UNLIMITED, Event, JOB_ACTIVE, JOB_BLOCKED, JOB_DENIED, JOB_HELD, JobKey, JobState,
 };
 use nix::sys::signal::Signal;
 
+use super::{
+    Ctx, Guard,
+    decide::{Decision, decide, rule_alerts},
+};
 use crate::{
-    daemon::Agent,
     host::procinfo,
     incident::{self, Incident, Kind, Outcome},
+    policy::LoadedPolicy,
     text,
     tiers::backend::Backend,
 };
@@ -46,12 +48,12 @@ pub(crate) fn held_since(held_ns: u64) -> Instant {
         .unwrap_or_else(Instant::now)
 }
 
-impl Agent {
+impl Guard {
     /// Holds left by a previous agent (crash, restart, upgrade) are open holds again: same
     /// incident ids, the job still stopped, the kernel still refusing or re-stopping it, and the
     /// hold's original start (a restart never extends it past `hold_timeout`).
-    pub(crate) fn adopt_holds(&mut self) {
-        let Ok(jobs) = self.backend.jobs() else {
+    pub(crate) fn adopt_holds(&mut self, cx: &mut Ctx<'_>) {
+        let Ok(jobs) = cx.backend.jobs() else {
             return;
         };
         for (key, job) in jobs {
@@ -62,11 +64,11 @@ impl Agent {
             // agent left held is let go rather than adopted (kept stopped, then killed at the
             // hold timeout).
             let pids = procinfo::pids_in_group(key.pgid);
-            if let Some(unit) = pids.iter().find_map(|p| self.never_hold_unit(*p)) {
-                self.release_never_held(key, job, &unit);
+            if let Some(unit) = pids.iter().find_map(|p| never_hold_unit(cx.policy, *p)) {
+                self.release_never_held(cx, key, job, &unit);
                 continue;
             }
-            self.adopt_job(key, &job, "adopted from the previous agent", false);
+            self.adopt_job(cx, key, &job, "adopted from the previous agent", false);
         }
     }
     /// Makes `job`, which the kernel holds, an open hold of this agent. Only when a live process
@@ -75,13 +77,14 @@ impl Agent {
     /// reported (its event was lost) and goes to the sinks now.
     pub(crate) fn adopt_job(
         &mut self,
+        cx: &mut Ctx<'_>,
         key: JobKey,
         job: &JobState,
         how: &str,
         report: bool,
     ) -> bool {
         if !crate::host::identity::job_predates(&key, job.held_ns) {
-            let _ = self.backend.remove_job(&key);
+            let _ = cx.backend.remove_job(&key);
             return false;
         }
         let end = job
@@ -97,21 +100,21 @@ impl Agent {
         let id = if job.incident != 0 {
             job.incident
         } else {
-            self.next_local_incident()
+            self.next_local_incident(cx)
         };
         let inc = Incident {
             id,
             time: incident::now_rfc3339(),
-            host: self.host.clone(),
-            tier: self.tier.to_string(),
+            host: cx.host.to_string(),
+            tier: cx.tier.to_string(),
             kind: Kind::BudgetCrossed,
-            rule: self.policy.rule_name(job.rule),
+            rule: cx.policy.rule_name(job.rule),
             outcome: Outcome::Held,
             reason: format!(
                 "{} deletions outside the deletion targets (budget {}, rule {}); {how}",
                 job.count,
-                self.policy.rule_budget(job.rule),
-                self.policy.rule_name(job.rule)
+                cx.policy.rule_budget(job.rule),
+                cx.policy.rule_name(job.rule)
             ),
             pid,
             pgid: key.pgid,
@@ -134,9 +137,9 @@ impl Agent {
         );
         procinfo::signal_job(key.pgid, Signal::SIGSTOP);
         if report {
-            self.sink.incident(&inc);
+            cx.sink.incident(&inc);
         }
-        let timeout = self.policy.hold_timeout;
+        let timeout = cx.policy.hold_timeout;
         self.holds.insert(
             inc.id,
             Hold {
@@ -152,12 +155,12 @@ impl Agent {
     /// full, agent stalled): adopted as a hold with an id and a timeout (blocked: reported), so
     /// no job is ever left stopped with no record. Jobs held for under a second are left to the
     /// event still on its way.
-    pub(crate) fn adopt_unrecorded(&mut self) {
-        if !matches!(self.backend, Backend::Bpf { .. }) {
+    pub(crate) fn adopt_unrecorded(&mut self, cx: &mut Ctx<'_>) {
+        // The daemon drains the ring buffer first: a crossing already reported is not adopted.
+        if !matches!(cx.backend, Backend::Bpf { .. }) {
             return;
         }
-        self.drain_events();
-        let Ok(jobs) = self.backend.jobs() else {
+        let Ok(jobs) = cx.backend.jobs() else {
             return;
         };
         let now = crate::host::clock::boottime_ns();
@@ -170,6 +173,7 @@ impl Agent {
                 self.holds.contains_key(&job.incident) || self.holds.values().any(|h| h.key == key);
             if job.state == JOB_HELD && !recorded {
                 self.adopt_job(
+                    cx,
                     key,
                     &job,
                     "found held by the kernel, its crossing event was lost",
@@ -183,10 +187,10 @@ impl Agent {
                 let mut inc = Incident {
                     id: job.incident,
                     time: incident::now_rfc3339(),
-                    host: self.host.clone(),
-                    tier: self.tier.to_string(),
+                    host: cx.host.to_string(),
+                    tier: cx.tier.to_string(),
                     kind: Kind::BudgetCrossed,
-                    rule: self.policy.rule_name(job.rule),
+                    rule: cx.policy.rule_name(job.rule),
                     pgid: key.pgid,
                     sid: key.sid,
                     uid: job.uid,
@@ -194,7 +198,7 @@ impl Agent {
                     count: job.count,
                     ..Default::default()
                 };
-                inc.outcome = if self.tier.refuses() {
+                inc.outcome = if cx.tier.refuses() {
                     Outcome::Refused
                 } else {
                     Outcome::Killed
@@ -203,131 +207,83 @@ impl Agent {
                     "{} deletions outside the deletion targets (rule {}); found blocked by the kernel, its crossing event was lost",
                     job.count, inc.rule
                 );
-                self.sink.incident(&inc);
+                cx.sink.incident(&inc);
             }
         }
     }
     /// Lets a held job of a never_hold unit go, as the kernel would have decided it: refused from
     /// here on where the tier refuses, free elsewhere.
-    pub(crate) fn release_never_held(&mut self, key: JobKey, mut job: JobState, unit: &str) {
-        if self.tier.refuses() {
+    pub(crate) fn release_never_held(
+        &mut self,
+        cx: &mut Ctx<'_>,
+        key: JobKey,
+        mut job: JobState,
+        unit: &str,
+    ) {
+        if cx.tier.refuses() {
             job.state = JOB_DENIED;
         } else {
             job.state = JOB_ACTIVE;
             job.allowance = ALLOWANCE_UNLIMITED;
         }
-        let _ = self.backend.set_job(&key, &job);
+        let _ = cx.backend.set_job(&key, &job);
         procinfo::signal_job(key.pgid, Signal::SIGCONT);
         println!(
             "guardrail: job {} of {unit} was left held by the previous agent; continued, never held (deletion.never_hold)",
             key.pgid
         );
     }
-    pub(crate) fn on_event(&mut self, ev: &Event) {
-        let mut inc = Incident::from_event(ev, &self.host, self.tier, &self.policy);
-        match ev.kind {
-            EV_BUDGET_CROSSED if ev.flags & EVF_AUDIT != 0 => {
-                inc.outcome = Outcome::WouldHaveHeld;
-                self.sink.incident(&inc);
+    /// Carries out [`decide`]'s decision on one kernel event.
+    pub(crate) fn on_event(&mut self, cx: &mut Ctx<'_>, ev: &Event) {
+        let mut inc = super::report::incident_from_event(ev, cx.host, cx.tier, cx.policy);
+        let key = JobKey {
+            sid: ev.sid,
+            pgid: ev.pgid,
+        };
+        let alerts = rule_alerts(&cx.policy.kernel.rules, ev.rule);
+        let decision = {
+            let backend = &mut *cx.backend;
+            decide(ev, alerts, || {
+                backend.job(&key).ok().flatten().map(|j| j.state)
+            })
+        };
+        match decision {
+            Decision::Report(outcome) => {
+                inc.outcome = outcome;
+                cx.sink.incident(&inc);
             }
-            // An `alert` rule: reported once per job, nothing stopped (the rule's action is
-            // checked too, for event sources that do not set the flag; not for a level's crossing,
-            // which has its own action and always sets the flag).
-            EV_BUDGET_CROSSED
-                if ev.flags & guardrail_common::EVF_ALERT != 0
-                    || crate::guards::deletion::levels::level_of(ev.flags).is_none()
-                        && self
-                            .policy
-                            .kernel
-                            .rules
-                            .get(ev.rule as usize)
-                            .is_some_and(|r| r.action == guardrail_common::ACTION_ALERT) =>
-            {
-                inc.outcome = Outcome::Alerted;
-                self.sink.incident(&inc);
+            Decision::ReportedAfterTheFact => {
+                // The deletion happened, so it is not "refused".
+                inc.outcome = Outcome::Reported;
+                inc.reason = format!(
+                    "{} (tracepoint tier: the file is gone, the job was not stopped)",
+                    inc.reason
+                );
+                cx.sink.incident(&inc);
             }
-            EV_BUDGET_CROSSED if ev.flags & guardrail_common::EVF_NEVER_HOLD != 0 => {
-                self.never_held(inc, ev);
-            }
-            EV_BUDGET_CROSSED => {
-                let key = JobKey {
-                    sid: ev.sid,
-                    pgid: ev.pgid,
+            Decision::NeverHeld => self.never_held(cx, inc, ev),
+            Decision::KilledBeforeRead => self.end_resumed(cx, inc, key, None),
+            Decision::Blocked => {
+                self.kernel_jobs.blocked_reported.insert(inc.id);
+                inc.outcome = if cx.tier.refuses() {
+                    Outcome::Refused
+                } else {
+                    Outcome::Killed
                 };
-                let state = self.kernel_state(&key).unwrap_or(JOB_HELD);
-                if state == JOB_BLOCKED && resumed_before_read(ev) {
-                    self.end_resumed(inc, key, None);
-                    return;
-                }
-                if state == JOB_BLOCKED {
-                    self.kernel_jobs.blocked_reported.insert(inc.id);
-                    inc.outcome = if self.tier.refuses() {
-                        Outcome::Refused
-                    } else {
-                        Outcome::Killed
-                    };
-                    self.sink.incident(&inc);
-                    return;
-                }
-                if self.holds.contains_key(&inc.id) {
+                cx.sink.incident(&inc);
+            }
+            Decision::Hold { unless_open } => {
+                if unless_open && self.holds.contains_key(&inc.id) {
                     // Already adopted by a tick that found the job held before this event.
                     return;
                 }
                 inc.outcome = Outcome::Held;
-                self.hold(inc, key);
+                self.hold(cx, inc, key);
             }
-            EV_PROTECTED_ROOT | EV_DATA_DIR => {
-                if ev.flags & EVF_AUDIT != 0 {
-                    inc.outcome = Outcome::WouldHaveRefused;
-                    self.sink.incident(&inc);
-                } else if ev.flags & EVF_USERSPACE != 0 {
-                    // Seen after the fact: the watcher stopped the job (its state is held, with
-                    // this incident id), unless it could name no job to stop.
-                    let key = JobKey {
-                        sid: ev.sid,
-                        pgid: ev.pgid,
-                    };
-                    if ev.flags & EVF_SIGNALLED != 0 {
-                        inc.outcome = Outcome::Held;
-                        self.hold(inc, key);
-                    } else {
-                        inc.outcome = Outcome::Reported;
-                        self.sink.incident(&inc);
-                    }
-                } else if ev.flags & EVF_TRACEPOINT != 0 && ev.flags & EVF_SIGNALLED != 0 {
-                    // The tracepoint tier cannot refuse: the kernel held (or, under a `block`
-                    // rule, killed) the job right after this first deletion, with an incident id.
-                    self.stopped_foreign(inc, ev);
-                } else if ev.flags & EVF_TRACEPOINT != 0 {
-                    // Seen after the fact and nothing stopped (a never_hold unit's job): the
-                    // deletion happened, so it is not "refused".
-                    inc.outcome = Outcome::Reported;
-                    inc.reason = format!(
-                        "{} (tracepoint tier: the file is gone, the job was not stopped)",
-                        inc.reason
-                    );
-                    self.sink.incident(&inc);
-                } else {
-                    inc.outcome = Outcome::Refused;
-                    self.sink.incident(&inc);
-                }
-            }
-            EV_HELD_RETRY if ev.flags & guardrail_common::EVF_KILLED != 0 => {
-                self.killed_resumed(inc, ev);
-            }
-            EV_HELD_RETRY => {
-                // A held job was resumed without approval and tried again: the kernel re-stopped
-                // the task, we re-stop the whole job. Only while it is still held: a retry read
-                // after the job was let go (approved or denied) was made before that, and its task
-                // has been continued with the job.
-                let key = JobKey {
-                    sid: ev.sid,
-                    pgid: ev.pgid,
-                };
-                let still_held = self.kernel_state(&key) == Some(JOB_HELD);
-                if !still_held {
-                    return;
-                }
+            Decision::StoppedForeign => self.stopped_foreign(cx, inc, ev),
+            Decision::KilledResumed => self.killed_resumed(cx, inc, ev),
+            Decision::StopAgain => {
+                // The kernel re-stopped the task; the whole job is stopped again here.
                 procinfo::signal_job(ev.pgid, Signal::SIGSTOP);
                 if let Some(h) = self
                     .holds
@@ -338,14 +294,14 @@ impl Agent {
                     h.incident.last_path = inc.path.clone();
                 }
             }
-            _ => {}
+            Decision::Nothing => {}
         }
     }
     /// A held job resumed itself `SELF_RESUME_LIMIT` times without approval (tracepoint tier: a
     /// sibling looping `kill -CONT`, a ptracer swallowing SIGSTOP): the kernel killed the task
     /// and blocked the job. The rest of the job is killed here and the hold closed, saying why.
     /// With no open hold (its crossing event was lost), the tick reports the blocked job.
-    pub(crate) fn killed_resumed(&mut self, inc: Incident, ev: &Event) {
+    pub(crate) fn killed_resumed(&mut self, cx: &mut Ctx<'_>, inc: Incident, ev: &Event) {
         let key = JobKey {
             sid: ev.sid,
             pgid: ev.pgid,
@@ -372,11 +328,11 @@ impl Agent {
         let mut out = h.incident;
         out.retries = ev.count;
         out.last_path = inc.path;
-        self.end_resumed(out, key, Some(wrappers));
+        self.end_resumed(cx, out, key, Some(wrappers));
     }
     /// The job's state in the kernel's table (`JOB_*`), if it has an entry there.
-    fn kernel_state(&mut self, key: &JobKey) -> Option<u32> {
-        self.backend.job(key).ok().flatten().map(|j| j.state)
+    fn kernel_state(&mut self, cx: &mut Ctx<'_>, key: &JobKey) -> Option<u32> {
+        cx.backend.job(key).ok().flatten().map(|j| j.state)
     }
 
     /// Ends a job held and then killed by the kernel for resuming itself: the rest of the job is
@@ -385,6 +341,7 @@ impl Agent {
     /// after the kill (under load: the held job resumed itself faster than the agent read).
     pub(crate) fn end_resumed(
         &mut self,
+        cx: &mut Ctx<'_>,
         mut out: Incident,
         key: JobKey,
         wrappers: Option<Vec<u32>>,
@@ -408,17 +365,17 @@ impl Agent {
             key.pgid,
             guardrail_common::SELF_RESUME_LIMIT
         );
-        self.sink.incident(&out);
+        cx.sink.incident(&out);
     }
     /// A tracepoint-tier deletion in a foreign data directory: the kernel let it through (it cannot
     /// refuse), then stopped the job (JOB_HELD) or killed it (JOB_BLOCKED). The outcome says what
     /// really happened: the file is gone, the job is held or killed.
-    pub(crate) fn stopped_foreign(&mut self, mut inc: Incident, ev: &Event) {
+    pub(crate) fn stopped_foreign(&mut self, cx: &mut Ctx<'_>, mut inc: Incident, ev: &Event) {
         let key = JobKey {
             sid: ev.sid,
             pgid: ev.pgid,
         };
-        let dir = self
+        let dir = cx
             .policy
             .compiled
             .data_dirs
@@ -429,16 +386,16 @@ impl Agent {
             "stopped after 1 file: a foreign deletion in data directory {dir} ({} {}; tracepoint tier: the file is gone)",
             inc.op, inc.path
         );
-        let state = self.kernel_state(&key).unwrap_or(JOB_HELD);
+        let state = self.kernel_state(cx, &key).unwrap_or(JOB_HELD);
         if state == JOB_BLOCKED && resumed_before_read(ev) {
-            self.end_resumed(inc, key, None);
+            self.end_resumed(cx, inc, key, None);
             return;
         }
         if state == JOB_BLOCKED {
             self.kernel_jobs.blocked_reported.insert(inc.id);
             inc.reason = inc.reason.replacen("stopped after", "killed after", 1);
             inc.outcome = Outcome::Killed;
-            self.sink.incident(&inc);
+            cx.sink.incident(&inc);
             return;
         }
         if let Some(h) = self.holds.get_mut(&inc.id) {
@@ -448,28 +405,28 @@ impl Agent {
             return;
         }
         inc.outcome = Outcome::Held;
-        self.hold(inc, key);
+        self.hold(cx, inc, key);
     }
-    pub(crate) fn next_local_incident(&mut self) -> u64 {
+    pub(crate) fn next_local_incident(&mut self, cx: &mut Ctx<'_>) -> u64 {
         // Incidents from the kernel count up from 1; ones the agent makes for tracepoint-tier
         // protected paths take the kernel counter too, so ids never collide.
-        self.backend.next_incident()
+        cx.backend.next_incident()
     }
-    pub(crate) fn hold(&mut self, mut inc: Incident, key: JobKey) {
+    pub(crate) fn hold(&mut self, cx: &mut Ctx<'_>, mut inc: Incident, key: JobKey) {
         // Stop the whole job, not only the task the kernel signalled.
         procinfo::signal_job(key.pgid, Signal::SIGSTOP);
-        let timeout = self.policy.hold_timeout;
+        let timeout = cx.policy.hold_timeout;
         // A job approved before and held again: what it has done in all, and the approvals.
-        let job = self.backend.job(&key).ok().flatten();
+        let job = cx.backend.job(&key).ok().flatten();
         inc.total_count = job.map_or(inc.count, |j| j.total.max(inc.count));
         inc.earlier_approvals = self.approvals.of(&key);
-        let budget = job.map_or(inc.budget, |j| self.policy.rule_budget(j.rule));
+        let budget = job.map_or(inc.budget, |j| cx.policy.rule_budget(j.rule));
         // The command and the reason (a path) are the job's text: capped and escaped.
         let lines = crate::guards::deletion::approval::hold_lines(
             format!(
                 "guardrail: held job \"{}\" on {}: {}. Incident {}.",
                 text::cap(&inc.command, 400),
-                self.host,
+                cx.host,
                 text::cap(&inc.reason, 300),
                 inc.id
             ),
@@ -478,7 +435,7 @@ impl Agent {
             crate::guards::deletion::approval::held_again(inc.total_count, &inc.earlier_approvals),
         );
         crate::guards::tell::tell_job(inc.pid, &lines);
-        self.sink.incident(&inc);
+        cx.sink.incident(&inc);
         println!(
             "guardrail: incident {} held: {} ({})",
             inc.id,
@@ -500,16 +457,16 @@ impl Agent {
     /// runs: where the tier can refuse (lsm) the job's further deletions outside scope are refused
     /// until it ends; elsewhere the crossing is only reported and the job deletes on. Nothing is
     /// signalled from here.
-    pub(crate) fn never_held(&mut self, mut inc: Incident, ev: &Event) {
+    pub(crate) fn never_held(&mut self, cx: &mut Ctx<'_>, mut inc: Incident, ev: &Event) {
         let refused = ev.flags & guardrail_common::EVF_REFUSED != 0;
         // Named by the kernel (the unit's index in the policy): the job may be gone by now.
-        let unit = self
+        let unit = cx
             .policy
             .compiled
             .never_hold
             .get(ev.data_dir_id as usize)
             .cloned()
-            .or_else(|| self.never_hold_unit(ev.tgid))
+            .or_else(|| never_hold_unit(cx.policy, ev.tgid))
             .unwrap_or_else(|| "its unit".to_string());
         if inc.unit.is_none() {
             inc.unit = Some(unit.clone());
@@ -534,25 +491,26 @@ impl Agent {
             text::cap_command(&inc.command),
             text::escape_line(&inc.reason)
         );
-        self.sink.incident(&inc);
+        cx.sink.incident(&inc);
     }
-    /// The never_hold unit a process runs in: its own cgroup or the nearest one above it (a
-    /// `Delegate=yes` unit's sub-cgroup) whose id is in the kernel's `NEVER_HOLD` table. Matched
-    /// by id like the kernel does, never by name: names below a delegated unit are the job's.
-    pub(crate) fn never_hold_unit(&self, pid: u32) -> Option<String> {
-        let path = crate::host::cgroup::path_of(pid)?;
-        let root = guardrail_policy::cgroup2_root();
-        crate::host::cgroup::ancestor_ids(&root, &path)
-            .into_iter()
-            .find(|(id, _)| {
-                self.policy
-                    .compiled
-                    .never_hold_cgroups
-                    .iter()
-                    .any(|(x, _)| x == id)
-            })
-            .map(|(_, name)| name)
-    }
+}
+
+/// The never_hold unit a process runs in: its own cgroup or the nearest one above it (a
+/// `Delegate=yes` unit's sub-cgroup) whose id is in the kernel's `NEVER_HOLD` table. Matched
+/// by id like the kernel does, never by name: names below a delegated unit are the job's.
+pub(crate) fn never_hold_unit(policy: &LoadedPolicy, pid: u32) -> Option<String> {
+    let path = crate::host::cgroup::path_of(pid)?;
+    let root = guardrail_policy::cgroup2_root();
+    crate::host::cgroup::ancestor_ids(&root, &path)
+        .into_iter()
+        .find(|(id, _)| {
+            policy
+                .compiled
+                .never_hold_cgroups
+                .iter()
+                .any(|(x, _)| x == id)
+        })
+        .map(|(_, name)| name)
 }
 
 #[cfg(test)]

@@ -136,8 +136,8 @@ impl Inhibitor {
         // A stop asked for meanwhile ends the wait (start-up checks for it right after).
         while matches!(self.state, State::Taking { .. })
             && Instant::now() < until
-            && crate::daemon::lifecycle::stop_noted().is_none()
-            && crate::daemon::lifecycle::stop_requested().is_none()
+            && crate::host::lifecycle::stop_noted().is_none()
+            && crate::host::lifecycle::stop_requested().is_none()
         {
             std::thread::sleep(Duration::from_millis(20));
             self.tick_at(Instant::now());

@@ -34,8 +34,9 @@ use crate::{
         procinfo,
         session::{self, Class, Origin},
     },
-    incident::{Incident, Kind, Outcome, Sink, now_rfc3339},
+    incident::{Incident, Kind, Outcome, now_rfc3339},
     policy::LoadedPolicy,
+    sinks::Sink,
     text,
     tiers::{probe::Tier, sensor::Sensor},
 };

@@ -112,6 +112,11 @@ pub fn parse_since(s: &str, now_ms: i64) -> Option<i64> {
     parse_rfc3339(s)
 }
 
+/// Wall-clock now as the event log writes it (RFC 3339, UTC, milliseconds).
+pub fn now_rfc3339() -> String {
+    format_rfc3339(now_ms())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
