@@ -13,14 +13,8 @@ fn ns_per_tick() -> u64 {
 /// (pgrp, session, starttime in clock ticks) of a process, from /proc/PID/stat (the fields after
 /// the command name, whose parentheses may enclose anything).
 fn stat_ids(pid: u32) -> Option<(u32, u32, u64)> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = s.get(s.rfind(')')? + 2..)?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    Some((
-        f.get(2)?.parse().ok()?,
-        f.get(3)?.parse().ok()?,
-        f.get(19)?.parse().ok()?,
-    ))
+    let s = super::procinfo::stat(pid)?;
+    Some((s.pgrp, s.session, s.starttime?))
 }
 
 /// The range `[lo, hi)` that `task_struct.start_boottime` (ns) of `pid` lies in: /proc gives it

@@ -50,6 +50,9 @@ pub struct Stat {
     pub pgrp: u32,
     pub session: u32,
     pub tty_nr: u32,
+    /// When the process started, in clock ticks since boot (field 22); None if the line ends
+    /// early.
+    pub starttime: Option<u64>,
 }
 
 /// Parses the bytes of /proc/PID/stat: `pid (comm) state ppid pgrp session tty_nr ...`.
@@ -64,6 +67,9 @@ pub fn parse_stat(raw: &[u8]) -> Option<Stat> {
     let mut num = || f.next()?.parse::<i64>().ok();
     // tty_nr is an int (a device number); pgrp and session are 0 for kernel threads.
     let (ppid, pgrp, session, tty_nr) = (num()?, num()?, num()?, num()?);
+    // tpgid, flags, minflt, cminflt, majflt, cmajflt, utime, stime, cutime, cstime, priority,
+    // nice, num_threads, itrealvalue: then starttime.
+    let starttime = f.nth(14).and_then(|s| s.parse::<u64>().ok());
     Some(Stat {
         comm,
         state,
@@ -71,6 +77,7 @@ pub fn parse_stat(raw: &[u8]) -> Option<Stat> {
         pgrp: u32::try_from(pgrp).ok()?,
         session: u32::try_from(session).ok()?,
         tty_nr: tty_nr as u32,
+        starttime,
     })
 }
 
@@ -204,6 +211,10 @@ mod tests {
         assert_eq!(parse_stat(&bytes).map(|s| s.state), Some('T'));
         assert_eq!(parse_stat(b"9 (x) R 1"), None, "cut short: None, no panic");
         assert_eq!(parse_stat(b""), None);
+        assert_eq!(s.starttime, None, "a line cut before starttime has none");
+        // A full line (field 22 is starttime), with a comm that looks like more fields.
+        let full = b"77 (x) 1 2 3) S 1 77 77 0 -1 4194560 0 0 0 0 0 0 0 0 20 0 1 0 123456 0 0";
+        assert_eq!(parse_stat(full).and_then(|s| s.starttime), Some(123456));
     }
 
     #[test]
@@ -211,6 +222,7 @@ mod tests {
         let s = stat(std::process::id()).expect("our own stat");
         assert_eq!(s.pgrp, nix::unistd::getpgrp().as_raw() as u32);
         assert_eq!(stat(u32::MAX), None);
+        assert!(s.starttime.is_some_and(|t| t > 0), "{s:?}");
     }
 
     proptest! {

@@ -40,8 +40,9 @@ use crate::{
     text,
     tiers::{probe::Tier, sensor::Sensor},
 };
+use guardrail_policy::cgroup2_root;
 use inhibit::Inhibitor;
-use request::{cgroup2_root, op_name, request_text, session_of, session_text, stat_of, state_of};
+use request::{op_name, request_text, session_of, session_text, stat_of, state_of};
 use tables::{class_actions, file_id, inhibitor_want, shutdown_exes, words};
 
 /// How long the process that used a pass may finish its own request (`poweroff` execs, then

@@ -1,7 +1,6 @@
 //! A shutdown request as people read it: the caller's process state and login session from
 //! /proc, the operation (exec, reboot(2), a logind call), the command line and the verb it asks
 //! for, for refusal messages and incidents.
-use std::path::PathBuf;
 
 use guardrail_common::*;
 
@@ -109,19 +108,6 @@ pub(super) fn verb_of(words: &[String]) -> String {
         return x.to_string();
     }
     "shut down".to_string()
-}
-
-pub(super) fn cgroup2_root() -> PathBuf {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .ok()
-        .and_then(|text| {
-            text.lines().find_map(|line| {
-                let (left, right) = line.split_once(" - ")?;
-                (right.split_whitespace().next()? == "cgroup2")
-                    .then(|| PathBuf::from(left.split_whitespace().nth(4).unwrap_or("")))
-            })
-        })
-        .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"))
 }
 
 #[cfg(test)]

@@ -73,7 +73,8 @@ use crate::tiers::sensor::KernelPolicy;
 pub use blast::measure_blast_radius;
 use dirs::{AncestorMemo, DirEntry, DirInfo, kid};
 use fanotify::{Fid, mark_filesystem, parse_fanotify};
-use procs::{ProcCache, cgroup2_root, group_stopped, mountinfo};
+use guardrail_policy::cgroup2_root;
+use procs::{ProcCache, group_stopped, mountinfo};
 
 /// Which notification API to watch with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

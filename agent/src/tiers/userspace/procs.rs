@@ -40,22 +40,11 @@ pub(super) struct ProcDetails {
 
 /// (comm, state, ppid, pgrp, session) from /proc/PID/stat.
 pub(super) fn proc_stat(pid: u32) -> Option<([u8; 16], char, u32, u32, u32)> {
-    let s = std::fs::read(format!("/proc/{pid}/stat")).ok()?;
-    let open = s.iter().position(|b| *b == b'(')?;
-    let close = s.iter().rposition(|b| *b == b')')?;
+    let s = crate::host::procinfo::stat(pid)?;
     let mut comm = [0u8; 16];
-    let name = s.get(open + 1..close)?;
-    let n = name.len().min(15);
-    comm[..n].copy_from_slice(&name[..n]);
-    let rest = std::str::from_utf8(s.get(close + 2..)?).ok()?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    Some((
-        comm,
-        f.first()?.chars().next()?,
-        f.get(1)?.parse().ok()?,
-        f.get(2)?.parse().ok()?,
-        f.get(3)?.parse().ok()?,
-    ))
+    let n = s.comm.len().min(15);
+    comm[..n].copy_from_slice(&s.comm[..n]);
+    Some((comm, s.state, s.ppid, s.pgrp, s.session))
 }
 
 pub(super) fn proc_u32(path: &str) -> u32 {
@@ -64,14 +53,6 @@ pub(super) fn proc_u32(path: &str) -> u32 {
         .and_then(|s| s.trim().parse::<i64>().ok())
         .map(|v| v as u32)
         .unwrap_or(u32::MAX)
-}
-
-pub(super) fn cgroup2_root() -> PathBuf {
-    mountinfo()
-        .into_iter()
-        .find(|m| m.fstype == "cgroup2")
-        .map(|m| m.mount_point)
-        .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"))
 }
 
 /// One read of /proc/PID/stat: the job and the command name.
@@ -169,22 +150,20 @@ pub(super) const PROC_CACHE: usize = 1024;
 pub(super) struct Mount {
     pub(super) dev: u64,
     pub(super) mount_point: PathBuf,
-    pub(super) fstype: String,
 }
 
-/// Mounts of this mount namespace: (user st_dev, mount point, fs type).
+/// Mounts of this mount namespace: (user st_dev, mount point).
 pub(super) fn mountinfo() -> Vec<Mount> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     text.lines()
         .filter_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
+            let (left, _) = line.split_once(" - ")?;
             let f: Vec<&str> = left.split_whitespace().collect();
             let (maj, min) = f.get(2)?.split_once(':')?;
             let (maj, min): (u64, u64) = (maj.parse().ok()?, min.parse().ok()?);
             Some(Mount {
                 dev: libc::makedev(maj as u32, min as u32),
                 mount_point: PathBuf::from(unescape_mount(f.get(4)?)),
-                fstype: right.split_whitespace().next()?.to_string(),
             })
         })
         .collect()
