@@ -1,7 +1,8 @@
-//! Alert latency: from the deletion that crosses the budget to the agent's line arriving at a
-//! local rsyslog (UDP on loopback, RFC 5424), both seen by this process on one clock: the
-//! crossing as the inotify event of the (budget+1)th deletion, read by a thread blocked on it;
-//! the arrival as the line in rsyslog's output file, polled every millisecond.
+//! Alert latency: from the deletion that crosses the budget to the agent's alert arriving at a
+//! local rsyslog (UDP on loopback, RFC 5424) and at a local Prometheus Alertmanager, all seen by
+//! this process on one clock: the crossing as the inotify event of the (budget+1)th deletion,
+//! read by a thread blocked on it; the arrival as the line in rsyslog's output file and as the
+//! alert in Alertmanager's API, both polled every millisecond.
 use std::{
     net::{TcpStream, UdpSocket},
     os::unix::process::CommandExt,
@@ -22,6 +23,8 @@ pub struct LatencyResult {
     pub runs: usize,
     /// Crossing to the line at rsyslog, one per run.
     pub syslog: Vec<Duration>,
+    /// Crossing to the alert listed by Alertmanager's API, one per run.
+    pub alertmanager: Vec<Duration>,
 }
 
 struct Rsyslog(Child);
@@ -67,6 +70,92 @@ fn rsyslog(dir: &Path) -> Result<(Rsyslog, u16)> {
         bail!("rsyslogd did not listen on 127.0.0.1:{tcp} within 10 s");
     }
     Ok((r, udp))
+}
+
+struct AlertManager(Child, u16);
+
+impl Drop for AlertManager {
+    fn drop(&mut self) {
+        sys::stop_child(&mut self.0);
+    }
+}
+
+/// prometheus-alertmanager on a loopback port with its own configuration and storage, clustering
+/// off, its one receiver doing nothing (what is measured is the alert's arrival).
+fn alertmanager(dir: &Path) -> Result<AlertManager> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let conf = dir.join("alertmanager.yml");
+    std::fs::write(
+        &conf,
+        "route:\n  receiver: nobody\n  group_by: [host, rule]\nreceivers:\n  - name: nobody\n",
+    )?;
+    let child = Command::new("prometheus-alertmanager")
+        .arg(format!("--config.file={}", conf.display()))
+        .arg(format!("--storage.path={}", dir.join("am-data").display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .arg("--cluster.listen-address=")
+        .arg("--log.level=warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting prometheus-alertmanager (cargo xtask setup installs it)")?;
+    let am = AlertManager(child, port);
+    if !sys::wait_until(Duration::from_secs(30), || {
+        http_get(port, "/-/ready").is_some_and(|(code, _)| code == 200)
+    }) {
+        bail!("alertmanager was not ready on 127.0.0.1:{port} within 30 s");
+    }
+    Ok(am)
+}
+
+/// A plain HTTP/1.1 GET on loopback: (status, body, de-chunked).
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).ok()?;
+    let text = String::from_utf8_lossy(&resp).into_owned();
+    let code = text.split_whitespace().nth(1)?.parse().ok()?;
+    let (head, mut body) = text.split_once("\r\n\r\n")?;
+    if !head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        return Some((code, body.to_string()));
+    }
+    let mut out = String::new();
+    while let Some((len, rest)) = body.split_once("\r\n") {
+        let n = usize::from_str_radix(len.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    Some((code, out))
+}
+
+/// The incidents of the held-job alerts Alertmanager lists (one alert per incident; a resolved
+/// one may leave the list, so arrivals are told by new incident labels, not by a count).
+fn held_alerts(port: u16) -> std::collections::BTreeSet<String> {
+    http_get(port, "/api/v2/alerts")
+        .and_then(|(_, body)| serde_json::from_str::<Vec<serde_json::Value>>(&body).ok())
+        .map(|v| {
+            v.iter()
+                .filter(|a| a["labels"]["alertname"] == "GuardrailJobHeld")
+                .filter_map(|a| a["labels"]["incident"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn held_lines(file: &Path) -> usize {
@@ -145,19 +234,25 @@ pub fn run(bin: &Path, scratch: &Path, rm: &Path, runs: usize) -> Result<Latency
     let dir = scratch.join("latency");
     std::fs::create_dir_all(&dir)?;
     let (_rsyslog, port) = rsyslog(&dir)?;
+    let am = alertmanager(&dir)?;
     let target = dir.join("target");
     std::fs::create_dir_all(&target)?;
     let pol = super::deletion::scoped_policy(
         &target,
         rm,
         BUDGET,
-        &format!("[alerts.syslog]\nenabled = true\nremote = \"udp://127.0.0.1:{port}\"\n"),
+        &format!(
+            "[alerts.syslog]\nenabled = true\nremote = \"udp://127.0.0.1:{port}\"\n\
+             [alerts.alertmanager]\nurl = \"http://127.0.0.1:{}\"\n",
+            am.1
+        ),
     );
     let agent = Agent::start(bin, &pol, &dir.join("agent"))?;
     let messages = dir.join("messages");
     let mut r = LatencyResult {
         runs,
         syslog: Vec::new(),
+        alertmanager: Vec::new(),
     };
     for i in 0..runs {
         let victim = dir.join(format!("victim{i}"));
@@ -166,6 +261,7 @@ pub fn run(bin: &Path, scratch: &Path, rm: &Path, runs: usize) -> Result<Latency
             std::fs::File::create(victim.join(format!("f{f:04}")))?;
         }
         let before = held_lines(&messages);
+        let seen_am = held_alerts(am.1);
         let (at, watcher, fd) = watch_crossing(&victim)?;
         let mut child = Command::new(rm)
             .arg("-rf")
@@ -178,11 +274,13 @@ pub fn run(bin: &Path, scratch: &Path, rm: &Path, runs: usize) -> Result<Latency
         let g = child.id() as i32;
         // Polled every millisecond: the resolution of this measurement.
         let t = Instant::now();
-        let mut arrived = None;
-        while t.elapsed() < Duration::from_secs(20) {
-            if held_lines(&messages) > before {
+        let (mut arrived, mut arrived_am) = (None, None);
+        while t.elapsed() < Duration::from_secs(20) && (arrived.is_none() || arrived_am.is_none()) {
+            if arrived.is_none() && held_lines(&messages) > before {
                 arrived = Some(Instant::now());
-                break;
+            }
+            if arrived_am.is_none() && !held_alerts(am.1).is_subset(&seen_am) {
+                arrived_am = Some(Instant::now());
             }
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -194,10 +292,16 @@ pub fn run(bin: &Path, scratch: &Path, rm: &Path, runs: usize) -> Result<Latency
         // SAFETY: closing the inotify fd, its reader joined.
         unsafe { libc::close(fd) };
         let crossed = *at.lock().unwrap_or_else(|e| e.into_inner());
-        match (crossed, arrived) {
-            (Some(c), Some(a)) => r.syslog.push(a.saturating_duration_since(c)),
+        match (crossed, arrived, arrived_am) {
+            (Some(c), Some(a), Some(m)) => {
+                r.syslog.push(a.saturating_duration_since(c));
+                r.alertmanager.push(m.saturating_duration_since(c));
+            }
             _ => bail!(
-                "run {i}: no crossing seen or no line at rsyslog within 20 s: {}",
+                "run {i}: crossing seen {}, line at rsyslog {}, alert at Alertmanager {} (within 20 s): {}",
+                crossed.is_some(),
+                arrived.is_some(),
+                arrived_am.is_some(),
                 agent.log_text()
             ),
         }

@@ -9,9 +9,12 @@
 //! 3. blast radius: files deleted past a budget by 1 and 16 parallel deleters, idle and under CPU
 //!    load, guardrail against a userspace-reactive baseline;
 //! 4. exec overhead: fork+exec of a static binary, unguarded vs guarded;
-//! 5. alert latency: from the crossing to the line at a local rsyslog, p50/p99;
+//! 5. alert latency: from the crossing to the line at a local rsyslog and to the alert at a local
+//!    Alertmanager, p50/p99;
 //! 6. the kernel tiers side by side in the test VM (exec, capability checks, rm -rf): what the
-//!    fmod_ret tier's trampolines cost every process on the host.
+//!    fmod_ret tier's trampolines cost every process on the host;
+//! 7. the storm: a million deletions across 64 concurrent jobs under unlimited budgets, then
+//!    every job crossing a low budget at once (none missed, none found only by the tick).
 //!
 //! `--quick` takes each measurement once at a small size and writes nothing: the test command
 //! runs it so the bench cannot rot. It fails only when a measurement could not be taken.
@@ -22,6 +25,7 @@ mod blast;
 mod deletion;
 mod latency;
 mod report;
+mod storm;
 mod sys;
 mod tiers;
 
@@ -64,6 +68,7 @@ pub struct Sizes {
     pub idle_secs: u64,
     pub latency_runs: usize,
     pub vm: tiers::VmSizes,
+    pub storm: storm::StormSizes,
 }
 
 impl Sizes {
@@ -84,6 +89,12 @@ impl Sizes {
                 execs: if q { 20 } else { 300 },
                 chowns: if q { 1000 } else { 100_000 },
                 files: if q { 200 } else { 5000 },
+            },
+            storm: storm::StormSizes {
+                jobs: 64,
+                files: if q { 6_400 } else { 1_000_000 },
+                cross_files: if q { 100 } else { 300 },
+                cross_budget: if q { 20 } else { 100 },
             },
         }
     }
@@ -161,6 +172,8 @@ pub fn run(bin: &Path, out: &Path, cli: &BenchCli) -> Result<()> {
         "bench: alert latency done ({:.0}s)",
         t.elapsed().as_secs_f64()
     );
+    let storm = storm::run(bin, &scratch.0, &rm, s.storm)?;
+    println!("bench: storm done ({:.0}s)", t.elapsed().as_secs_f64());
     let tier_costs = tiers::run(bin, &scratch.0, s.vm)?;
     println!("bench: VM tiers done ({:.0}s)", t.elapsed().as_secs_f64());
     let results = report::Results {
@@ -170,6 +183,7 @@ pub fn run(bin: &Path, out: &Path, cli: &BenchCli) -> Result<()> {
         blast,
         latency: lat,
         tiers: tier_costs,
+        storm,
     };
     let text = report::render(&env, &s, &results, t.elapsed());
     print!("{text}");
