@@ -116,6 +116,7 @@ mod explain;
 mod model;
 mod raw;
 mod resolver;
+mod shutdown_tables;
 pub mod suggest;
 mod validate;
 
@@ -133,6 +134,7 @@ pub use resolver::{
     Declared, MemResolver, Resolver, Skipped, SystemResolver, ancestors, cgroup2_root,
     find_system_unit, glob_matches, parse_mountinfo, parse_passwd, too_wide_for_targets,
 };
+pub use shutdown_tables::{ShutdownTables, compile_shutdown};
 
 /// The shipped default policy (`packaging/policy.toml`, installed as
 /// `/etc/guardrail/policy.toml`).

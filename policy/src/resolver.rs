@@ -13,6 +13,11 @@ pub trait Resolver {
     /// Identity of the directory or file at `path`, following symlinks (stat): (st_dev as
     /// userspace sees it, st_ino); None if absent.
     fn identity(&self, path: &Path) -> Option<(u64, u64)>;
+    /// `path` with every symlink resolved (realpath), if it exists: which program a name like
+    /// `/sbin/reboot` really runs. In-memory hosts have no symlinks: the path itself.
+    fn canonical(&self, path: &Path) -> Option<PathBuf> {
+        self.identity(path).map(|_| path.to_path_buf())
+    }
     /// Expand a documented glob (`*` as a whole component) into existing paths.
     fn glob(&self, pattern: &str) -> Vec<PathBuf>;
     /// Mount points of other filesystems (from /proc/self/mountinfo), for protect_mount_points
@@ -108,6 +113,10 @@ impl Resolver for SystemResolver {
     fn identity(&self, path: &Path) -> Option<(u64, u64)> {
         let m = std::fs::metadata(path).ok()?;
         Some((m.dev(), m.ino()))
+    }
+
+    fn canonical(&self, path: &Path) -> Option<PathBuf> {
+        std::fs::canonicalize(path).ok()
     }
 
     fn glob(&self, pattern: &str) -> Vec<PathBuf> {

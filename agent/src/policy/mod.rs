@@ -53,6 +53,8 @@ pub struct LoadedPolicy {
     pub policy: gp::Policy,
     pub compiled: gp::Compiled,
     pub kernel: KernelPolicy,
+    /// The shutdown guard's tables, compiled by the policy crate like the deletion guard's.
+    pub shutdown_tables: gp::ShutdownTables,
     pub fingerprint: String,
     pub hold_timeout: Duration,
     pub deny_kills: bool,
@@ -236,7 +238,9 @@ fn finish(checked: gp::Checked, text: &str) -> std::result::Result<LoadedPolicy,
     };
     let compiled = gp::compile(&policy, &resolver);
     let kernel = kernel_tables(&policy, &compiled);
+    let shutdown_tables = gp::compile_shutdown(&policy, &resolver);
     Ok(LoadedPolicy {
+        shutdown_tables,
         hold_timeout: policy.deletion.hold_timeout,
         deny_kills: policy.deletion.on_deny == gp::OnDeny::Kill,
         kernel,

@@ -43,7 +43,7 @@ use crate::{
 use guardrail_policy::cgroup2_root;
 use inhibit::Inhibitor;
 use request::{op_name, request_text, session_of, session_text, stat_of, state_of};
-use tables::{class_actions, file_id, inhibitor_want, shutdown_exes, words};
+use tables::inhibitor_want;
 
 /// How long the process that used a pass may finish its own request (`poweroff` execs, then
 /// calls reboot(2)).
@@ -137,11 +137,7 @@ impl Guard {
                 ebpf.map_mut("SD_WORDS")
                     .ok_or_else(|| anyhow!("no SD_WORDS"))?,
             )?;
-            let mut flags: HashMap<u64, u32> = HashMap::new();
-            for (w, f) in words() {
-                *flags.entry(word_hash(w.as_bytes())).or_default() |= f;
-            }
-            for (h, f) in flags {
+            for (h, f) in &policy.shutdown_tables.words {
                 m.insert(h, f, 0)?;
             }
         }
@@ -154,7 +150,7 @@ impl Guard {
             for k in old {
                 let _ = m.remove(&k);
             }
-            for (id, kind, _) in shutdown_exes(&policy.policy) {
+            for (id, kind, _) in &policy.shutdown_tables.exes {
                 m.insert(id, kind, 0).context("writing SD_EXES")?;
             }
         }
@@ -167,17 +163,13 @@ impl Guard {
             for k in old {
                 let _ = m.remove(&k);
             }
-            for e in &self.policy.exceptions {
-                for x in &e.executables {
-                    if let Some(id) = file_id(x) {
-                        m.insert(id, 1, 0)?;
-                    }
-                }
+            for id in &policy.shutdown_tables.except_exes {
+                m.insert(id, 1, 0)?;
             }
         }
         self.refresh_exception_units(sensor);
         let cfg = ShutdownConfig {
-            action: class_actions(&policy.policy),
+            action: policy.shutdown_tables.class_actions,
             enabled: 1,
             mode: if self.audit { MODE_AUDIT } else { MODE_ENFORCE },
             agent_tgid: std::process::id(),
@@ -207,7 +199,7 @@ impl Guard {
         // runs; a failure is reported in `guardrail status` and retried by tick().
         self.inhibitor.set_want(inhibitor_want(
             &self.policy,
-            &class_actions(&policy.policy),
+            &policy.shutdown_tables.class_actions,
             self.audit,
             &self.host,
         ));
