@@ -734,7 +734,7 @@ pub fn sd_exec_tp(ctx: RawTracePointContext) -> i32 {
         let _ = judge(SD_OP_EXEC, 0, old_pid, true);
     }
     // This exec is done with its argv (see `sd_exec_done`).
-    let _ = SD_ARGS.remove(&old_pid);
+    forget_exec_args(old_pid);
     0
 }
 
@@ -748,6 +748,21 @@ pub fn sd_exec_done(ctx: RawTracePointContext) -> i32 {
     let args = ctx.as_ptr() as *const u64;
     // SAFETY: the context holds the hook's three arguments.
     let old_pid = unsafe { bpf_probe_read_kernel(args.add(1)) }.unwrap_or(0) as u32;
-    let _ = SD_ARGS.remove(&old_pid);
+    forget_exec_args(old_pid);
     0
+}
+
+/// Drops the argv entries an exec leaves behind: the calling thread's (`old_pid`), and the one
+/// under the pid the process has now. They differ when a thread other than the leader execs:
+/// the leader, killed by the exec's de_thread, never reaches its own `sys_exit_execve` if it
+/// was inside an execve itself, and its entry would wait under the new program's pid for that
+/// program's first exec the syscall tracepoints do not see (a 32-bit `int 0x80` execve) to be
+/// judged by the dead leader's argv.
+#[inline(always)]
+fn forget_exec_args(old_pid: u32) {
+    let _ = SD_ARGS.remove(&old_pid);
+    let now = bpf_get_current_pid_tgid() as u32;
+    if now != old_pid {
+        let _ = SD_ARGS.remove(&now);
+    }
 }
