@@ -543,3 +543,172 @@ fn an_admins_routine_work_with_the_shipped_policy() {
     }
     assert!(agent.stop().expect("stops").success());
 }
+
+/// The service cgroups of one test under system.slice (made here when the host has none, and then
+/// removed), judged by the shipped default rule through `shipped-default-services`.
+struct Slice {
+    made: Option<PathBuf>,
+}
+
+impl Slice {
+    fn new() -> Slice {
+        let slice = cgroup2_root().join("system.slice");
+        let made = (!slice.exists()).then(|| slice.clone());
+        std::fs::create_dir_all(&slice).expect("system.slice");
+        Slice { made }
+    }
+
+    fn unit(&self, name: &str) -> TestCgroup {
+        TestCgroup::at(&format!(
+            "system.slice/guardrail-routine-{}-{name}.service",
+            std::process::id()
+        ))
+    }
+}
+
+impl Drop for Slice {
+    fn drop(&mut self) {
+        if let Some(p) = &self.made {
+            let _ = std::fs::remove_dir(p);
+        }
+    }
+}
+
+/// `n` logs with three rotations each, oldest first in `.3`.
+fn logs(dir: &Path, n: usize) {
+    std::fs::create_dir_all(dir).expect("mkdir");
+    for i in 0..n {
+        for (suffix, text) in [("", "now"), (".1", "one"), (".2", "two"), (".3", "three")] {
+            std::fs::write(dir.join(format!("app{i:03}.log{suffix}")), text).expect("write");
+        }
+    }
+}
+
+/// Waits for `job` to end with exit 0, failing at once if the agent holds anything meanwhile.
+fn finishes_unheld(agent: &Agent, job: &mut Job, what: &str) {
+    let mut done = false;
+    wait_until(Duration::from_secs(120), || {
+        done = matches!(job.child.try_wait(), Ok(Some(_)));
+        done || !agent.hold_ids().is_empty()
+    });
+    assert!(done, "{what} is not held: {:?}\n{}", agent.holds(), agent.log());
+    let status = job.wait(Duration::from_secs(1)).expect("ended");
+    let err = job.stderr();
+    assert!(status.success(), "{what} exits 0: {status:?}\n{err}");
+    assert!(
+        incidents_of(agent, job.pgid()).is_empty(),
+        "{what}: no incident: {:?}",
+        agent.incidents()
+    );
+}
+
+/// The host's own rotation and cleaning with the shipped policy. logrotate (logrotate.service,
+/// 200 logs, rotate 3: 200 unlinks and 600 renames) and `systemd-tmpfiles --clean`
+/// (systemd-tmpfiles-clean.service, 1,000 files past their age) run as root are exempt
+/// (`[[deletion.exempt]] cleaners`): not held, no incident, however much they delete. An admin's
+/// `journalctl --vacuum-files` of 100 archived journals (more than most hosts keep) is counted,
+/// 100 deletions, and stays within the job's budget of 300.
+#[test]
+fn rotation_and_cleaning_with_the_shipped_policy() {
+    let _k = kernel_lock();
+    require_root();
+    let shipped = Shipped::load();
+    let s = srv_scratch();
+    let slice = Slice::new();
+    let logrotate_unit = slice.unit("logrotate");
+    let tmpfiles_unit = slice.unit("tmpfiles-clean");
+    let cg = TestCgroup::new();
+    let var = s.path().join("var");
+    let logdir = var.join("log/app");
+    logs(&logdir, 200);
+    let conf = s.path().join("logrotate.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "{}/*.log {{\n  rotate 3\n  daily\n  create\n  missingok\n  nocompress\n}}\n",
+            logdir.display()
+        ),
+    )
+    .expect("write");
+    let cache = var.join("lib/app/sessions");
+    fill(&cache, 1000);
+    sh("touch -d '3 days ago' f*", &cache);
+    let tmpfiles_conf = s.path().join("app.conf");
+    std::fs::write(
+        &tmpfiles_conf,
+        format!("d {} 0755 root root m:1d\n", cache.display()),
+    )
+    .expect("write");
+    let journal = var.join("log/journal/0123456789abcdef0123456789abcdef");
+    std::fs::create_dir_all(&journal).expect("mkdir");
+    for i in 1..=100u64 {
+        // Archived journals by name; empty ones, which journalctl removes whatever the limit.
+        std::fs::write(
+            journal.join(format!(
+                "system@0123456789abcdef0123456789abcdef-{i:016x}-0005f000000{i:05x}.journal"
+            )),
+            b"",
+        )
+        .expect("write");
+    }
+
+    let services = format!(
+        "{}{}{}",
+        shipped.base,
+        shipped.rule(
+            "shipped-default",
+            &format!("{{ cgroup = \"{}\" }}", cg.name),
+            &[]
+        ),
+        shipped.rule("shipped-default-services", "{ cgroup = \"/system.slice\" }", &[])
+    );
+    let agent = Agent::start(&services).expect("agent starts on the shipped policy");
+    agent.require_tier(Tier::Tracepoint);
+
+    let mut job = service_job(
+        &format!(
+            "/usr/sbin/logrotate -f -s {} {}",
+            s.path().join("logrotate.state").display(),
+            conf.display()
+        ),
+        s.path(),
+        &logrotate_unit,
+    );
+    finishes_unheld(&agent, &mut job, "logrotate");
+    assert_eq!(files(&logdir), 800, "200 logs, rotated three deep");
+    assert_eq!(
+        std::fs::read_to_string(logdir.join("app007.log.3")).expect("read"),
+        "two",
+        "the oldest rotation gone, the others moved down"
+    );
+    assert_eq!(
+        std::fs::read_to_string(logdir.join("app007.log.1")).expect("read"),
+        "now"
+    );
+
+    let mut job = service_job(
+        &format!("systemd-tmpfiles --clean {}", tmpfiles_conf.display()),
+        s.path(),
+        &tmpfiles_unit,
+    );
+    finishes_unheld(&agent, &mut job, "systemd-tmpfiles --clean");
+    assert_eq!(files(&cache), 0, "every file past its age removed");
+
+    let mut job = admin_job(
+        &format!(
+            "journalctl --directory={} --vacuum-files=5 2>/dev/null",
+            journal.display()
+        ),
+        s.path(),
+        &cg,
+        63000,
+    );
+    finishes_unheld(&agent, &mut job, "journalctl --vacuum-files");
+    assert_eq!(files(&journal), 0, "the archived journals removed");
+    let total = summary(&agent, job.pgid()).map(|j| j["total"].as_u64());
+    assert_eq!(total, Some(Some(100)), "journalctl: one deletion per journal");
+    eprintln!("routine: journalctl --vacuum-files: 100 deletions, not held");
+    assert!(agent.stop().expect("stops").success());
+    drop(logrotate_unit);
+    drop(tmpfiles_unit);
+}
