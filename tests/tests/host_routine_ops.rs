@@ -101,7 +101,11 @@ impl Shipped {
             .targets
             .iter()
             .map(|t| format!("{t:?}"))
-            .chain(extra.iter().map(|p| format!("{:?}", p.display().to_string())))
+            .chain(
+                extra
+                    .iter()
+                    .map(|p| format!("{:?}", p.display().to_string())),
+            )
             .collect::<Vec<_>>()
             .join(", ");
         format!(
@@ -213,10 +217,7 @@ fn files(dir: &Path) -> usize {
 
 fn pip_op(app: &Path) -> Op {
     let venv = app.join("venv");
-    sh(
-        &format!("/usr/bin/python3 -m venv {}", venv.display()),
-        app,
-    );
+    sh(&format!("/usr/bin/python3 -m venv {}", venv.display()), app);
     let pip_files = files(&venv.join("lib"));
     assert!(pip_files > 1000, "a venv with pip: {pip_files} files");
     let script = "PIP_DISABLE_PIP_VERSION_CHECK=1 venv/bin/pip install -q --force-reinstall \
@@ -247,8 +248,11 @@ fn npm_op(app: &Path) -> Op {
     )
     .expect("write");
     for i in 0..1000 {
-        std::fs::write(dep.join(format!("lib/m{i}.js")), format!("module.exports={i}\n"))
-            .expect("write");
+        std::fs::write(
+            dep.join(format!("lib/m{i}.js")),
+            format!("module.exports={i}\n"),
+        )
+        .expect("write");
     }
     let proj = app.join("web");
     std::fs::create_dir_all(&proj).expect("mkdir");
@@ -283,9 +287,14 @@ fn npm_op(app: &Path) -> Op {
 /// A target directory with `n` files the way cargo lays one out (no build: a real one of that
 /// size takes minutes on this host; `cargo clean` only walks and unlinks).
 fn fake_target(target: &Path, n: usize) {
-    for (i, sub) in ["debug/deps", "debug/build", "debug/.fingerprint", "debug/incremental"]
-        .iter()
-        .enumerate()
+    for (i, sub) in [
+        "debug/deps",
+        "debug/build",
+        "debug/.fingerprint",
+        "debug/incremental",
+    ]
+    .iter()
+    .enumerate()
     {
         let d = target.join(sub);
         std::fs::create_dir_all(&d).expect("mkdir");
@@ -327,10 +336,16 @@ fn git_op(app: &Path) -> Op {
     let git = "git -c user.name=t -c user.email=t@t -c init.defaultBranch=main";
     sh(&format!("{git} init -q ."), &repo);
     fill(&repo.join("v1"), 1000);
-    sh(&format!("{git} add -A && {git} commit -qm v1 && {git} tag v1"), &repo);
+    sh(
+        &format!("{git} add -A && {git} commit -qm v1 && {git} tag v1"),
+        &repo,
+    );
     sh(&format!("{git} rm -rq v1"), &repo);
     fill(&repo.join("v2"), 1000);
-    sh(&format!("{git} add -A && {git} commit -qm v2 && {git} tag v2"), &repo);
+    sh(
+        &format!("{git} add -A && {git} commit -qm v2 && {git} tag v2"),
+        &repo,
+    );
     sh(&format!("{git} checkout -q v1"), &repo);
     let r = repo.clone();
     Op {
@@ -344,7 +359,11 @@ fn git_op(app: &Path) -> Op {
         held: true,
         held_with_dropin: false,
         check: Box::new(move |phase| {
-            let (now, gone) = if phase == 0 { ("v2", "v1") } else { ("v1", "v2") };
+            let (now, gone) = if phase == 0 {
+                ("v2", "v1")
+            } else {
+                ("v1", "v2")
+            };
             assert_eq!(files(&r.join(now)), 1000, "{now} checked out");
             assert!(!r.join(gone).exists(), "{gone} gone");
         }),
@@ -423,8 +442,17 @@ fn run_admin(
             .into_iter()
             .find(|i| i["id"].as_u64() == Some(id))
             .expect("the hold's incident");
-        assert_eq!(inc["pgid"].as_u64(), Some(pgid as u64), "{}: {inc}", op.name);
-        assert_eq!(inc["level"], "job", "{}: held by its own budget: {inc}", op.name);
+        assert_eq!(
+            inc["pgid"].as_u64(),
+            Some(pgid as u64),
+            "{}: {inc}",
+            op.name
+        );
+        assert_eq!(
+            inc["level"], "job",
+            "{}: held by its own budget: {inc}",
+            op.name
+        );
         assert_eq!(inc["rule"], "shipped-default", "{}: {inc}", op.name);
         assert_eq!(
             inc["count"].as_u64(),
@@ -515,9 +543,16 @@ fn an_admins_routine_work_with_the_shipped_policy() {
         rsync_op(&app),
         swap_op(&app),
     ];
-    eprintln!("routine: scene ready in {:.1} s", t0.elapsed().as_secs_f64());
+    eprintln!(
+        "routine: scene ready in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
     let matcher = format!("{{ cgroup = \"{}\" }}", cg.name);
-    let text = format!("{}{}", shipped.base, shipped.rule("shipped-default", &matcher, &[]));
+    let text = format!(
+        "{}{}",
+        shipped.base,
+        shipped.rule("shipped-default", &matcher, &[])
+    );
     let agent = Agent::start(&text).expect("agent starts on the shipped policy");
     agent.require_tier(Tier::Tracepoint);
     for (i, op) in ops.iter().enumerate() {
@@ -539,7 +574,15 @@ fn an_admins_routine_work_with_the_shipped_policy() {
     let agent = Agent::start_with(&text, &["--policy-dir", &dir]).expect("agent with drop-in");
     agent.require_tier(Tier::Tracepoint);
     for (i, op) in ops.iter().enumerate() {
-        run_admin(&agent, &shipped, op, 1, &cg, 62000 + i as u32, op.held_with_dropin);
+        run_admin(
+            &agent,
+            &shipped,
+            op,
+            1,
+            &cg,
+            62000 + i as u32,
+            op.held_with_dropin,
+        );
     }
     assert!(agent.stop().expect("stops").success());
 }
@@ -591,7 +634,12 @@ fn finishes_unheld(agent: &Agent, job: &mut Job, what: &str) {
         done = matches!(job.child.try_wait(), Ok(Some(_)));
         done || !agent.hold_ids().is_empty()
     });
-    assert!(done, "{what} is not held: {:?}\n{}", agent.holds(), agent.log());
+    assert!(
+        done,
+        "{what} is not held: {:?}\n{}",
+        agent.holds(),
+        agent.log()
+    );
     let status = job.wait(Duration::from_secs(1)).expect("ended");
     let err = job.stderr();
     assert!(status.success(), "{what} exits 0: {status:?}\n{err}");
@@ -660,7 +708,11 @@ fn rotation_and_cleaning_with_the_shipped_policy() {
             &format!("{{ cgroup = \"{}\" }}", cg.name),
             &[]
         ),
-        shipped.rule("shipped-default-services", "{ cgroup = \"/system.slice\" }", &[])
+        shipped.rule(
+            "shipped-default-services",
+            "{ cgroup = \"/system.slice\" }",
+            &[]
+        )
     );
     let agent = Agent::start(&services).expect("agent starts on the shipped policy");
     agent.require_tier(Tier::Tracepoint);
@@ -706,9 +758,144 @@ fn rotation_and_cleaning_with_the_shipped_policy() {
     finishes_unheld(&agent, &mut job, "journalctl --vacuum-files");
     assert_eq!(files(&journal), 0, "the archived journals removed");
     let total = summary(&agent, job.pgid()).map(|j| j["total"].as_u64());
-    assert_eq!(total, Some(Some(100)), "journalctl: one deletion per journal");
+    assert_eq!(
+        total,
+        Some(Some(100)),
+        "journalctl: one deletion per journal"
+    );
     eprintln!("routine: journalctl --vacuum-files: 100 deletions, not held");
     assert!(agent.stop().expect("stops").success());
     drop(logrotate_unit);
     drop(tmpfiles_unit);
+}
+
+/// `program args` as the postgres user, run by the test itself (a client: the default rule).
+fn as_postgres(args: &str) -> String {
+    sh(
+        &format!("setpriv --reuid=postgres --regid=postgres --init-groups {args}"),
+        Path::new("/"),
+    )
+}
+
+/// PostgreSQL 15 as a service (postgresql@15-main.service: no login session, its own unit) under
+/// the shipped policy: `pgbench -i -s 5`, a 10-second pgbench run with `max_wal_size = 32MB`
+/// (checkpoints recycle and remove WAL segments) and a CHECKPOINT. The postmaster and its
+/// children are one job; it deletes (and renames, which this tier counts) a few dozen files,
+/// far below the job's budget of 300 and its unit's 500: not held, no incident.
+#[test]
+fn postgresql_checkpoints_and_wal_recycling_with_the_shipped_policy() {
+    let _k = kernel_lock();
+    require_root();
+    let bin = Path::new("/usr/lib/postgresql/15/bin");
+    assert!(
+        bin.join("initdb").exists(),
+        "PostgreSQL 15 (Debian's postgresql-15) is needed: {} is missing",
+        bin.display()
+    );
+    let shipped = Shipped::load();
+    let s = srv_scratch();
+    let slice = Slice::new();
+    let unit = slice.unit("postgresql");
+    let pg = s.path().join("postgresql");
+    std::fs::create_dir_all(&pg).expect("mkdir");
+    sh(&format!("chown postgres: {}", pg.display()), s.path());
+    let data = pg.join("15/main");
+    as_postgres(&format!(
+        "{}/initdb -D {} -A trust -U postgres >/dev/null",
+        bin.display(),
+        data.display()
+    ));
+    let text = format!(
+        "{}{}",
+        shipped.base,
+        shipped.rule(
+            "shipped-default-services",
+            "{ cgroup = \"/system.slice\" }",
+            &[]
+        )
+    );
+    let agent = Agent::start(&text).expect("agent starts on the shipped policy");
+    agent.require_tier(Tier::Tracepoint);
+    let port = 55000 + std::process::id() % 1000;
+    let mut server = service_job(
+        &format!(
+            "exec setpriv --reuid=postgres --regid=postgres --init-groups {}/postgres -D {} \
+             -k {} -c listen_addresses= -c port={port} -c max_wal_size=32MB \
+             -c min_wal_size=32MB 2>{}/server.log",
+            bin.display(),
+            data.display(),
+            pg.display(),
+            pg.display()
+        ),
+        &pg,
+        &unit,
+    );
+    let client = format!("-h {} -p {port} -U postgres", pg.display());
+    assert!(
+        wait_until(Duration::from_secs(30), || Command::new("pg_isready")
+            .args(client.split(' '))
+            .output()
+            .is_ok_and(|o| o.status.success())),
+        "postgres accepts connections"
+    );
+    as_postgres(&format!("pgbench {client} -q -i -s 5 postgres 2>/dev/null"));
+    let run = as_postgres(&format!("pgbench {client} -T 10 -c 2 postgres 2>/dev/null"));
+    assert!(run.contains("tps = "), "pgbench ran: {run}");
+    as_postgres(&format!("psql {client} -qc CHECKPOINT postgres"));
+    as_postgres(&format!(
+        "{}/pg_ctl -D {} stop -m fast -s",
+        bin.display(),
+        data.display()
+    ));
+    let status = server
+        .wait(Duration::from_secs(30))
+        .expect("postgres stops");
+    assert!(status.success(), "postgres exits 0: {status:?}");
+    assert!(
+        agent.hold_ids().is_empty(),
+        "nothing held: {:?}",
+        agent.holds()
+    );
+    assert!(
+        incidents_of(&agent, server.pgid()).is_empty(),
+        "no incident: {:?}",
+        agent.incidents()
+    );
+    // Each postmaster child makes itself a session leader (InitPostmasterChild calls setsid):
+    // the checkpointer that recycles WAL is a job of its own. Its summary, found by the unit's
+    // cgroup, says what it deleted.
+    let cgroup_id =
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&unit.path).expect("unit"));
+    let mut jobs = Vec::new();
+    wait_until(Duration::from_secs(10), || {
+        jobs = agent
+            .events()
+            .into_iter()
+            .filter_map(|e| e.get("job").cloned())
+            .filter(|j| j["cgroup_id"].as_u64() == Some(cgroup_id))
+            .collect();
+        !jobs.is_empty()
+    });
+    let totals: Vec<(String, u64)> = jobs
+        .iter()
+        .map(|j| {
+            (
+                j["comm"].as_str().unwrap_or("").to_string(),
+                j["total"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert!(
+        !totals.is_empty(),
+        "a postgres job deleted: {:?}",
+        agent.events()
+    );
+    let total: u64 = totals.iter().map(|t| t.1).sum();
+    assert!(
+        totals.iter().all(|t| t.1 < shipped.budget) && total < 500,
+        "within each job's budget and the unit's: {totals:?}"
+    );
+    eprintln!("routine: postgresql (pgbench, WAL recycling, CHECKPOINT): {totals:?}, not held");
+    assert!(agent.stop().expect("stops").success());
+    drop(unit);
 }
