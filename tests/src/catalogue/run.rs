@@ -221,6 +221,20 @@ fn prepare(
     ))
 }
 
+/// What the job wrote to stderr so far, without waiting: a held process it left behind (a stopped
+/// `setsid rm`) may keep the pipe open.
+fn stderr_now(job: &mut Job) -> String {
+    use std::{io::Read, os::fd::AsRawFd};
+    let Some(err) = job.child.stderr.as_mut() else {
+        return String::new();
+    };
+    // SAFETY: fcntl on a pipe fd this Job owns; only its status flags change.
+    unsafe { libc::fcntl(err.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+    let mut buf = Vec::new();
+    let _ = err.read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).trim().to_string()
+}
+
 /// What a row did.
 enum Seen {
     /// A new hold `id` opened with `gone` files gone.
@@ -339,6 +353,11 @@ pub fn run_row(
         (None, Some(_)) => Seen::Ended { gone },
         (None, None) => Seen::Running { gone },
     };
+    // What the job said, for a failure message (only once it ended: reading waits for the end).
+    let said = match ended {
+        Some(status) => format!("; exit {status}, stderr {:?}", stderr_now(&mut job)),
+        None => String::new(),
+    };
     // End the row: the job first (a loop would start the next `rm`), then every hold it made.
     drop(job);
     let mut denied_more = None;
@@ -374,7 +393,7 @@ pub fn run_row(
         .collect();
     let files = place.files;
     let range = want.gone(files);
-    let what = format!("{}, incidents {outcomes:?}", seen.describe(files));
+    let what = format!("{}, incidents {outcomes:?}{said}", seen.describe(files));
     let fail = |why: &str| {
         Err(format!(
             "{} [{tier}]: expected {want}; {why} ({what})",
