@@ -355,7 +355,7 @@ pub fn run_row(
     };
     // What the job said, for a failure message (only once it ended: reading waits for the end).
     let said = match ended {
-        Some(status) => format!("; exit {status}, stderr {:?}", stderr_now(&mut job)),
+        Some(status) => format!("; {status}, stderr {:?}", stderr_now(&mut job)),
         None => String::new(),
     };
     // End the row: the job first (a loop would start the next `rm`), then every hold it made.
