@@ -13,6 +13,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
+pub mod catalogue;
 pub mod collectors;
 mod harness;
 

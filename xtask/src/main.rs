@@ -32,6 +32,8 @@ const APT_PACKAGES: &[&str] = &[
     // Scenarios the tests replay, and bpftool to check what stays loaded.
     "python3",
     "findutils",
+    // The bypass catalogue's `rsync --delete` row.
+    "rsync",
     "bpftool",
     // The monitoring daemons the alert tests deliver to (tests/tests/alerts.rs).
     "rsyslog",
@@ -83,6 +85,9 @@ enum Task {
     Bench(bench::BenchCli),
     /// Build the .deb and the .rpm into target/package/ (lintian and systemd-analyze checked).
     Package,
+    /// Write README.md's coverage table from the bypass catalogue (tests/catalogue/bypass.toml);
+    /// the unit test that does it fails in `test` when the README differs.
+    Catalogue,
     /// Build the packages, boot Debian 12 with systemd under qemu, install the .deb and test
     /// the service over SSH.
     Sysvm(sysvm::SysVmCli),
@@ -238,6 +243,18 @@ fn main() -> Result<()> {
             Ok(())
         }
         Task::Sysvm(args) => sysvm::cli_main(args),
+        Task::Catalogue => {
+            let mut c = cargo(&[
+                "test",
+                "--release",
+                "-p",
+                "guardrail-integration",
+                "--lib",
+                "readme_coverage_table_is_generated_from_the_catalogue",
+            ]);
+            c.env("GUARDRAIL_CATALOGUE_WRITE", "1");
+            run_cmd(&mut c)
+        }
     }
 }
 

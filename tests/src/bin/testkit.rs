@@ -22,6 +22,13 @@
 //!                                             from FROM on (an attacker pre-planting names)
 //!   guardrail-testkit dribble ADDR SECS       a slowloris HTTP client; prints when the server
 //!                                             hung up
+//!   guardrail-testkit elf32-unlink OUT        write a static 32-bit x86 program to OUT that
+//!                                             unlinks each argument with `int 0x80`
+//!   guardrail-testkit as-nobody CMD...        run CMD as user nobody (uid and gid 65534, no
+//!                                             groups): setpriv's --reuid, which busybox lacks
+//!   guardrail-testkit catalogue [FILTER]      run the bypass catalogue's deletion rows against
+//!                                             an agent of its own in the tier it gets (the VM:
+//!                                             lsm, fmodret); exits 1 when a row fails
 //! Each prints how many operations succeeded and failed, and exits 0.
 use std::{
     ffi::CString,
@@ -608,6 +615,117 @@ fn sshd_session(script: &str) -> Result<()> {
     std::process::exit(st.code().unwrap_or(1));
 }
 
+/// The code of `elf32-unlink`: i386, Linux `int 0x80` ABI, position independent, 27 bytes.
+///   pop ecx; pop ebx; dec ecx          argc - 1 arguments after argv[0]
+/// next:
+///   jz done
+///   pop ebx; mov eax, 10; int 0x80     unlink(argv[i]) (__NR_unlink on i386; ecx survives)
+///   dec ecx; jmp next
+/// done:
+///   xor ebx, ebx; mov eax, 1; int 0x80 exit(0)
+const UNLINK32_CODE: [u8; 27] = [
+    0x59, 0x5b, 0x49, // pop ecx; pop ebx; dec ecx
+    0x74, 0x0b, // jz done (+11)
+    0x5b, // pop ebx
+    0xb8, 0x0a, 0x00, 0x00, 0x00, // mov eax, 10
+    0xcd, 0x80, // int 0x80
+    0x49, // dec ecx
+    0xeb, 0xf3, // jmp next (-13)
+    0x31, 0xdb, // done: xor ebx, ebx
+    0xb8, 0x01, 0x00, 0x00, 0x00, // mov eax, 1
+    0xcd, 0x80, // int 0x80
+    0x90, 0x90, // padding
+];
+
+/// A static ELF32 executable (one PT_LOAD segment at 0x08048000) running [`UNLINK32_CODE`]: the
+/// 32-bit compat syscall path, with no 32-bit toolchain needed.
+fn elf32_unlink_image() -> Vec<u8> {
+    const BASE: u32 = 0x0804_8000;
+    const EHDR: u32 = 52;
+    const PHDR: u32 = 32;
+    let total = EHDR + PHDR + UNLINK32_CODE.len() as u32;
+    let mut v = Vec::with_capacity(total as usize);
+    v.extend_from_slice(&[0x7f, b'E', b'L', b'F', 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    v.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    v.extend_from_slice(&3u16.to_le_bytes()); // EM_386
+    v.extend_from_slice(&1u32.to_le_bytes()); // EV_CURRENT
+    v.extend_from_slice(&(BASE + EHDR + PHDR).to_le_bytes()); // e_entry
+    v.extend_from_slice(&EHDR.to_le_bytes()); // e_phoff
+    v.extend_from_slice(&0u32.to_le_bytes()); // e_shoff
+    v.extend_from_slice(&0u32.to_le_bytes()); // e_flags
+    v.extend_from_slice(&(EHDR as u16).to_le_bytes());
+    v.extend_from_slice(&(PHDR as u16).to_le_bytes());
+    v.extend_from_slice(&1u16.to_le_bytes()); // e_phnum
+    v.extend_from_slice(&[0; 6]); // e_shentsize, e_shnum, e_shstrndx
+    v.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    v.extend_from_slice(&0u32.to_le_bytes()); // p_offset
+    v.extend_from_slice(&BASE.to_le_bytes()); // p_vaddr
+    v.extend_from_slice(&BASE.to_le_bytes()); // p_paddr
+    v.extend_from_slice(&total.to_le_bytes()); // p_filesz
+    v.extend_from_slice(&total.to_le_bytes()); // p_memsz
+    v.extend_from_slice(&5u32.to_le_bytes()); // PF_R | PF_X
+    v.extend_from_slice(&0x1000u32.to_le_bytes()); // p_align
+    v.extend_from_slice(&UNLINK32_CODE);
+    v
+}
+
+fn elf32_unlink(out: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(out, elf32_unlink_image())
+        .with_context(|| format!("writing {}", out.display()))?;
+    std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o755))?;
+    println!("elf32-unlink: wrote {}", out.display());
+    Ok(())
+}
+
+fn as_nobody(cmd: &[&str]) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let (prog, args) = cmd.split_first().context("as-nobody CMD...")?;
+    let nobody = nix::unistd::Gid::from_raw(65534);
+    nix::unistd::setgroups(&[]).context("setgroups")?;
+    nix::unistd::setresgid(nobody, nobody, nobody).context("setresgid")?;
+    let uid = nix::unistd::Uid::from_raw(65534);
+    nix::unistd::setresuid(uid, uid, uid).context("setresuid")?;
+    let e = std::process::Command::new(prog).args(args).exec();
+    bail!("exec {prog}: {e}")
+}
+
+/// `catalogue [FILTER]`: the catalogue's rows against an agent started here on the catalogue's
+/// policy (GUARDRAIL_BIN names the agent), in whatever tier it attaches.
+fn catalogue(filter: Option<&str>) -> Result<()> {
+    use guardrail_integration::{Scene, catalogue as cat};
+    let scene = Scene::new().open_to_others();
+    let kit = std::env::current_exe().context("own path")?;
+    let find = if Path::new("/bin/gnu-find").exists() {
+        "/bin/gnu-find"
+    } else {
+        "find"
+    };
+    let fx = cat::run::Fixture::new(scene.path(), kit, find.to_string());
+    let text = fx.policy(&scene.cg);
+    let setup = scene.start(&text);
+    let tier = setup.agent.tier().context("the agent named no tier")?;
+    println!("catalogue: tier {tier}");
+    let rows = cat::rows();
+    let (ok, failed) = cat::run::run_all(&setup.agent, &fx, &setup.cg, &rows, tier, filter);
+    for s in &ok {
+        println!("catalogue ok: {s}");
+    }
+    for f in &failed {
+        println!("catalogue FAILED: {f}");
+    }
+    println!(
+        "catalogue: {} rows passed, {} failed in the {tier} tier",
+        ok.len(),
+        failed.len()
+    );
+    drop(setup);
+    if !failed.is_empty() {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let argv0 = std::env::args().next().unwrap_or_default();
     if argv0.rsplit('/').next() == Some("sshd-session") {
@@ -656,12 +774,16 @@ fn main() -> Result<()> {
             templates,
         ),
         ["dribble", addr, secs] => dribble(addr, secs.parse().context("seconds")?),
+        ["elf32-unlink", out] => elf32_unlink(Path::new(out)),
+        ["as-nobody", cmd @ ..] => as_nobody(cmd),
+        ["catalogue"] => catalogue(None),
+        ["catalogue", filter] => catalogue(Some(filter)),
         ["count", dir] => {
             println!("{}", count(Path::new(dir)));
             Ok(())
         }
         _ => bail!(
-            "usage: guardrail-testkit uring-unlink DIR | exec-loop N | chown-loop N FILE | timed-rm-rf PATH | fork-unlink N DIR | rename-over SRC DST | fill N DIR | count DIR | rm-rf PATH | mirror-stop CMD... | with-pid PID CMD... | ptrace-nostop CMD... | plant-links TARGET FROM COUNT TEMPLATE... | dribble ADDR SECS | setsid-unlink N DIR | sock dribble|stream|noread|send SOCKET ARG"
+            "usage: guardrail-testkit uring-unlink DIR | exec-loop N | chown-loop N FILE | timed-rm-rf PATH | fork-unlink N DIR | rename-over SRC DST | fill N DIR | count DIR | rm-rf PATH | mirror-stop CMD... | with-pid PID CMD... | ptrace-nostop CMD... | plant-links TARGET FROM COUNT TEMPLATE... | dribble ADDR SECS | setsid-unlink N DIR | elf32-unlink OUT | catalogue [FILTER] | sock dribble|stream|noread|send SOCKET ARG"
         ),
     }
 }
