@@ -210,6 +210,13 @@ pub(crate) fn tp_rename_judge(p: &PendingRename) {
     }
 }
 
+/// A dirfd argument: an `int` in the kernel, whose 64-bit slot in the record may carry garbage
+/// (AT_FDCWD arrives as 0xffffff9c): only its low 32 bits count.
+#[inline(always)]
+fn dfd_arg(ctx: &TracePointContext, n: usize) -> i64 {
+    sys_arg(ctx, n) as i32 as i64
+}
+
 #[tracepoint(category = "syscalls", name = "sys_enter_rename")]
 pub fn sys_enter_rename(ctx: TracePointContext) -> u32 {
     tp_rename_enter(
@@ -224,9 +231,9 @@ pub fn sys_enter_rename(ctx: TracePointContext) -> u32 {
 #[tracepoint(category = "syscalls", name = "sys_enter_renameat")]
 pub fn sys_enter_renameat(ctx: TracePointContext) -> u32 {
     tp_rename_enter(
-        sys_arg(&ctx, 0) as i64,
+        dfd_arg(&ctx, 0),
         sys_arg(&ctx, 1) as *const u8,
-        sys_arg(&ctx, 2) as i64,
+        dfd_arg(&ctx, 2),
         sys_arg(&ctx, 3) as *const u8,
         0,
     )
@@ -235,9 +242,9 @@ pub fn sys_enter_renameat(ctx: TracePointContext) -> u32 {
 #[tracepoint(category = "syscalls", name = "sys_enter_renameat2")]
 pub fn sys_enter_renameat2(ctx: TracePointContext) -> u32 {
     tp_rename_enter(
-        sys_arg(&ctx, 0) as i64,
+        dfd_arg(&ctx, 0),
         sys_arg(&ctx, 1) as *const u8,
-        sys_arg(&ctx, 2) as i64,
+        dfd_arg(&ctx, 2),
         sys_arg(&ctx, 3) as *const u8,
         sys_arg(&ctx, 4),
     )
