@@ -57,6 +57,10 @@ pub const TRACEPOINT_PROGRAMS: &[(&str, &str, &str)] = &[
     ("sys_enter_rename", "syscalls", "sys_enter_rename"),
     ("sys_enter_renameat", "syscalls", "sys_enter_renameat"),
     ("sys_enter_renameat2", "syscalls", "sys_enter_renameat2"),
+    // A rename is judged when it has succeeded (see the kernel's tp_rename.rs).
+    ("sys_exit_rename", "syscalls", "sys_exit_rename"),
+    ("sys_exit_renameat", "syscalls", "sys_exit_renameat"),
+    ("sys_exit_renameat2", "syscalls", "sys_exit_renameat2"),
 ];
 
 /// Process tagging, used by both tiers.

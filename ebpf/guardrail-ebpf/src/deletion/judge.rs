@@ -14,7 +14,7 @@ use aya_ebpf::maps::HashMap;
 use guardrail_common::*;
 
 use super::{
-    Deletion, Verdict,
+    DF_SCOPE_ONLY, Deletion, Verdict,
     levels::charge_levels,
     maps::{
         CGROUPS, DIRS, FOREIGN, HELD, JOB_INIT, JOBS, NEVER_HOLD, RULES, STOPPED_TASKS, UIDS,
@@ -255,7 +255,7 @@ pub(crate) fn judge(d: &Deletion) -> Verdict {
         dentry = parent;
         i += 1;
     }
-    if params.action == ACTION_EXEMPT {
+    if params.action == ACTION_EXEMPT || d.tier_flags & DF_SCOPE_ONLY != 0 {
         return Verdict::Allow;
     }
 
@@ -631,4 +631,21 @@ pub(crate) fn resumes(n: u64, job: *mut JobState) -> u64 {
     n.saturating_sub(u64::from(unsafe {
         read_volatile(addr_of_mut!((*job).free_stops))
     }))
+}
+
+/// The current job's deletions counted over its life (0: none yet). A rename reads it before and
+/// after judging its source, to learn whether the source was counted (then its destination is
+/// judged [`DF_SCOPE_ONLY`](super::DF_SCOPE_ONLY)). Another task of the job counting at the same
+/// moment can only make a destination go uncounted. A leaf, called by the programs beside
+/// `judge`, never under it.
+#[inline(never)]
+pub(crate) fn job_total() -> u64 {
+    let o = offsets();
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let key = job_key(&o, current_task(), tgid);
+    // SAFETY: map value read for this run.
+    match unsafe { JOBS.get(&key) } {
+        Some(j) => j.total,
+        None => 0,
+    }
 }

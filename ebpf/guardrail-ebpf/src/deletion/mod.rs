@@ -3,8 +3,8 @@
 //!
 //! - judge.rs: the verdict (scope, budget, hold/block, self-resume); levels.rs: budgets above the
 //!   job; scope.rs: what never counts; report.rs: events to the agent.
-//! - lsm.rs (`lsm` and, through fmodret.rs, `fmodret` tiers), tracepoint.rs and io_uring.rs
-//!   (`tracepoint` tier): the programs, each turning a hook's arguments into a [`Deletion`].
+//! - lsm.rs (`lsm` and, through fmodret.rs, `fmodret` tiers), tracepoint.rs, tp_rename.rs and
+//!   io_uring.rs (`tracepoint` tier): the programs, each turning a hook's arguments into a [`Deletion`].
 //! - tagging.rs: process tagging by executable (every tier); maps.rs: the shared tables.
 pub(crate) mod io_uring;
 pub(crate) mod judge;
@@ -14,6 +14,7 @@ pub(crate) mod maps;
 pub(crate) mod report;
 pub(crate) mod scope;
 pub(crate) mod tagging;
+pub(crate) mod tp_rename;
 pub(crate) mod tracepoint;
 
 /// What the caller must do with the deletion.
@@ -33,6 +34,12 @@ pub(crate) enum Verdict {
     StopForeign,
 }
 
+/// In [`Deletion::tier_flags`], never reported: judge this deletion for what refuses it (a
+/// protected root, a foreign data directory) but do not count it against any budget. A rename
+/// that both moves its source out of scope and replaces its destination deletes two entries;
+/// the source's count is the rename's one.
+pub(crate) const DF_SCOPE_ONLY: u32 = 1 << 31;
+
 pub(crate) struct Deletion {
     /// Dentry of the directory the entry is deleted from (null: unknown, e.g. io_uring in the
     /// tracepoint tier).
@@ -42,6 +49,6 @@ pub(crate) struct Deletion {
     /// User pointer to the path as passed to the syscall (tracepoint tier), for the event.
     pub(crate) user_path: *const u8,
     pub(crate) op: u32,
-    /// EVF_TRACEPOINT for the tracepoint tier.
+    /// EVF_TRACEPOINT for the tracepoint tier; [`DF_SCOPE_ONLY`].
     pub(crate) tier_flags: u32,
 }

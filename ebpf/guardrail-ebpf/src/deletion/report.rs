@@ -7,7 +7,7 @@ use aya_ebpf::helpers::{
 };
 use guardrail_common::*;
 
-use super::{Deletion, maps::REFUSALS};
+use super::{DF_SCOPE_ONLY, Deletion, maps::REFUSALS};
 use crate::kernel::{
     atomic::fetch_add,
     events::EVENTS,
@@ -48,7 +48,7 @@ pub(crate) fn emit(d: &Deletion, r: &Report) {
     // written before submit.
     unsafe {
         (*ev).kind = kind;
-        (*ev).flags = flags | d.tier_flags;
+        (*ev).flags = flags | (d.tier_flags & !DF_SCOPE_ONLY);
         (*ev).rule = rule;
         (*ev).data_dir_id = data_dir_id;
         (*ev).tgid = (pid_tgid >> 32) as u32;

@@ -273,29 +273,3 @@ pub fn sys_enter_unlink(ctx: TracePointContext) -> u32 {
 pub fn sys_enter_rmdir(ctx: TracePointContext) -> u32 {
     tp_delete(AT_FDCWD, sys_arg(&ctx, 0) as *const u8, OP_RMDIR)
 }
-
-/// The tracepoint tier cannot tell whether a rename replaces an existing file (no hook sees the
-/// destination's inode): every rename whose destination is outside scope counts, a documented
-/// over-approximation.
-#[tracepoint(category = "syscalls", name = "sys_enter_rename")]
-pub fn sys_enter_rename(ctx: TracePointContext) -> u32 {
-    tp_delete(AT_FDCWD, sys_arg(&ctx, 1) as *const u8, OP_RENAME)
-}
-
-#[tracepoint(category = "syscalls", name = "sys_enter_renameat")]
-pub fn sys_enter_renameat(ctx: TracePointContext) -> u32 {
-    tp_delete(
-        sys_arg(&ctx, 2) as i64,
-        sys_arg(&ctx, 3) as *const u8,
-        OP_RENAME,
-    )
-}
-
-#[tracepoint(category = "syscalls", name = "sys_enter_renameat2")]
-pub fn sys_enter_renameat2(ctx: TracePointContext) -> u32 {
-    tp_delete(
-        sys_arg(&ctx, 2) as i64,
-        sys_arg(&ctx, 3) as *const u8,
-        OP_RENAME,
-    )
-}

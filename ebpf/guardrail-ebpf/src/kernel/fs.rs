@@ -11,14 +11,3 @@ pub(crate) fn dentry_identity(o: &KernelOffsets, dentry: *const u8) -> Result<(u
     let dev: u32 = kread(sb, o.sb_s_dev)?;
     Ok((dev as u64, ino))
 }
-
-/// S_IFDIR in inode.i_mode (the first field of struct inode on every supported kernel is
-/// i_mode, a umode_t at offset 0).
-#[inline(always)]
-pub(crate) fn is_dir(o: &KernelOffsets, dentry: *const u8) -> bool {
-    let Ok(inode) = kptr(dentry, o.dentry_d_inode) else {
-        return false;
-    };
-    let mode: u16 = kread(inode, 0).unwrap_or(0);
-    mode & 0o170000 == 0o040000
-}
