@@ -3,6 +3,7 @@
 pub mod cgroup;
 pub mod clock;
 pub mod identity;
+pub mod memory;
 pub mod mounts;
 pub mod procinfo;
 pub mod scratch;
