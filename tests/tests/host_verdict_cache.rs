@@ -100,7 +100,8 @@ fn a_reload_that_drops_the_target_counts_again() {
         Some(&cg),
     );
     assert!(
-        wait_until(Duration::from_secs(30), || count_files(&sub) == FILES - WARM),
+        wait_until(Duration::from_secs(30), || count_files(&sub)
+            == FILES - WARM),
         "the warm-up deletions in the target are free and done"
     );
     assert!(agent.holds().is_empty(), "no hold while in the target");

@@ -135,9 +135,16 @@ fn chain_holds(e: *mut ScopeCache) -> bool {
             return false;
         }
         if j == depth {
+            // The same inode (pointer and number) as at the fill: the one DIRS declared. Its
+            // device is not re-read (two more reads per deletion): an inode struct reused for
+            // another file at the same address has another number, and one reused for the
+            // same number on another filesystem would also need every dentry below it reused
+            // at the same addresses, linked the same way.
             // SAFETY: as above.
-            let want = unsafe { ((*e).top_dev, (*e).top_ino) };
-            return inode_identity(inode) == Ok(want);
+            let want = unsafe { (*e).top_ino };
+            // SAFETY: as above.
+            let ino_off = unsafe { read_volatile(addr_of!(OFFSETS.inode_i_ino)) };
+            return kread::<u64>(inode, ino_off) == Ok(want);
         }
         let Ok(p) = kptr(d as *const u8, parent_off) else {
             return false;

@@ -19,7 +19,8 @@ use crate::kernel::{
 };
 
 #[map]
-pub(crate) static EXES: HashMap<ExeKey, u32> = HashMap::with_max_entries(4096, 0);
+pub(crate) static EXES: HashMap<ExeKey, u32> =
+    HashMap::with_max_entries(4096, super::maps::POLICY_TABLE);
 
 /// Rule tag of a process whose executable (or an ancestor's, inherited at fork) matched a rule.
 #[map]
