@@ -112,9 +112,9 @@ fn reload(agent: &Agent, text: &str) {
 }
 
 /// The cache warmed in a target, then the policy reloaded without that target (SIGHUP): the
-/// directory's further deletions count and the job is held at the budget, FILES - WARM - BUDGET
-/// - 1 files left (no move here: the crossing is the BUDGET + 1st deletion, let through). The
-/// new policy is installed an even number of times, so the slot alone would not tell.
+/// directory's further deletions count and the job is held at the budget, with BUDGET + 1 files
+/// gone after the reload (no move here: the crossing is the BUDGET + 1st deletion, let through).
+/// The new policy is installed an even number of times, so the slot alone would not tell.
 #[test]
 fn a_reload_that_drops_the_target_counts_again() {
     let _k = kernel_lock();
