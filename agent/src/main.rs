@@ -170,6 +170,9 @@ fn main() -> ExitCode {
         eprintln!("guardrail: error: blocking SIGINT, SIGTERM and SIGHUP: {e}");
         return ExitCode::FAILURE;
     }
+    if matches!(cli.command, Command::Agent(_)) {
+        guardrail_agent::host::memory::limit_arenas();
+    }
     if !matches!(cli.command, Command::Agent(_)) {
         // The admin commands behave like other Unix tools in a pipeline (`guardrail holds | head`):
         // a closed pipe ends them quietly instead of a panic on the next print. The daemon keeps

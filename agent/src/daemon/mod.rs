@@ -466,6 +466,7 @@ impl Agent {
         if let Backend::Bpf { sensor, .. } = &mut self.backend {
             self.shutdown.promise_to_answer(sensor);
         }
+        crate::host::memory::release_freed_heap();
         println!("guardrail: ready, listening on {}", socket.display());
         crate::daemon::notify_ready();
 

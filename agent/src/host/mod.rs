@@ -5,6 +5,7 @@ pub mod cgroup;
 pub mod clock;
 pub mod identity;
 pub mod lifecycle;
+pub mod memory;
 pub mod mounts;
 pub mod procinfo;
 pub mod scratch;

@@ -474,6 +474,8 @@ impl Sensor {
         // later (see guardrail_common::is_agent).
         (cfg.agent_start_lo, cfg.agent_start_hi) = crate::host::identity::own_start_range();
         cfg.policy_loaded = 1;
+        // The kernel's scope cache drops every verdict of the policy before.
+        cfg.policy_gen = cfg.policy_gen.wrapping_add(1);
         self.set_config(cfg)?;
         self.active_slot = next;
         Ok(())

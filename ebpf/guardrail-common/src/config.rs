@@ -34,4 +34,7 @@ pub struct Config {
     /// process is the agent.
     pub agent_start_lo: u64,
     pub agent_start_hi: u64,
+    /// Bumped by the agent at every policy install: the tracepoint tier's scope cache
+    /// (`deletion/cache.rs`) keeps a verdict only for the policy it was judged under.
+    pub policy_gen: u64,
 }

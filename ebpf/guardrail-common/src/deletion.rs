@@ -248,8 +248,11 @@ pub const LEVEL_FLAG_ON: u32 = 1 << 1;
 /// (`shared_budgets = false` in the policy).
 pub const RULE_FLAG_NO_LEVELS: u32 = 1 << 2;
 
-/// Capacity of the `LEVEL_COUNTS` LRU map.
-pub const LEVEL_CAPACITY: u32 = 16384;
+/// Capacity of the `LEVEL_COUNTS` LRU map: one entry per login session, service unit and login
+/// user that deleted outside scope within a window. 8192 is far past a busy host's sessions and
+/// units; only root can make entries at will (see `LEVEL_COUNTS`), and an eviction only forgets
+/// counts.
+pub const LEVEL_CAPACITY: u32 = 8192;
 
 /// Key of the `LEVEL_COUNTS` map: one session, unit or user.
 #[repr(C)]

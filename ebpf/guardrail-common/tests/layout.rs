@@ -46,7 +46,7 @@ fn deletion_guard_tables() {
     layout!(UidKey, 8, [uid, slot]);
     layout!(
         Config,
-        40,
+        48,
         [
             active_slot,
             mode,
@@ -54,7 +54,8 @@ fn deletion_guard_tables() {
             policy_loaded,
             incident_base,
             agent_start_lo,
-            agent_start_hi
+            agent_start_hi,
+            policy_gen
         ]
     );
     layout!(JobKey, 8, [sid, pgid]);

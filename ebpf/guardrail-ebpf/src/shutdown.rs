@@ -60,9 +60,11 @@ static SD_OFFSETS: SdOffsets = SdOffsets {
 
 #[map]
 static SD_CONFIG: Array<ShutdownConfig> = Array::with_max_entries(1, 0);
-/// audit session id → `SD_CLASS_*`, pushed by the agent.
+/// audit session id → `SD_CLASS_*`, pushed by the agent. Only the agent writes it: allocated as
+/// entries are added, like the deletion guard's policy tables (deletion/maps.rs).
 #[map]
-static SD_SESSIONS: HashMap<u32, u32> = HashMap::with_max_entries(16384, 0);
+static SD_SESSIONS: HashMap<u32, u32> =
+    HashMap::with_max_entries(16384, crate::deletion::maps::POLICY_TABLE);
 /// Session ids already reported as new (so each is reported once).
 #[map]
 static SD_SEEN: LruHashMap<u32, u32> = LruHashMap::with_max_entries(16384, 0);

@@ -29,6 +29,12 @@
 //!   guardrail-testkit catalogue [FILTER]      run the bypass catalogue's deletion rows against
 //!                                             an agent of its own in the tier it gets (the VM:
 //!                                             lsm, fmodret); exits 1 when a row fails
+//!   guardrail-testkit fd-unlink DIR WARM THEN unlink WARM files of DIR through one directory fd,
+//!                                             then THEN (`rename=DEST`: move DIR to DEST;
+//!                                             `wait=FILE`: wait until FILE exists), then unlink
+//!                                             the rest through the same fd, in one thread
+//!                                             (the tracepoint tier's scope cache, see
+//!                                             host_verdict_cache.rs)
 //! Each prints how many operations succeeded and failed, and exits 0.
 use std::{
     ffi::CString,
@@ -726,6 +732,45 @@ fn catalogue(filter: Option<&str>) -> Result<()> {
     Ok(())
 }
 
+/// `fd-unlink DIR WARM THEN`: see the module doc. Every unlink is `unlinkat(dirfd, name)` from
+/// the same thread, the way `rm -rf` deletes, so every one after the first may be judged from
+/// the cached verdict of DIR.
+fn fd_unlink(dir: &Path, warm: usize, then: &str) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let d = std::fs::File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+    let names: Vec<CString> = files(dir)?
+        .iter()
+        .filter_map(|p| p.file_name().map(|n| CString::new(n.as_bytes())))
+        .collect::<Result<_, _>>()?;
+    let unlink = |name: &CString| {
+        // SAFETY: a valid directory fd and a NUL-terminated name.
+        unsafe { libc::unlinkat(d.as_raw_fd(), name.as_ptr(), 0) == 0 }
+    };
+    let (mut ok, mut failed) = (0u64, 0u64);
+    for n in names.iter().take(warm) {
+        if unlink(n) { ok += 1 } else { failed += 1 }
+    }
+    match then.split_once('=') {
+        Some(("rename", dest)) => std::fs::rename(dir, dest)
+            .with_context(|| format!("renaming {} to {dest}", dir.display()))?,
+        Some(("wait", file)) => {
+            let start = std::time::Instant::now();
+            while !Path::new(file).exists() {
+                if start.elapsed() > std::time::Duration::from_secs(120) {
+                    bail!("{file} did not appear within 120 s");
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+        _ => bail!("THEN: rename=DEST | wait=FILE"),
+    }
+    for n in names.iter().skip(warm) {
+        if unlink(n) { ok += 1 } else { failed += 1 }
+    }
+    println!("fd-unlink: {ok} unlinked, {failed} failed");
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let argv0 = std::env::args().next().unwrap_or_default();
     if argv0.rsplit('/').next() == Some("sshd-session") {
@@ -750,6 +795,9 @@ fn main() -> Result<()> {
         }
         ["exec-loop", n] => exec_loop(n.parse().context("exec count")?),
         ["chown-loop", n, file] => chown_loop(n.parse().context("chown count")?, Path::new(file)),
+        ["fd-unlink", dir, warm, then] => {
+            fd_unlink(Path::new(dir), warm.parse().context("warm count")?, then)
+        }
         ["fill", n, dir] => fill(n.parse().context("file count")?, Path::new(dir)),
         ["mirror-stop", cmd @ ..] => mirror_stop(cmd),
         ["with-pid", pid, cmd @ ..] => with_pid(pid.parse().context("pid")?, cmd),

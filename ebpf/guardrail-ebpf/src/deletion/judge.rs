@@ -15,6 +15,7 @@ use guardrail_common::*;
 
 use super::{
     DF_SCOPE_ONLY, Deletion, Verdict,
+    cache::cache_fill,
     levels::charge_levels,
     maps::{
         CGROUPS, DIRS, FOREIGN, HELD, JOB_INIT, JOBS, NEVER_HOLD, RULES, STOPPED_TASKS, UIDS,
@@ -214,7 +215,10 @@ pub(crate) fn judge(d: &Deletion) -> Verdict {
         } {
             match scope_step(dr, rule) {
                 Scope::Undecided => {}
-                Scope::InTarget | Scope::DataOwner => return Verdict::Allow,
+                Scope::InTarget | Scope::DataOwner => {
+                    cache_fill(d.parent, i, d.tier_flags, dev, ino);
+                    return Verdict::Allow;
+                }
                 Scope::DataForeign { data_dir_id } => {
                     if !rule_audit && d.tier_flags & EVF_TRACEPOINT != 0 {
                         // This tier cannot refuse: the hook holds the job after judge returns

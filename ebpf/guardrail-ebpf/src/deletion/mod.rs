@@ -5,7 +5,9 @@
 //!   job; scope.rs: what never counts; report.rs: events to the agent.
 //! - lsm.rs (`lsm` and, through fmodret.rs, `fmodret` tiers), tracepoint.rs, tp_rename.rs and
 //!   io_uring.rs (`tracepoint` tier): the programs, each turning a hook's arguments into a [`Deletion`].
+//! - cache.rs: the tracepoint tier's cache of in-scope verdicts per directory.
 //! - tagging.rs: process tagging by executable (every tier); maps.rs: the shared tables.
+pub(crate) mod cache;
 pub(crate) mod io_uring;
 pub(crate) mod judge;
 pub(crate) mod levels;

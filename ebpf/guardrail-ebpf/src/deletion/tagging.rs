@@ -9,14 +9,18 @@ use aya_ebpf::{
 };
 use guardrail_common::*;
 
-use super::maps::{UIDS, config};
+use super::{
+    cache::bump_task_gen,
+    maps::{UIDS, config},
+};
 use crate::kernel::{
     offsets::{kptr, kread, offsets},
     task::current_task,
 };
 
 #[map]
-pub(crate) static EXES: HashMap<ExeKey, u32> = HashMap::with_max_entries(4096, 0);
+pub(crate) static EXES: HashMap<ExeKey, u32> =
+    HashMap::with_max_entries(4096, super::maps::POLICY_TABLE);
 
 /// Rule tag of a process whose executable (or an ancestor's, inherited at fork) matched a rule.
 #[map]
@@ -79,6 +83,7 @@ pub fn sched_process_exec(_ctx: RawTracePointContext) -> i32 {
         _pad: 0,
     };
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    bump_task_gen();
     // SAFETY: map value pointer valid for this run.
     match unsafe { EXES.get(&key) }.copied() {
         Some(rule) if exec_may_tag(&o, key.slot, rule) => {
@@ -118,6 +123,7 @@ pub fn sched_process_fork(ctx: RawTracePointContext) -> i32 {
     // Every new process is born here, so this is where its entry is made right: the parent's
     // rule, or none. Entries are never removed at exit; without the removal a process that got
     // an exited one's pid would inherit its rule (an exempt package manager's, say).
+    bump_task_gen();
     // SAFETY: map value pointer valid for this run.
     match (unsafe { TASK_RULE.get(&tgid) }).copied() {
         Some(rule) => {
