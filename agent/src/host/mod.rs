@@ -3,6 +3,7 @@
 //! agent's own stop signals ([`lifecycle`]).
 pub mod cgroup;
 pub mod clock;
+pub mod dirs;
 pub mod identity;
 pub mod lifecycle;
 pub mod memory;

@@ -13,7 +13,7 @@
 //! one; a copy or directory that anybody else owns or may write is ignored.
 use std::{
     io::Write,
-    os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt},
+    os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
 };
 
@@ -65,11 +65,10 @@ pub fn save(dir: &Path, source: &PolicySource) -> Result<()> {
     super::load_sources(&files)
         .map_err(|_| anyhow::anyhow!("the policy changed on disk since it loaded"))?;
     match std::fs::symlink_metadata(dir) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .with_context(|| format!("creating {}", dir.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            crate::host::dirs::create_private_dir(dir)
+                .with_context(|| format!("creating {}", dir.display()))?
+        }
         _ => {
             check_dir(dir)?;
             // tmpfiles.d used to create it 0750: the copy is root's alone.

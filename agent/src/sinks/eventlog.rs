@@ -45,14 +45,11 @@ impl Sink {
     /// and a log other users could read (left by an older agent) loses its "other" bits. Group
     /// bits are the admin's choice (the packages give group adm read access).
     pub fn reopen(&mut self) {
-        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
         if let Some(dir) = self.log_path.parent()
             && !dir.as_os_str().is_empty()
         {
-            let _ = std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir);
+            let _ = crate::host::dirs::create_private_dir(dir);
         }
         self.log = OpenOptions::new()
             .create(true)
@@ -166,8 +163,14 @@ mod tests {
         let mode =
             |p: &std::path::Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o7777;
         assert_eq!(mode(&path), 0o600);
-        assert_eq!(mode(&d.join("new")), 0o700);
+        // The log's own directory is root's; a parent the agent had to make is an ordinary one
+        // (a 0700 /var made /var/tmp unreachable for everyone else).
         assert_eq!(mode(&d.join("new/sub")), 0o700);
+        assert_ne!(
+            mode(&d.join("new")) & 0o005,
+            0,
+            "others may pass through the parent"
+        );
         // A world-readable log from an older agent loses its "other" bits, keeps the group's.
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
         s.reopen();
