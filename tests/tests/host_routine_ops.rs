@@ -2,9 +2,7 @@
 //! the host kernel (tracepoint tier) under the shipped default policy, with the outcome the README
 //! documents in "What gets held on a fresh install, and what to add": held or not, at which
 //! count, and that the drop-in the README gives for it makes it free (or, where the tier cannot,
-//! that it still does not).
-//!
-//! The policy is the embedded default (`guardrail policy default`) with only what a shared test
+//! that it still does not). The policy is the embedded default (`guardrail policy default`) with only what a shared test
 //! host needs: its default rule gets an unlimited budget and shares nothing above the job, so this
 //! agent never holds or counts anything else running on the machine (builds, other people's
 //! tests); the shipped `[deletion]` numbers — targets, budget, window, action, read from that same
