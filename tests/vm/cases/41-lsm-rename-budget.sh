@@ -37,7 +37,9 @@ wait "$JOB" 2>/dev/null
 sleep 1
 [ "$(count "$S/victim")" -eq $((N - 100)) ] || fail "mv: files moved after deny"
 echo "mv into the target: denied, $((N - 100)) files left"
-cleanup "$S/victim" "$S/target"; mkdir -p "$S/target"
+# The target is emptied, never removed: a new directory in its place is no target until the
+# agent has re-resolved the policy's identities (asynchronous; a later section raced it).
+cleanup "$S/victim" "$S/target"/*
 
 # 2. A login session's loop of `setsid mv`, one file and one job each: the session's budget.
 $KIT fill $N "$S/victim" >/dev/null
@@ -53,7 +55,9 @@ reason="session $sid deleted 300 files outside targets in 10m across 301 jobs; t
 gr holds --json | grep -qF "\"reason\": \"$reason\"" || fail "setsid mv loop: hold reason is not \"$reason\": $(gr holds --json)"
 kill -KILL "$LOOP"; wait "$LOOP" 2>/dev/null
 gr deny "$id" >/dev/null || fail "deny"
-cleanup "$S/victim" "$S/target"; mkdir -p "$S/target"
+# The target is emptied, never removed: a new directory in its place is no target until the
+# agent has re-resolved the policy's identities (asynchronous; a later section raced it).
+cleanup "$S/victim" "$S/target"/*
 
 # 3. 1,000 renames within one directory outside every target (busybox mv: plain rename(2)): free.
 mkdir -p "$S/conf"; echo "the file's bytes" >"$S/conf/a"
