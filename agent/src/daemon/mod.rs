@@ -107,7 +107,7 @@ pub fn run(args: AgentArgs) -> Result<()> {
     let result = agent.serve(&socket);
     let _ = std::fs::remove_file(&socket);
     let keep = args.keep_enforcing_when_stopped || systemd_restart_pending();
-    match &mut agent.backend {
+    let detach = match &mut agent.backend {
         Backend::Bpf { sensor, .. } if keep => {
             // From now on no agent writes refusal messages: the pinned shutdown programs refuse
             // without stopping the caller to wait for one.
@@ -133,21 +133,35 @@ pub fn run(args: AgentArgs) -> Result<()> {
                 "guardrail: stopped; programs stay pinned in {} and keep enforcing",
                 args.pin_dir.display()
             );
+            false
         }
         _ => {
             // A deliberate stop: nothing will answer these holds any more, so each is resolved
             // now, by the policy's choice, while the programs still see the job's new state.
             let resolved = agent.with_deletion(|g, cx| g.release_holds_on_stop(cx));
-            if let Backend::Bpf { sensor, .. } = &mut agent.backend {
-                sensor.unpin_everything();
-            }
-            // Dropping the backend detaches every program (the watcher: its marks).
             agent.sink.agent_event(
                 "agent_stopped",
                 &format!("guardrail agent stopped; programs detached{resolved}"),
             );
-            println!("guardrail: stopped; all programs detached");
+            true
         }
+    };
+    // The two slow parts of a stop side by side, not one after the other: detaching (each
+    // program's detach waits for the kernel's grace periods) and the sinks' last delivery
+    // (up to a second while a destination is down). A stop takes at most 2 s in all.
+    let Agent { backend, sink, .. } = agent;
+    std::thread::scope(|s| {
+        // With no thread to be had, the closure and the sink are dropped here: in turn.
+        let _ = std::thread::Builder::new().spawn_scoped(s, move || drop(sink));
+        let mut backend = backend;
+        if detach && let Backend::Bpf { sensor, .. } = &mut backend {
+            sensor.unpin_everything();
+        }
+        // Dropping the backend detaches every program left (the watcher: its marks).
+        drop(backend);
+    });
+    if detach {
+        println!("guardrail: stopped; all programs detached");
     }
     result
 }
