@@ -45,6 +45,12 @@ const APT_PACKAGES: &[&str] = &[
     "tmux",
     // The exemption tests run a user's logrotate (tests/tests/host_failsafe_jobs.rs).
     "logrotate",
+    // The routine operations (tests/tests/host_routine_ops.rs): a venv for pip, a git repository,
+    // a PostgreSQL 15 cluster. Node and npm come with the machine's nodejs (NodeSource on these
+    // hosts; Debian's npm would conflict with it, so it is not named here).
+    "python3-venv",
+    "git",
+    "postgresql-15",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
